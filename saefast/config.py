@@ -1,0 +1,176 @@
+"""Typed configuration of one SAE (architecture) and of a training run (optimisation)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+Activation = Literal["topk", "batchtopk", "relu", "jumprelu"]
+ACTIVATIONS: tuple[str, ...] = get_args(Activation)
+BDecInit = Literal["mean", "geometric_median", "zeros"]
+Decay = Literal["linear", "cosine", "none"]
+
+
+@dataclass
+class SAEConfig:
+    """Architecture of one sparse autoencoder ``x̂ = W_dec·h(W_enc(x − b_dec) + b_enc) + b_dec``."""
+
+    d_in: int
+    """Width ``D`` of the activations it reads."""
+    n_latents: int
+    """Dictionary size ``M`` (latents of one member)."""
+    k: int = 32
+    """Active latents per token: top-k for ``topk``; the batch average for ``batchtopk``; unused otherwise."""
+    activation: Activation = "topk"
+    """``topk`` | ``batchtopk`` | ``relu`` (+ decoder-norm-weighted L1) | ``jumprelu`` (+ L0 via STE)."""
+    groups: int = 1
+    """Top-k is taken separately in each of ``groups`` equal contiguous blocks of latents (``k`` per block).
+    Only ``Ensemble.as_sae`` sets this (> 1) so that the combined SAE keeps every member's own top-k."""
+    aux_k: int | None = None
+    """AuxK: dead latents used to model the residual (``topk``/``batchtopk``); default ``min(D // 2, M)``."""
+    aux_coef: float = 1 / 32
+    """Weight of the AuxK loss (Gao et al. 2024)."""
+    dead_after_tokens: int = 10_000_000
+    """A latent that has not fired for this many training tokens counts as dead (AuxK, dead fraction)."""
+    l1_coef: float = 1e-3
+    """``relu``: weight λ of the sparsity penalty λ·Σ_i |z_i|·‖W_dec[i]‖."""
+    l0_coef: float = 1e-3
+    """``jumprelu``: weight λ of the sparsity penalty λ·‖z‖₀ (gradient to the thresholds by STE)."""
+    jumprelu_bandwidth: float = 1e-3
+    """``jumprelu``: width ε of the rectangle kernel of the straight-through estimator."""
+    jumprelu_init_threshold: float = 1e-3
+    """``jumprelu``: initial threshold θ (learned as log θ)."""
+    batchtopk_threshold_momentum: float = 0.01
+    """``batchtopk``: EMA rate of the inference threshold (mean smallest kept activation per batch)."""
+    normalize_decoder: bool = True
+    """Keep every decoder row (one per latent) at unit norm and remove the gradient parallel to it."""
+    b_dec_init: BDecInit = "geometric_median"
+    """How ``b_dec`` is set from the first training batch (for boosting: from that stage's residual)."""
+
+    def __post_init__(self) -> None:
+        for name in ("d_in", "n_latents", "k", "groups"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"SAEConfig.{name} must be a positive int, got {value!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {self.activation!r}; choose one of {', '.join(ACTIVATIONS)}")
+        if self.n_latents % self.groups != 0:
+            raise ValueError(f"n_latents={self.n_latents} is not divisible by groups={self.groups}")
+        if self.activation in ("topk", "batchtopk") and self.k > self.latents_per_group:
+            raise ValueError(
+                f"k={self.k} exceeds the number of latents ({self.latents_per_group}"
+                f"{' per group' if self.groups > 1 else ''})"
+            )
+        if self.aux_k is not None and not 1 <= self.aux_k <= self.n_latents:
+            raise ValueError(f"aux_k must be in [1, n_latents={self.n_latents}], got {self.aux_k}")
+        if self.b_dec_init not in get_args(BDecInit):
+            raise ValueError(f"unknown b_dec_init {self.b_dec_init!r}; choose one of {get_args(BDecInit)}")
+        for name in ("aux_coef", "l1_coef", "l0_coef"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"SAEConfig.{name} must be >= 0")
+        for name in ("jumprelu_bandwidth", "jumprelu_init_threshold", "batchtopk_threshold_momentum"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"SAEConfig.{name} must be > 0")
+
+    @property
+    def latents_per_group(self) -> int:
+        """``n_latents // groups``."""
+        return self.n_latents // self.groups
+
+    @property
+    def effective_aux_k(self) -> int:
+        """AuxK width actually used."""
+        return self.aux_k if self.aux_k is not None else min(max(self.d_in // 2, 1), self.n_latents)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form (used by checkpoints)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SAEConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error (a checkpoint from another version)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown SAEConfig field(s) {sorted(unknown)}")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> SAEConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation of ``saefast.train``: Adam with linear warm-up then decay, fp32 master weights."""
+
+    steps: int = 1000
+    """Optimizer steps (for boosting: per stage)."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam betas."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    warmup_steps: int | None = None
+    """Linear warm-up from 0 to ``lr``; default 5 % of ``steps``."""
+    decay: Decay = "linear"
+    """Shape of the decay to 0 over the last ``decay_fraction`` of the steps."""
+    decay_fraction: float = 0.2
+    """Fraction of the steps over which the learning rate decays."""
+    grad_clip: float | None = None
+    """Clip the gradient norm to this value, if set: per ensemble member (members stay independent)."""
+    log_every: int = 50
+    """Record metrics every this many steps (and at the last step)."""
+    autocast: bool = True
+    """bf16 autocast for the forward on CUDA (weights stay fp32). Ignored on CPU."""
+    seed: int = 0
+    """Seeds torch for the run (data order is the caller's)."""
+    progress: bool = True
+    """Show a tqdm progress bar."""
+    checkpoint_dir: str | None = None
+    """Save model + optimizer here every ``checkpoint_every`` steps and at the end, for resuming."""
+    checkpoint_every: int = 0
+    """Steps between checkpoints (0: only at the end, when ``checkpoint_dir`` is set)."""
+    resume: bool = False
+    """Resume from ``checkpoint_dir`` if it holds a checkpoint (skipping the batches already consumed)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"steps must be a positive int, got {self.steps!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ValueError("warmup_steps must be >= 0")
+        if self.decay not in get_args(Decay):
+            raise ValueError(f"unknown decay {self.decay!r}; choose one of {get_args(Decay)}")
+        if not 0 <= self.decay_fraction <= 1:
+            raise ValueError("decay_fraction must be in [0, 1]")
+        if self.log_every < 1:
+            raise ValueError("log_every must be >= 1")
+        if self.checkpoint_every < 0:
+            raise ValueError("checkpoint_every must be >= 0")
+        if self.resume and not self.checkpoint_dir:
+            raise ValueError("resume=True needs checkpoint_dir")
+
+    @property
+    def effective_warmup(self) -> int:
+        """Warm-up steps actually used."""
+        return self.warmup_steps if self.warmup_steps is not None else max(self.steps // 20, 0)
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate for optimizer step ``step`` (0-based): warm-up, plateau, then decay to 0."""
+        warmup = self.effective_warmup
+        if step < warmup:
+            return self.lr * (step + 1) / (warmup + 1)
+        decay_steps = int(round(self.steps * self.decay_fraction)) if self.decay != "none" else 0
+        decay_start = self.steps - decay_steps
+        if decay_steps == 0 or step < decay_start:
+            return self.lr
+        progress = (step - decay_start + 1) / (decay_steps + 1)
+        if self.decay == "linear":
+            return self.lr * (1 - progress)
+        return self.lr * 0.5 * (1 + math.cos(math.pi * progress))
+

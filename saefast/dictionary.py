@@ -1,0 +1,373 @@
+"""Machinery shared by :class:`~saefast.SAE` and :class:`~saefast.Ensemble`.
+
+Both hold ``J`` dictionaries of ``M`` latents whose parameters can be viewed stacked on a leading axis
+(``W_enc [J, M, D]``, ...). For an ensemble ``J`` is the member axis and the parameters are stored that way;
+for a single SAE ``J`` is its number of top-k groups (1 unless made by ``Ensemble.as_sae``) and the
+parameters are stored flat (``W_enc [J·M, D]``) and viewed stacked. Every computation here runs on the
+stacked views through :mod:`saefast.ref`, so an SAE and an ensemble share one implementation.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from . import ref
+from .codes import SparseCodes
+from .config import SAEConfig
+from .validation import check_activations
+
+
+class Stacked(NamedTuple):
+    """Stacked views of the parameters of some members (all ``[J, ...]``)."""
+
+    W_enc: torch.Tensor
+    """``[J, M, D]``."""
+    b_enc: torch.Tensor
+    """``[J, M]``."""
+    W_dec: torch.Tensor
+    """``[J, M, D]``; row ``m`` is latent ``m``'s decoder direction."""
+    b_dec: torch.Tensor
+    """``[J, D]``, or ``[1, D]`` when shared (single SAE)."""
+    log_threshold: torch.Tensor | None
+    """``[J, M]`` (``jumprelu``)."""
+    threshold: torch.Tensor
+    """``[J, M]`` inference threshold (``batchtopk``; ``< 0`` until estimated)."""
+
+
+class StepTerms(NamedTuple):
+    """Loss terms of one training step for the trained members (each ``[J]`` unless stated)."""
+
+    loss: torch.Tensor
+    """Scalar to minimise: ``Σ_j fvu_j + aux_coef·aux_j + sparsity_j``."""
+    fvu: torch.Tensor
+    """Reconstruction loss (fraction of variance unexplained of each member's target)."""
+    aux: torch.Tensor
+    """AuxK loss (0 where unused)."""
+    sparsity: torch.Tensor
+    """Weighted sparsity penalty (``relu``: L1; ``jumprelu``: L0; else 0)."""
+    l0: torch.Tensor
+    """Mean active latents per token."""
+
+
+def init_dictionary(n_latents: int, d_in: int, seed: int) -> torch.Tensor:
+    """Random unit-norm decoder rows ``[M, D]`` from a generator seeded with ``seed`` (fp32, CPU)."""
+    generator = torch.Generator().manual_seed(int(seed))
+    W = torch.randn(n_latents, d_in, generator=generator)
+    ref.normalize_rows_(W)
+    return W
+
+
+class SparseDictionary(nn.Module):
+    """Base of SAE and Ensemble; subclasses register the parameters and define ``_stack_dims``."""
+
+    cfg: SAEConfig
+
+    def __init__(self, cfg: SAEConfig, n_stacked: int, latents_per_stack: int, shared_b_dec: bool):
+        super().__init__()
+        self.cfg = cfg
+        self._n_stacked = n_stacked
+        self._latents = latents_per_stack
+        self._shared_b_dec = shared_b_dec
+
+    # ----- parameters -------------------------------------------------------------------------------------
+
+    def _register(self, W_dec: torch.Tensor) -> None:
+        """Create parameters from decoder rows ``W_dec`` as stored (``[J, M, D]``, or flat ``[J·M, D]`` for an SAE).
+
+        ``W_enc`` starts as ``W_dec^T`` (its rows equal the decoder rows), ``b_enc = 0``, ``b_dec = 0`` until
+        training sets it from data."""
+        cfg = self.cfg
+        lat_shape = W_dec.shape[:-1]
+        self.W_enc = nn.Parameter(W_dec.clone())
+        self.b_enc = nn.Parameter(torch.zeros(lat_shape))
+        self.W_dec = nn.Parameter(W_dec.clone())
+        b_dec_shape = (cfg.d_in,) if self._shared_b_dec else (self._n_stacked, cfg.d_in)
+        self.b_dec = nn.Parameter(torch.zeros(b_dec_shape))
+        if cfg.activation == "jumprelu":
+            self.log_threshold = nn.Parameter(torch.full(lat_shape, math.log(cfg.jumprelu_init_threshold)))
+        else:
+            self.log_threshold = None
+        self.register_buffer("threshold", torch.full(lat_shape, -1.0))
+        self.register_buffer("tokens_since_fired", torch.zeros(lat_shape, dtype=torch.int64))
+        b_init_shape = () if self._shared_b_dec else (self._n_stacked,)
+        self.register_buffer("b_dec_initialized", torch.zeros(b_init_shape, dtype=torch.bool))
+
+    def _view(self, t: torch.Tensor, members: slice) -> torch.Tensor:
+        """View a parameter-shaped tensor (data or grad) as ``[J, M, ...]`` and select ``members``."""
+        if self._shared_b_dec:  # single SAE: stored flat [J·M, ...]
+            t = t.view(self._n_stacked, self._latents, *t.shape[1:])
+        return t[members]
+
+    def stacked(self, members: slice = slice(None)) -> Stacked:
+        """Stacked views ``[J, ...]`` of the parameters of ``members`` (differentiable)."""
+        b_dec = self.b_dec.view(1, -1) if self._shared_b_dec else self.b_dec[members]
+        log_threshold = None if self.log_threshold is None else self._view(self.log_threshold, members)
+        return Stacked(
+            self._view(self.W_enc, members),
+            self._view(self.b_enc, members),
+            self._view(self.W_dec, members),
+            b_dec,
+            log_threshold,
+            self._view(self.threshold, members),
+        )
+
+    @property
+    def d_in(self) -> int:
+        """Input width ``D``."""
+        return self.cfg.d_in
+
+    @property
+    def n_latents_total(self) -> int:
+        """All latents: ``J · M``."""
+        return self._n_stacked * self._latents
+
+    # ----- the forward pieces -----------------------------------------------------------------------------
+
+    def _check(self, x: torch.Tensor, name: str = "x") -> torch.Tensor:
+        """Validate ``x`` and cast it to the parameters' dtype (bf16/fp16/fp64 inputs are accepted)."""
+        check_activations(x, self.cfg.d_in, name)
+        param = self.W_enc
+        if x.device != param.device:
+            raise ValueError(f"{name} is on {x.device} but the model is on {param.device}")
+        return x.to(param.dtype)
+
+    def _activate(self, pre: torch.Tensor, P: Stacked, training: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Dense codes ``z [N, J, M]`` from pre-activations, and (BatchTopK training) the smallest kept value."""
+        cfg = self.cfg
+        if cfg.activation == "topk":
+            return ref.topk_activation(pre, cfg.k), None
+        if cfg.activation == "batchtopk":
+            if training or bool((P.threshold < 0).any()):
+                return ref.batchtopk_activation(pre, cfg.k)
+            return ref.threshold_activation(pre, P.threshold.to(pre.dtype)), None
+        if cfg.activation == "relu":
+            return ref.relu_activation(pre), None
+        threshold = P.log_threshold.exp().to(pre.dtype)
+        return ref.jumprelu_activation(pre, threshold, cfg.jumprelu_bandwidth), None
+
+    def _pack(self, z: torch.Tensor) -> SparseCodes:
+        """Dense ``[N, J, M]`` codes to :class:`SparseCodes` (TopK: exactly ``k`` slots)."""
+        if self.cfg.activation == "topk":
+            values, indices = z.topk(self.cfg.k, dim=-1)
+            return SparseCodes(values, indices, z.shape[-1])
+        return SparseCodes.from_dense(z)
+
+    def _sparsity(self, pre: torch.Tensor, z: torch.Tensor, P: Stacked) -> torch.Tensor:
+        """``relu``: ``λ·(1/N)Σ_n Σ_m z·‖W_dec[m]‖``; ``jumprelu``: ``λ·(1/N)Σ_n ‖z‖₀`` (STE); else 0. ``[J]``."""
+        cfg = self.cfg
+        if cfg.activation == "relu":
+            return cfg.l1_coef * torch.einsum("njm,jm->j", z.float(), P.W_dec.norm(dim=-1)) / z.shape[0]
+        if cfg.activation == "jumprelu":
+            threshold = P.log_threshold.exp()
+            return cfg.l0_coef * ref.jumprelu_l0(pre.float(), threshold, cfg.jumprelu_bandwidth)
+        return pre.new_zeros(pre.shape[1], dtype=torch.float32)
+
+    def _dead(self, members: slice) -> torch.Tensor:
+        """``[J, M]`` bool: latents that have not fired for ``dead_after_tokens`` training tokens."""
+        return self._view(self.tokens_since_fired, members) >= self.cfg.dead_after_tokens
+
+    def _aux_reconstruction(self, pre: torch.Tensor, P: Stacked, members: slice) -> torch.Tensor | None:
+        """AuxK decoder output of the top ``aux_k`` dead latents, ``[N, J, D]``, or None (no dead latent / not TopK)."""
+        if self.cfg.activation not in ("topk", "batchtopk") or self.cfg.aux_coef == 0:
+            return None
+        dead = self._dead(members)
+        return ref.auxk_reconstruction(pre, dead, P.W_dec, self.cfg.effective_aux_k)
+
+    def _terms(self, x_in: torch.Tensor, members: slice = slice(None)) -> tuple[StepTerms, torch.Tensor]:
+        """Training loss terms of ``members`` reading and reconstructing ``x_in`` ``[N, D]``.
+
+        Ensemble members each reconstruct ``x_in`` on their own; the groups of one SAE (``_joint``) add up
+        to one reconstruction. Also returns the dense codes ``[N, J, M]`` (for firing statistics).
+        """
+        joint = self._joint
+        P = self.stacked(members)
+        pre = ref.pre_activations(x_in, P.W_enc, P.b_enc, P.b_dec)
+        z, smallest = self._activate(pre, P, training=True)
+        y = ref.decode_members(z, P.W_dec)
+        if joint:
+            x_hat = (y.sum(1) + P.b_dec[0]).unsqueeze(1)
+        else:
+            x_hat = y + P.b_dec.unsqueeze(0)
+        tgt = x_in.float().unsqueeze(1)
+        x_hat = x_hat.float()
+        fvu = ref.fvu_loss(tgt.expand_as(x_hat), x_hat)
+        aux_hat = self._aux_reconstruction(pre, P, members)
+        if aux_hat is None:
+            aux = torch.zeros_like(fvu)
+        else:
+            aux_hat = aux_hat.float().sum(1, keepdim=True) if joint else aux_hat.float()
+            residual = (tgt - x_hat).detach()
+            aux = ref.fvu_loss(residual.expand_as(aux_hat), aux_hat)
+            has_dead = self._dead(members).any(-1)
+            has_dead = has_dead.any(0, keepdim=True) if joint else has_dead
+            aux = torch.where(has_dead, aux, torch.zeros_like(aux))  # no dead latent: nothing to model
+        sparsity = self._sparsity(pre, z, P)
+        if joint:
+            sparsity = sparsity.sum(0, keepdim=True)
+        loss = fvu.sum() + self.cfg.aux_coef * aux.sum() + sparsity.sum()
+        l0 = (z != 0).sum(-1).float().mean(0)
+        if joint:
+            l0 = l0.sum(0, keepdim=True)
+        if smallest is not None:
+            self._record_threshold(smallest, members)
+        return StepTerms(loss, fvu.detach(), aux.detach(), sparsity.detach(), l0), z.detach()
+
+    # ----- training-state updates (called by saefast.train) ---------------------------------------------
+
+    @torch.no_grad()
+    def _record_firing(self, z: torch.Tensor, members: slice) -> None:
+        """``tokens_since_fired += N``, reset to 0 for every latent that fired in ``z [N, J, M]``."""
+        counter = self._view(self.tokens_since_fired, members)
+        fired = (z != 0).any(0)
+        counter.add_(z.shape[0])
+        counter.masked_fill_(fired, 0)
+
+    @torch.no_grad()
+    def _record_threshold(self, smallest: torch.Tensor, members: slice) -> None:
+        """BatchTopK threshold EMA ``θ ← (1 − β)θ + β·smallest_kept`` (set directly the first time)."""
+        threshold = self._view(self.threshold, members)
+        beta = self.cfg.batchtopk_threshold_momentum
+        value = smallest.to(threshold.dtype).unsqueeze(-1).expand_as(threshold)
+        unset = threshold < 0
+        threshold.copy_(torch.where(unset, value, (1 - beta) * threshold + beta * value))
+
+    @torch.no_grad()
+    def _project_decoder_grad(self, members: slice) -> None:
+        """Remove the gradient component parallel to each decoder row of ``members``."""
+        if self.cfg.normalize_decoder and self.W_dec.grad is not None:
+            ref.remove_parallel_grad_(self._view(self.W_dec.data, members), self._view(self.W_dec.grad, members))
+
+    @torch.no_grad()
+    def _clip_grad_norm(self, max_norm: float, members: slice) -> None:
+        """Scale gradients so the norm over each member's parameters is ≤ ``max_norm`` (one norm for an SAE).
+
+        Per member, so that clipping never couples ensemble members: each still trains as if alone."""
+        grads = [(name, p.grad) for name, p in self.named_parameters() if p.grad is not None]
+        if not grads:
+            return
+        if self._joint:
+            total = torch.sqrt(sum(g.float().pow(2).sum() for _, g in grads))
+            scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+            for _, g in grads:
+                g.mul_(scale.to(g.dtype))
+            return
+        per_member = [g[members].float().pow(2).reshape(g[members].shape[0], -1).sum(-1) for _, g in grads]
+        scale = (max_norm / (torch.stack(per_member).sum(0).sqrt() + 1e-6)).clamp(max=1.0)
+        for _, g in grads:
+            view = g[members]
+            view.mul_(scale.view(-1, *([1] * (view.dim() - 1))).to(g.dtype))
+
+    @torch.no_grad()
+    def _normalize_decoder(self, members: slice) -> None:
+        """Decoder rows of ``members`` back to unit norm after an optimizer step."""
+        if self.cfg.normalize_decoder:
+            ref.normalize_rows_(self._view(self.W_dec.data, members))
+
+    @torch.no_grad()
+    def _init_b_dec(self, data: torch.Tensor, members: slice) -> None:
+        """Set ``b_dec`` of ``members`` from a batch: mean, geometric median or zeros (``cfg.b_dec_init``)."""
+        how = self.cfg.b_dec_init
+        if how == "mean":
+            value = data.float().mean(0)
+        elif how == "geometric_median":
+            value = ref.geometric_median(data.float())
+        else:
+            value = torch.zeros(data.shape[1], device=data.device)
+        if self._shared_b_dec:
+            self.b_dec.copy_(value)
+            self.b_dec_initialized.fill_(True)
+        else:
+            self.b_dec[members] = value
+            self.b_dec_initialized[members] = True
+
+    # ----- the public surface shared by SAE and Ensemble ----------------------------------------------------
+
+    @property
+    def alpha(self) -> float:
+        """Weight ``α`` of each member's output in the combined reconstruction."""
+        return 1.0
+
+    def _stage_input(self, x: torch.Tensor, stage: int) -> torch.Tensor:
+        """What training stage ``stage`` reads and reconstructs (boosting: its residual). No gradient."""
+        return x
+
+    def _stages(self) -> list[slice]:
+        """Members trained together, stage after stage (boosting: one member per stage)."""
+        return [slice(None)]
+
+    @property
+    def _joint(self) -> bool:
+        """Do the stacked dictionaries add up to one reconstruction (an SAE's groups)?"""
+        return self._shared_b_dec
+
+    def _encode_dense(
+        self, x_in: torch.Tensor, members: slice = slice(None), training: bool | None = None
+    ) -> torch.Tensor:
+        """Dense codes ``z [N, J, M]`` of ``members`` for input ``x_in`` (``[N, D]``).
+
+        ``training`` (default: the module's mode) picks BatchTopK's batch top-k over its threshold."""
+        P = self.stacked(members)
+        pre = ref.pre_activations(x_in, P.W_enc, P.b_enc, P.b_dec)
+        return self._activate(pre, P, training=self.training if training is None else training)[0]
+
+    def _combine(self, y: torch.Tensor, P: Stacked) -> torch.Tensor:
+        """Combined reconstruction from per-member decoder outputs ``y [N, J, D]``:
+        ``Σ_j y_j + b_dec`` (shared bias) or ``Σ_j α (y_j + b_dec_j)``."""
+        if self._shared_b_dec:
+            return self.alpha * y.sum(1) + P.b_dec[0]
+        return (self.alpha * (y + P.b_dec.unsqueeze(0))).sum(1)
+
+    def _dense_codes(self, codes: SparseCodes | torch.Tensor) -> torch.Tensor:
+        """Validate codes for :meth:`decode` and return them dense, ``[N, J, M]``."""
+        J, M = self._n_stacked, self._latents
+        if isinstance(codes, SparseCodes):
+            if codes.members != J or codes.n_latents != M:
+                raise ValueError(
+                    f"codes have {codes.members} member(s) of {codes.n_latents} latents; "
+                    f"this model has {J} of {M}"
+                )
+            dense = codes.to_dense()
+        elif isinstance(codes, torch.Tensor):
+            dense = codes
+            if dense.dim() != 2 or dense.shape[1] != J * M:
+                raise ValueError(f"dense codes must be [N, {J * M}], got {tuple(dense.shape)}")
+            if not dense.is_floating_point():
+                raise TypeError(f"codes must have a floating dtype, got {dense.dtype}")
+        else:
+            raise TypeError(f"codes must be SparseCodes or a dense tensor, got {type(codes).__name__}")
+        if dense.shape[0] == 0:
+            raise ValueError("codes are an empty batch (0 tokens)")
+        return dense.view(-1, J, M)
+
+    def decode(self, codes: SparseCodes | torch.Tensor) -> torch.Tensor:
+        """Reconstruction ``x̂ [N, D]`` from codes (:class:`SparseCodes` or dense ``[N, J·M]``, member-major).
+
+        SAE: ``x̂ = W_dec·z + b_dec``; ensemble: ``x̂ = Σ_j α (W_dec_j·z_j + b_dec_j)``.
+        """
+        z = self._dense_codes(codes)
+        P = self.stacked()
+        return self._combine(ref.decode_members(z.to(P.W_dec.dtype), P.W_dec), P)
+
+    def encode(self, x: torch.Tensor) -> SparseCodes:
+        """Sparse codes ``[N, J, K]`` of ``x [N, D]`` (``to_dense()``: ``[N, J·M]``)."""
+        return self._pack(self._encode_dense(self._check(x)))
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """``x̂ = decode(encode(x))``, ``[N, D]``."""
+        z = self._encode_dense(self._check(x))
+        P = self.stacked()
+        return self._combine(ref.decode_members(z, P.W_dec), P)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Same as :meth:`reconstruct`."""
+        return self.reconstruct(x)
+
+    def save(self, path: str) -> None:
+        """Write a checkpoint directory (safetensors weights + JSON config); see :func:`saefast.save`."""
+        from .checkpoint import save_checkpoint
+
+        save_checkpoint(path, self)

@@ -1,0 +1,159 @@
+"""Ensembles of SAEs (Gadgil, Lin & Lee, "Ensembling Sparse Autoencoders"), parameters stacked on a member axis."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+
+from . import ref
+from .config import SAEConfig
+from .dictionary import SparseDictionary, init_dictionary
+from .sae import SAE
+
+Combine = Literal["bagging", "boosting"]
+
+
+class Ensemble(SparseDictionary):
+    """``J`` SAEs of the same configuration, stored stacked: ``W_enc [J, M, D]``, ``b_enc [J, M]``,
+    ``W_dec [J, M, D]``, ``b_dec [J, D]`` (``log_threshold``, ``threshold``, ``tokens_since_fired``: ``[J, M]``).
+
+    * **bagging**: every member reads ``x``; ``x̂ = (1/J)·Σ_j x̂_j`` with ``x̂_j = W_dec_j·z_j + b_dec_j``.
+      Training updates all members in one stacked forward/backward per step, each on its own loss.
+    * **boosting**: member ``j`` reads the residual ``r_j = x − Σ_{i<j} x̂_i`` (``r_0 = x``) and reconstructs it;
+      ``x̂ = Σ_j x̂_j``. Training runs stage after stage with the earlier stages frozen.
+
+    Member ``j`` is initialised exactly as ``SAE(cfg, seed=seed + j)``.
+    """
+
+    def __init__(self, cfg: SAEConfig, members: int, combine: Combine = "bagging", seed: int = 0):
+        if not isinstance(cfg, SAEConfig):
+            raise TypeError(f"cfg must be an SAEConfig, got {type(cfg).__name__}")
+        if not isinstance(members, int) or isinstance(members, bool) or members < 1:
+            raise ValueError(f"an ensemble needs members >= 1, got {members!r}")
+        if combine not in ("bagging", "boosting"):
+            raise ValueError(f"unknown combine {combine!r}; choose 'bagging' or 'boosting'")
+        if cfg.groups != 1:
+            raise ValueError("ensemble members must have groups=1")
+        super().__init__(cfg, n_stacked=members, latents_per_stack=cfg.n_latents, shared_b_dec=False)
+        self.combine: Combine = combine
+        self.seed = int(seed)
+        W_dec = torch.stack([init_dictionary(cfg.n_latents, cfg.d_in, self.seed + j) for j in range(members)])
+        self._register(W_dec)
+
+    @classmethod
+    def bagging(cls, cfg: SAEConfig, members: int, seed: int = 0) -> Ensemble:
+        """Naive bagging: ``J`` SAEs, same data, seeds ``seed .. seed+J−1``; ``x̂ = (1/J)·Σ_j x̂_j``."""
+        return cls(cfg, members, "bagging", seed)
+
+    @classmethod
+    def boosting(cls, cfg: SAEConfig, members: int, seed: int = 0) -> Ensemble:
+        """Boosting: stage ``j`` learns the residual ``r_j = x − Σ_{i<j} x̂_i``; ``x̂ = Σ_j x̂_j``."""
+        return cls(cfg, members, "boosting", seed)
+
+    @property
+    def members(self) -> int:
+        """``J``."""
+        return self._n_stacked
+
+    @property
+    def alpha(self) -> float:
+        """``1/J`` for bagging, ``1`` for boosting."""
+        return 1.0 / self.members if self.combine == "bagging" else 1.0
+
+    def _stages(self) -> list[slice]:
+        if self.combine == "bagging":
+            return [slice(None)]
+        return [slice(j, j + 1) for j in range(self.members)]
+
+    @torch.no_grad()
+    def _stage_input(self, x: torch.Tensor, stage: int) -> torch.Tensor:
+        if self.combine == "bagging" or stage == 0:
+            return x
+        # Frozen stages run as at inference (BatchTopK: their learned thresholds), so the stage learns
+        # the residual that reconstruct() will hand it.
+        return self._boosting_pass(x, stop=stage, training=False)[1]
+
+    def _boosting_pass(
+        self, x: torch.Tensor, stop: int | None = None, training: bool | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run stages ``0 .. stop−1`` in order: dense codes ``[N, stop, M]`` and the final residual ``[N, D]``."""
+        stop = self.members if stop is None else stop
+        residual = x
+        codes = []
+        for j in range(stop):
+            members = slice(j, j + 1)
+            P = self.stacked(members)
+            z = self._encode_dense(residual, members, training)
+            x_hat_j = ref.decode_members(z, P.W_dec)[:, 0] + P.b_dec[0]
+            residual = residual - x_hat_j
+            codes.append(z)
+        return torch.cat(codes, dim=1), residual
+
+    def _encode_dense(
+        self, x_in: torch.Tensor, members: slice = slice(None), training: bool | None = None
+    ) -> torch.Tensor:
+        if self.combine == "boosting" and members == slice(None):
+            return self._boosting_pass(x_in, training=training)[0]
+        return super()._encode_dense(x_in, members, training)
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Bagging ``(1/J)·Σ_j x̂_j(x)``; boosting ``Σ_j x̂_j(r_j) = x − r_J``. ``[N, D]``."""
+        if self.combine == "bagging":
+            return super().reconstruct(x)
+        x = self._check(x)
+        return x - self._boosting_pass(x)[1]
+
+    def member(self, j: int) -> SAE:
+        """Member ``j`` as a standalone :class:`SAE` (a copy). A boosting stage expects its residual as input."""
+        if not isinstance(j, int) or not -self.members <= j < self.members:
+            raise IndexError(f"member index {j!r} out of range for {self.members} members")
+        j %= self.members
+        sae = SAE(self.cfg, seed=self.seed + j)
+        with torch.no_grad():
+            for name, tensor in sae.state_dict().items():
+                tensor.copy_(getattr(self, name)[j])
+        sae.train(self.training)
+        return sae.to(self.W_dec.device)
+
+    @torch.no_grad()
+    def as_sae(self) -> SAE:
+        """The ensemble as ONE SAE with ``J·M`` latents (Prop. 3.1 of the paper): same reconstruction.
+
+        Decoder: ``W_dec = [W_dec_1; …; W_dec_J]`` (rows concatenated, member-major), ``b_dec = Σ_j α b_dec_j``
+        (bagging: the mean); codes are the members' codes times ``α`` (``1/J`` bagging, ``1`` boosting).
+        Encoder (bagging): ``α·pre_j = α W_enc_j (x − b_dec) + α (b_enc_j + W_enc_j (b_dec − b_dec_j))``, so
+        ``W_enc = α [W_enc_j]``, ``b_enc = α [b_enc_j + W_enc_j (b_dec − b_dec_j)]`` and thresholds ``α θ``:
+        the positive scale keeps every member's top-k selection, which the combined SAE takes per group
+        (``groups = J``). It reproduces ``reconstruct`` and ``encode`` (codes scaled by α).
+
+        Boosting: only the decode side holds — ``decode(ensemble.encode(x)) == ensemble.reconstruct(x)``.
+        Stage ``j`` encodes ``r_j = x − Σ_{i<j} x̂_i``, which depends on the earlier stages' top-k choices
+        (a non-linear function of ``x``), so no single affine encoder followed by a per-group top-k gives
+        the same codes. The returned SAE is marked ``decode_only`` and refuses to encode.
+        """
+        cfg, J, M = self.cfg, self.members, self.cfg.n_latents
+        alpha = self.alpha
+        big = SAE(cfg.replace(n_latents=J * M, groups=J), seed=self.seed)
+        b_dec = alpha * self.b_dec.sum(0)
+        offset_bias = self.b_enc + torch.einsum("jmd,jd->jm", self.W_enc, b_dec.unsqueeze(0) - self.b_dec)
+        big.W_enc.copy_((alpha * self.W_enc).reshape(J * M, -1))
+        big.b_enc.copy_((alpha * offset_bias).reshape(J * M))
+        big.W_dec.copy_(self.W_dec.reshape(J * M, -1))
+        big.b_dec.copy_(b_dec)
+        if self.log_threshold is not None:
+            big.log_threshold.copy_((self.log_threshold + math.log(alpha)).reshape(J * M))
+        big.threshold.copy_(torch.where(self.threshold < 0, self.threshold, alpha * self.threshold).reshape(J * M))
+        big.tokens_since_fired.copy_(self.tokens_since_fired.reshape(J * M))
+        big.b_dec_initialized.fill_(bool(self.b_dec_initialized.all()))
+        big.decode_only = self.combine == "boosting"
+        big.train(self.training)
+        return big.to(self.W_dec.device)
+
+    def extra_repr(self) -> str:
+        cfg = self.cfg
+        return (
+            f"{self.combine}, members={self.members}, d_in={cfg.d_in}, n_latents={cfg.n_latents}, "
+            f"k={cfg.k}, activation={cfg.activation!r}"
+        )

@@ -1,0 +1,224 @@
+"""Training loop for SAEs and ensembles: Adam with warm-up and decay, fp32 master weights, bf16 autocast on CUDA.
+
+Bagging ensembles train all members in one stacked forward/backward per step (each on its own loss, so
+the update of each member equals training it alone). Boosting ensembles train stage after stage: stage
+``j`` reads ``r_j = x − Σ_{i<j} x̂_i`` computed by the frozen earlier stages, with a fresh Adam whose
+state for every other member stays zero, so their weights do not move at all.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import CONFIG_FILE, load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .dictionary import SparseDictionary
+from .validation import check_activations
+
+
+class DataExhausted(RuntimeError):
+    """A one-shot iterator of batches ran out before the requested number of steps."""
+
+
+class BatchStream:
+    """Endless batches from ``source``: re-iterates a re-iterable source (epochs), stops a one-shot iterator.
+
+    Batches may be tensors ``[N, D]`` or tuples whose first element is one (e.g. ``(x, labels)``).
+    """
+
+    def __init__(self, source: Iterable):
+        if isinstance(source, torch.Tensor):
+            raise TypeError("batches must be an iterable of [N, D] tensors, not one tensor (wrap it in a list)")
+        self.source = source
+        self.iterator: Iterator = iter(source)
+        self.one_shot = self.iterator is source
+        self.consumed = 0
+
+    def next(self) -> torch.Tensor:
+        """The next batch (tensor part only)."""
+        try:
+            batch = next(self.iterator)
+        except StopIteration:
+            if self.one_shot:
+                raise DataExhausted(f"the batch iterator ran out after {self.consumed} batches") from None
+            self.iterator = iter(self.source)
+            try:
+                batch = next(self.iterator)
+            except StopIteration:
+                raise ValueError("batches is empty") from None
+        self.consumed += 1
+        if isinstance(batch, (tuple, list)):
+            batch = batch[0]
+        return batch
+
+
+def _prepare(x: torch.Tensor, model: SparseDictionary, where: str) -> torch.Tensor:
+    """Validate a training batch and move it to the model's device in fp32 (the master-weight dtype)."""
+    check_activations(x, model.cfg.d_in, name=where)
+    device = model.W_enc.device
+    non_blocking = device.type == "cuda" and x.device.type == "cpu" and x.is_pinned()
+    return x.to(device=device, dtype=torch.float32, non_blocking=non_blocking)
+
+
+def _signature(model: SparseDictionary) -> dict[str, Any]:
+    """What must match for a checkpoint to resume into ``model``."""
+    return {"kind": type(model).__name__, "config": model.cfg.to_dict(),
+            "members": getattr(model, "members", 1), "combine": getattr(model, "combine", None)}
+
+
+def _b_dec_ready(model: SparseDictionary, members: slice) -> bool:
+    flags = model.b_dec_initialized
+    return bool(flags.all() if flags.dim() == 0 else flags[members].all())
+
+
+def train(
+    model: SparseDictionary,
+    batches: Iterable,
+    steps: int | None = None,
+    lr: float | None = None,
+    config: TrainConfig | None = None,
+    **options: Any,
+) -> list[dict[str, Any]]:
+    """Train ``model`` (an :class:`SAE` or :class:`Ensemble`) on ``batches`` of activations ``[N, d_in]``.
+
+    Loss per member: ``fvu + aux_coef·AuxK + sparsity`` (see ``SAEConfig``). ``steps`` counts optimizer
+    steps (per stage for boosting); any other :class:`TrainConfig` field can be passed by name, or a whole
+    ``config``. ``b_dec`` is initialised from the first batch a stage sees (its own residual for boosting).
+    Returns the history: one dict of metrics every ``log_every`` steps and at the end of each stage.
+    The model is left in eval mode.
+    """
+    if config is None:
+        if steps is not None:
+            options["steps"] = steps
+        if lr is not None:
+            options["lr"] = lr
+        config = TrainConfig(**options)
+    elif steps is not None or lr is not None or options:
+        raise ValueError("pass either config=TrainConfig(...) or keyword options, not both")
+    if not isinstance(model, SparseDictionary):
+        raise TypeError(f"model must be an SAE or Ensemble, got {type(model).__name__}")
+    if getattr(model, "decode_only", False):
+        raise ValueError("a decode-only SAE (boosting as_sae) cannot be trained")
+    return _Trainer(model, config).run(BatchStream(batches))
+
+
+class _Trainer:
+    def __init__(self, model: SparseDictionary, config: TrainConfig):
+        self.model = model
+        self.config = config
+        self.device = model.W_enc.device
+        self.autocast = config.autocast and self.device.type == "cuda"
+        self.history: list[dict[str, Any]] = []
+        self.start_stage, self.start_step, self.skip_batches, self.start_tokens = 0, 0, 0, 0
+        self.resume_optimizer: dict[str, Any] | None = None
+
+    def _maybe_resume(self) -> None:
+        cfg = self.config
+        if not (cfg.resume and (Path(cfg.checkpoint_dir) / CONFIG_FILE).is_file()):
+            return
+        saved, optimizer_state, state = load_checkpoint(cfg.checkpoint_dir, map_location=self.device)
+        if _signature(saved) != _signature(self.model):
+            raise ValueError(
+                f"the checkpoint in {cfg.checkpoint_dir} is for a different model configuration: "
+                f"{_signature(saved)} vs {_signature(self.model)}"
+            )
+        self.model.load_state_dict(saved.state_dict())
+        if state:
+            self.start_stage, self.start_step = state["stage"], state["step"]
+            self.skip_batches = state["batches_consumed"]
+            self.start_tokens = state.get("stage_tokens", 0)
+            self.history = list(state.get("history", []))
+        self.resume_optimizer = optimizer_state
+
+    def _save(self, optimizer: torch.optim.Optimizer, stage: int, step: int, tokens: int, stream: BatchStream) -> None:
+        state = {"stage": stage, "step": step, "stage_tokens": tokens, "batches_consumed": stream.consumed,
+                 "history": self.history}
+        save_checkpoint(self.config.checkpoint_dir, self.model, optimizer.state_dict(), state)
+
+    def run(self, stream: BatchStream) -> list[dict[str, Any]]:
+        cfg, model = self.config, self.model
+        torch.manual_seed(cfg.seed)
+        self._maybe_resume()
+        for _ in range(self.skip_batches):
+            stream.next()
+        stages = model._stages()
+        total = cfg.steps * len(stages)
+        bar = tqdm(total=total, initial=self.start_stage * cfg.steps + self.start_step, disable=not cfg.progress,
+                   desc=f"train {type(model).__name__.lower()}", unit="step", dynamic_ncols=True)
+        model.train()
+        try:
+            for stage in range(self.start_stage, len(stages)):
+                first = self.start_step if stage == self.start_stage else 0
+                if not self._run_stage(stream, stage, stages[stage], first, bar):
+                    break
+        finally:
+            bar.close()
+            model.eval()
+        return self.history
+
+    def _run_stage(self, stream: BatchStream, stage: int, members: slice, first: int, bar: tqdm) -> bool:
+        cfg, model = self.config, self.model
+        # A fresh Adam per stage: members outside the stage get exactly zero gradients and zero moments,
+        # hence exactly zero updates.
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+        if self.resume_optimizer is not None and stage == self.start_stage and first > 0:
+            optimizer.load_state_dict(self.resume_optimizer)
+        tokens = self.start_tokens if stage == self.start_stage and first > 0 else 0
+        for step in range(first, cfg.steps):
+            try:
+                raw = stream.next()
+            except DataExhausted as err:
+                warnings.warn(f"training stopped early at stage {stage}, step {step}: {err}", stacklevel=3)
+                return False
+            x = _prepare(raw, model, where=f"batch {stream.consumed - 1}")
+            x_in = model._stage_input(x, stage)
+            if not _b_dec_ready(model, members):
+                model._init_b_dec(x_in, members)
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr_at(step)
+            with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                terms, z = model._terms(x_in, members)
+            terms.loss.backward()
+            model._project_decoder_grad(members)
+            if cfg.grad_clip is not None:
+                model._clip_grad_norm(cfg.grad_clip, members)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            model._normalize_decoder(members)
+            model._record_firing(z, members)
+            tokens += x.shape[0]
+            last = step == cfg.steps - 1
+            if (step + 1) % cfg.log_every == 0 or last:
+                self._log(stage, step, tokens, optimizer, terms, members)
+                bar.set_postfix(loss=f"{terms.loss.item():.4f}", fvu=f"{terms.fvu.mean().item():.4f}",
+                                l0=f"{terms.l0.mean().item():.1f}")
+            bar.update(1)
+            if cfg.checkpoint_dir and ((cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or last):
+                if last:
+                    self._save(optimizer, stage + 1, 0, 0, stream)
+                else:
+                    self._save(optimizer, stage, step + 1, tokens, stream)
+        return True
+
+    def _log(self, stage: int, step: int, tokens: int, optimizer, terms, members: slice) -> None:
+        dead = self.model._dead(members)
+        self.history.append({
+            "stage": stage,
+            "step": step + 1,
+            "tokens": tokens,
+            "lr": optimizer.param_groups[0]["lr"],
+            "loss": terms.loss.item(),
+            "fvu": terms.fvu.mean().item(),
+            "fvu_per_member": terms.fvu.tolist(),
+            "aux": terms.aux.mean().item(),
+            "sparsity": terms.sparsity.mean().item(),
+            "l0": terms.l0.mean().item(),
+            "l0_per_member": terms.l0.tolist(),
+            "dead_fraction": dead.float().mean().item(),
+        })
