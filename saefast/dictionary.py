@@ -321,35 +321,39 @@ class SparseDictionary(nn.Module):
             return self.alpha * y.sum(1) + P.b_dec[0]
         return (self.alpha * (y + P.b_dec.unsqueeze(0))).sum(1)
 
-    def _dense_codes(self, codes: SparseCodes | torch.Tensor) -> torch.Tensor:
-        """Validate codes for :meth:`decode` and return them dense, ``[N, J, M]``."""
+    def _check_codes(self, codes: SparseCodes) -> None:
+        """Sparse codes must match the model's members and latents and hold at least one token."""
         J, M = self._n_stacked, self._latents
-        if isinstance(codes, SparseCodes):
-            if codes.members != J or codes.n_latents != M:
-                raise ValueError(
-                    f"codes have {codes.members} member(s) of {codes.n_latents} latents; "
-                    f"this model has {J} of {M}"
-                )
-            dense = codes.to_dense()
-        elif isinstance(codes, torch.Tensor):
-            dense = codes
-            if dense.dim() != 2 or dense.shape[1] != J * M:
-                raise ValueError(f"dense codes must be [N, {J * M}], got {tuple(dense.shape)}")
-            if not dense.is_floating_point():
-                raise TypeError(f"codes must have a floating dtype, got {dense.dtype}")
-        else:
-            raise TypeError(f"codes must be SparseCodes or a dense tensor, got {type(codes).__name__}")
-        if dense.shape[0] == 0:
+        if codes.members != J or codes.n_latents != M:
+            raise ValueError(
+                f"codes have {codes.members} member(s) of {codes.n_latents} latents; this model has {J} of {M}"
+            )
+        if codes.n_tokens == 0:
             raise ValueError("codes are an empty batch (0 tokens)")
-        return dense.view(-1, J, M)
+
+    def _dense_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """Validate dense codes ``[N, J·M]`` for :meth:`decode`; returns them as ``[N, J, M]``."""
+        J, M = self._n_stacked, self._latents
+        if not isinstance(codes, torch.Tensor):
+            raise TypeError(f"codes must be SparseCodes or a dense tensor, got {type(codes).__name__}")
+        if codes.dim() != 2 or codes.shape[1] != J * M:
+            raise ValueError(f"dense codes must be [N, {J * M}], got {tuple(codes.shape)}")
+        if not codes.is_floating_point():
+            raise TypeError(f"codes must have a floating dtype, got {codes.dtype}")
+        if codes.shape[0] == 0:
+            raise ValueError("codes are an empty batch (0 tokens)")
+        return codes.view(-1, J, M)
 
     def decode(self, codes: SparseCodes | torch.Tensor) -> torch.Tensor:
         """Reconstruction ``x̂ [N, D]`` from codes (:class:`SparseCodes` or dense ``[N, J·M]``, member-major).
 
         SAE: ``x̂ = W_dec·z + b_dec``; ensemble: ``x̂ = Σ_j α (W_dec_j·z_j + b_dec_j)``.
         """
-        z = self._dense_codes(codes)
         P = self.stacked()
+        if isinstance(codes, SparseCodes):
+            self._check_codes(codes)
+            return ref.decode_sparse(codes, P.W_dec, P.b_dec, self.alpha)
+        z = self._dense_codes(codes)
         return self._combine(ref.decode_members(z.to(P.W_dec.dtype), P.W_dec), P)
 
     def encode(self, x: torch.Tensor) -> SparseCodes:

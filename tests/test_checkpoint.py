@@ -194,26 +194,20 @@ def test_resume_history_token_count_continues(tmp_path):
     assert [h["tokens"] for h in hist] == [h["tokens"] for h in full_hist]
 
 
-def test_resume_rejects_a_different_combine_rule(tmp_path):
+@pytest.mark.parametrize(
+    "other",
+    [lambda cfg: sf.Ensemble.boosting(cfg, members=2, seed=1), lambda cfg: sf.Ensemble.bagging(cfg, members=3, seed=1)],
+    ids=["different-combine-rule", "different-member-count"],
+)
+def test_resume_rejects_a_different_ensemble(tmp_path, other):
     cfg = cfg_for("relu")
     batches = [data(16, 7, seed=s) for s in range(4)]
     with pytest.warns(UserWarning, match="stopped early"):
         sf.train(sf.Ensemble.bagging(cfg, members=2, seed=1), iter(batches[:2]), steps=4,
                  checkpoint_dir=str(tmp_path), checkpoint_every=2, **quiet())
     with pytest.raises(ValueError, match="different model"):
-        sf.train(sf.Ensemble.boosting(cfg, members=2, seed=1), batches, steps=4, checkpoint_dir=str(tmp_path),
-                 checkpoint_every=2, resume=True, **quiet())
-
-
-def test_resume_rejects_a_different_member_count(tmp_path):
-    cfg = cfg_for("relu")
-    batches = [data(16, 7, seed=s) for s in range(4)]
-    with pytest.warns(UserWarning, match="stopped early"):
-        sf.train(sf.Ensemble.bagging(cfg, members=2, seed=1), iter(batches[:2]), steps=4,
-                 checkpoint_dir=str(tmp_path), checkpoint_every=2, **quiet())
-    with pytest.raises(ValueError, match="different model"):
-        sf.train(sf.Ensemble.bagging(cfg, members=3, seed=1), batches, steps=4, checkpoint_dir=str(tmp_path),
-                 checkpoint_every=2, resume=True, **quiet())
+        sf.train(other(cfg), batches, steps=4, checkpoint_dir=str(tmp_path), checkpoint_every=2, resume=True,
+                 **quiet())
 
 
 def test_resume_without_checkpoint_starts_fresh(tmp_path):
