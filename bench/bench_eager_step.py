@@ -2,8 +2,8 @@
 
     python bench/bench_eager_step.py --members 8 --d-in 512 --latents 4096 --k 32 --tokens 4096 --json out.json
 
-The per-member loop is how public trainers run ensembles (one SAE at a time); the stacked version is
-saefast's eager reference. Both run forward + backward + Adam on identical data; the ratio is taken in
+The per-member loop trains standalone saefast SAEs one after another (how public trainers run ensembles);
+the stacked version is saefast's eager reference with the member axis. Both use the same eager ops. Both run forward + backward + Adam on identical data; the ratio is taken in
 one run. Timing is the median of ``--repeats`` steps after ``--warmup`` steps, rotating input batches.
 """
 

@@ -53,6 +53,27 @@ class StepTerms(NamedTuple):
     """Mean active latents per token."""
 
 
+def _l0(codes: SparseCodes | torch.Tensor) -> torch.Tensor:
+    """Mean non-zero codes per token, per member: ``[J]``."""
+    if isinstance(codes, SparseCodes):
+        return codes.l0().mean(0)
+    return (codes != 0).sum(-1).float().mean(0)
+
+
+def _detach(codes: SparseCodes | torch.Tensor) -> SparseCodes | torch.Tensor:
+    if isinstance(codes, SparseCodes):
+        return SparseCodes(codes.values.detach(), codes.indices, codes.n_latents)
+    return codes.detach()
+
+
+def cat_codes(parts: list[SparseCodes | torch.Tensor]) -> SparseCodes | torch.Tensor:
+    """Concatenate the codes of consecutive members along the member axis (all sparse or all dense)."""
+    if isinstance(parts[0], SparseCodes):
+        return SparseCodes(torch.cat([p.values for p in parts], 1), torch.cat([p.indices for p in parts], 1),
+                           parts[0].n_latents)
+    return torch.cat(parts, dim=1)
+
+
 def init_dictionary(n_latents: int, d_in: int, seed: int) -> torch.Tensor:
     """Random unit-norm decoder rows ``[M, D]`` from a generator seeded with ``seed`` (fp32, CPU)."""
     generator = torch.Generator().manual_seed(int(seed))
@@ -135,11 +156,14 @@ class SparseDictionary(nn.Module):
             raise ValueError(f"{name} is on {x.device} but the model is on {param.device}")
         return x.to(param.dtype)
 
-    def _activate(self, pre: torch.Tensor, P: Stacked, training: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Dense codes ``z [N, J, M]`` from pre-activations, and (BatchTopK training) the smallest kept value."""
+    def _activate(
+        self, pre: torch.Tensor, P: Stacked, training: bool
+    ) -> tuple[SparseCodes | torch.Tensor, torch.Tensor | None]:
+        """Codes from pre-activations — :class:`SparseCodes` for TopK (no dense code is ever built), dense
+        ``[N, J, M]`` otherwise — and (BatchTopK training) the smallest kept value per member."""
         cfg = self.cfg
         if cfg.activation == "topk":
-            return ref.topk_activation(pre, cfg.k), None
+            return ref.topk_codes(pre, cfg.k), None
         if cfg.activation == "batchtopk":
             if training or bool((P.threshold < 0).any()):
                 return ref.batchtopk_activation(pre, cfg.k)
@@ -149,15 +173,15 @@ class SparseDictionary(nn.Module):
         threshold = P.log_threshold.exp().to(pre.dtype)
         return ref.jumprelu_activation(pre, threshold, cfg.jumprelu_bandwidth), None
 
-    def _pack(self, z: torch.Tensor) -> SparseCodes:
-        """Dense ``[N, J, M]`` codes to :class:`SparseCodes` (TopK: exactly ``k`` slots)."""
-        if self.cfg.activation == "topk":
-            values, indices = z.topk(self.cfg.k, dim=-1)
-            return SparseCodes(values, indices, z.shape[-1])
-        return SparseCodes.from_dense(z)
+    @staticmethod
+    def _pack(codes: SparseCodes | torch.Tensor) -> SparseCodes:
+        """Codes as :class:`SparseCodes` (dense ``[N, J, M]`` codes are packed)."""
+        return codes if isinstance(codes, SparseCodes) else SparseCodes.from_dense(codes)
 
     def _sparsity(self, pre: torch.Tensor, z: torch.Tensor, P: Stacked) -> torch.Tensor:
-        """``relu``: ``λ·(1/N)Σ_n Σ_m z·‖W_dec[m]‖``; ``jumprelu``: ``λ·(1/N)Σ_n ‖z‖₀`` (STE); else 0. ``[J]``."""
+        """``relu``: ``λ·(1/N)Σ_n Σ_m z·‖W_dec[m]‖``; ``jumprelu``: ``λ·(1/N)Σ_n ‖z‖₀`` (STE); else 0. ``[J]``.
+
+        ``z`` is dense for these two activations."""
         cfg = self.cfg
         if cfg.activation == "relu":
             return cfg.l1_coef * torch.einsum("njm,jm->j", z.float(), P.W_dec.norm(dim=-1)) / z.shape[0]
@@ -187,7 +211,7 @@ class SparseDictionary(nn.Module):
         P = self.stacked(members)
         pre = ref.pre_activations(x_in, P.W_enc, P.b_enc, P.b_dec)
         z, smallest = self._activate(pre, P, training=True)
-        y = ref.decode_members(z, P.W_dec)
+        y = ref.decode_codes(z, P.W_dec)
         if joint:
             x_hat = (y.sum(1) + P.b_dec[0]).unsqueeze(1)
         else:
@@ -209,21 +233,27 @@ class SparseDictionary(nn.Module):
         if joint:
             sparsity = sparsity.sum(0, keepdim=True)
         loss = fvu.sum() + self.cfg.aux_coef * aux.sum() + sparsity.sum()
-        l0 = (z != 0).sum(-1).float().mean(0)
+        l0 = _l0(z)
         if joint:
             l0 = l0.sum(0, keepdim=True)
         if smallest is not None:
             self._record_threshold(smallest, members)
-        return StepTerms(loss, fvu.detach(), aux.detach(), sparsity.detach(), l0), z.detach()
+        return StepTerms(loss, fvu.detach(), aux.detach(), sparsity.detach(), l0), _detach(z)
 
     # ----- training-state updates (called by saefast.train) ---------------------------------------------
 
     @torch.no_grad()
-    def _record_firing(self, z: torch.Tensor, members: slice) -> None:
-        """``tokens_since_fired += N``, reset to 0 for every latent that fired in ``z [N, J, M]``."""
+    def _record_firing(self, codes: SparseCodes | torch.Tensor, members: slice) -> None:
+        """``tokens_since_fired += N``, reset to 0 for every latent that fired (sparse or dense ``[N, J, M]`` codes)."""
         counter = self._view(self.tokens_since_fired, members)
-        fired = (z != 0).any(0)
-        counter.add_(z.shape[0])
+        if isinstance(codes, SparseCodes):
+            fired = torch.zeros(counter.numel(), dtype=torch.bool, device=counter.device)
+            fired[codes.global_indices()[codes.values != 0]] = True
+            fired = fired.view_as(counter)
+            n_tokens = codes.n_tokens
+        else:
+            fired, n_tokens = (codes != 0).any(0), codes.shape[0]
+        counter.add_(n_tokens)
         counter.masked_fill_(fired, 0)
 
     @torch.no_grad()
@@ -304,10 +334,10 @@ class SparseDictionary(nn.Module):
         """Do the stacked dictionaries add up to one reconstruction (an SAE's groups)?"""
         return self._shared_b_dec
 
-    def _encode_dense(
+    def _encode_codes(
         self, x_in: torch.Tensor, members: slice = slice(None), training: bool | None = None
-    ) -> torch.Tensor:
-        """Dense codes ``z [N, J, M]`` of ``members`` for input ``x_in`` (``[N, D]``).
+    ) -> SparseCodes | torch.Tensor:
+        """Codes of ``members`` for input ``x_in`` (``[N, D]``): sparse for TopK, dense ``[N, J, M]`` otherwise.
 
         ``training`` (default: the module's mode) picks BatchTopK's batch top-k over its threshold."""
         P = self.stacked(members)
@@ -353,18 +383,17 @@ class SparseDictionary(nn.Module):
         if isinstance(codes, SparseCodes):
             self._check_codes(codes)
             return ref.decode_sparse(codes, P.W_dec, P.b_dec, self.alpha)
-        z = self._dense_codes(codes)
-        return self._combine(ref.decode_members(z.to(P.W_dec.dtype), P.W_dec), P)
+        return self._combine(ref.decode_codes(self._dense_codes(codes), P.W_dec), P)
 
     def encode(self, x: torch.Tensor) -> SparseCodes:
         """Sparse codes ``[N, J, K]`` of ``x [N, D]`` (``to_dense()``: ``[N, J·M]``)."""
-        return self._pack(self._encode_dense(self._check(x)))
+        return self._pack(self._encode_codes(self._check(x)))
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """``x̂ = decode(encode(x))``, ``[N, D]``."""
-        z = self._encode_dense(self._check(x))
+        z = self._encode_codes(self._check(x))
         P = self.stacked()
-        return self._combine(ref.decode_members(z, P.W_dec), P)
+        return self._combine(ref.decode_codes(z, P.W_dec), P)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Same as :meth:`reconstruct`."""

@@ -8,8 +8,9 @@ from typing import Literal
 import torch
 
 from . import ref
+from .codes import SparseCodes
 from .config import SAEConfig
-from .dictionary import SparseDictionary, init_dictionary
+from .dictionary import SparseDictionary, cat_codes, init_dictionary
 from .sae import SAE
 
 Combine = Literal["bagging", "boosting"]
@@ -78,25 +79,24 @@ class Ensemble(SparseDictionary):
     def _boosting_pass(
         self, x: torch.Tensor, stop: int | None = None, training: bool | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run stages ``0 .. stop−1`` in order: dense codes ``[N, stop, M]`` and the final residual ``[N, D]``."""
+        """Run stages ``0 .. stop−1`` in order: their codes (``stop`` members) and the final residual ``[N, D]``."""
         stop = self.members if stop is None else stop
         residual = x
         codes = []
         for j in range(stop):
             members = slice(j, j + 1)
             P = self.stacked(members)
-            z = self._encode_dense(residual, members, training)
-            x_hat_j = ref.decode_members(z, P.W_dec)[:, 0] + P.b_dec[0]
-            residual = residual - x_hat_j
+            z = self._encode_codes(residual, members, training)
+            residual = residual - (ref.decode_codes(z, P.W_dec)[:, 0] + P.b_dec[0])
             codes.append(z)
-        return torch.cat(codes, dim=1), residual
+        return cat_codes(codes), residual
 
-    def _encode_dense(
+    def _encode_codes(
         self, x_in: torch.Tensor, members: slice = slice(None), training: bool | None = None
-    ) -> torch.Tensor:
+    ) -> SparseCodes | torch.Tensor:
         if self.combine == "boosting" and members == slice(None):
             return self._boosting_pass(x_in, training=training)[0]
-        return super()._encode_dense(x_in, members, training)
+        return super()._encode_codes(x_in, members, training)
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """Bagging ``(1/J)·Σ_j x̂_j(x)``; boosting ``Σ_j x̂_j(r_j) = x − r_J``. ``[N, D]``."""

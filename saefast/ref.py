@@ -25,17 +25,25 @@ def pre_activations(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b
     """
     J, M, D = W_enc.shape
     if x.dim() == 2:
-        # (x − b_dec_j)·W_enc_j = x·W_enc_j − b_dec_j·W_enc_j: one dense GEMM for all members.
-        pre = (x @ W_enc.reshape(J * M, D).T).view(x.shape[0], J, M)
+        # (x − b_dec_j)·W_enc_j + b_enc_j = x·W_enc_j + (b_enc_j − b_dec_j·W_enc_j): one GEMM for all members,
+        # with the bias added inside it (addmm) rather than in a second pass over the N × J·M output.
         bias = b_enc - torch.einsum("jd,jmd->jm", b_dec.expand(J, D), W_enc)
-        return pre + bias
+        return torch.addmm(bias.reshape(J * M), x, W_enc.reshape(J * M, D).T).view(x.shape[0], J, M)
     return torch.einsum("njd,jmd->njm", x - b_dec, W_enc) + b_enc
+
+
+def topk_codes(pre: torch.Tensor, k: int) -> SparseCodes:
+    """TopK as sparse codes: ``values = ReLU(top-k values of pre[n, j, :])``, ``indices`` their latents, ``[N, J, k]``.
+
+    Differentiable in ``values`` (the gradient reaches ``pre`` only at the selected entries)."""
+    values, indices = pre.topk(k, dim=-1, sorted=False)
+    return SparseCodes(F.relu(values), indices, pre.shape[-1])
 
 
 def topk_activation(pre: torch.Tensor, k: int) -> torch.Tensor:
     """TopK: ``z = ReLU(pre)`` on the ``k`` largest entries of each ``pre[n, j, :]``, 0 elsewhere. ``[N, J, M]``."""
-    values, indices = pre.topk(k, dim=-1, sorted=False)
-    return torch.zeros_like(pre).scatter(-1, indices, F.relu(values))
+    codes = topk_codes(pre, k)
+    return codes.to_dense().view_as(pre)
 
 
 def batchtopk_activation(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,18 +133,39 @@ def decode_members(z: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
     return torch.einsum("njm,jmd->njd", z, W_dec)
 
 
+def decode_members_sparse(codes: SparseCodes, W_dec: torch.Tensor) -> torch.Tensor:
+    """Sparse per-member decoder output ``y[n, j] = Σ_s values[n, j, s] · W_dec[j, indices[n, j, s]]``, ``[N, J, D]``.
+
+    One ``embedding_bag`` over the concatenated dictionary: ``O(N·J·K·D)`` work and no dense ``[N, J, M]``
+    code, differentiable in ``values`` and ``W_dec``. Equals ``decode_members(codes.to_dense().view(N, J, M), W_dec)``.
+    """
+    N, J, K = codes.values.shape
+    M, D = W_dec.shape[1], W_dec.shape[2]
+    flat = W_dec.reshape(J * M, D)
+    bags = codes.global_indices().reshape(N * J, K)
+    weights = codes.values.reshape(N * J, K).to(flat.dtype)
+    return F.embedding_bag(bags, flat, per_sample_weights=weights, mode="sum").view(N, J, D)
+
+
+def decode_codes(codes: SparseCodes | torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
+    """Per-member decoder output of sparse codes or dense codes ``[N, J, M]``, ``[N, J, D]``."""
+    if isinstance(codes, SparseCodes):
+        return decode_members_sparse(codes, W_dec)
+    return decode_members(codes.to(W_dec.dtype), W_dec)
+
+
 def decode_sparse(
     codes: SparseCodes, W_dec: torch.Tensor, b_dec: torch.Tensor, alpha: torch.Tensor | float
 ) -> torch.Tensor:
     """Ensemble decode ``x̂ = Σ_j α_j (Σ_s values[n,j,s]·W_dec[j, indices[n,j,s]] + b_dec[j])``, ``[N, D]``.
 
     ``alpha`` is a scalar or ``[J]``; ``b_dec`` is ``[J, D]`` or ``[1, D]`` (a shared bias is added once,
-    unscaled: that is the single-SAE case). Equivalent torch: ``(to_dense · α) @ W_dec.flatten(0, 1) + Σ α b_dec``.
+    unscaled: that is the single-SAE case). Equivalent torch:
+    ``(codes.to_dense() · repeat_interleave(α, M)) @ W_dec.flatten(0, 1) + Σ_j α_j b_dec[j]``.
     """
-    J, M, D = W_dec.shape
+    J = W_dec.shape[0]
     alpha_t = torch.as_tensor(alpha, dtype=W_dec.dtype, device=W_dec.device).expand(J)
-    z = codes.to_dense().view(-1, J, M).to(W_dec.dtype) * alpha_t.view(1, J, 1)
-    out = z.reshape(-1, J * M) @ W_dec.reshape(J * M, D)
+    out = (decode_members_sparse(codes, W_dec) * alpha_t.view(1, J, 1)).sum(1)
     bias = b_dec[0] if b_dec.shape[0] == 1 else (alpha_t.view(J, 1) * b_dec).sum(0)
     return out + bias
 
@@ -160,9 +189,8 @@ def auxk_reconstruction(pre: torch.Tensor, dead: torch.Tensor, W_dec: torch.Tens
     if n_dead == 0:
         return None
     masked = pre.masked_fill(~dead.unsqueeze(0), float("-inf"))
-    values, indices = masked.topk(min(aux_k, n_dead), dim=-1, sorted=False)
-    values = F.relu(values)  # −inf (a member with fewer dead latents than k) becomes 0
-    return decode_members(torch.zeros_like(pre).scatter(-1, indices, values), W_dec)
+    # ReLU turns the −inf of a member with fewer dead latents than aux_k into 0.
+    return decode_members_sparse(topk_codes(masked, min(aux_k, n_dead)), W_dec)
 
 
 def normalize_rows_(W: torch.Tensor) -> None:

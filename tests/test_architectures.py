@@ -15,6 +15,7 @@ from conftest import assert_close
 
 import saefast as sf
 from saefast import ref
+from saefast.codes import SparseCodes
 
 ALL = slice(None)
 
@@ -530,7 +531,8 @@ def test_auxk_is_zero_without_dead_latents():
 def test_auxk_gradient_reaches_dead_latents():
     dead = [1, 4, 6, 9, 11]
     sae, p, x = _auxk_setup(aux_k=3, dead=dead)
-    terms, z = sae._terms(x, ALL)
+    terms, codes = sae._terms(x, ALL)
+    z = codes.to_dense().view(x.shape[0], 1, -1)
     terms.loss.backward()
     alive_unselected = [i for i in range(13) if i not in dead and not bool((z[:, 0, i] != 0).any())]
     aux_used = [i for i in dead if bool((z[:, 0, i] == 0).all())]
@@ -547,6 +549,10 @@ def test_record_firing_counts_tokens_since_fired():
     z[3, 0, 6] = 2.0
     z[2, 0, 2] = -1.0  # any non-zero counts as firing
     sae._record_firing(z, ALL)
+    assert sae.tokens_since_fired.tolist() == [4, 0, 0, 4, 6, 5, 0]
+    # the same firing pattern as sparse codes (padding slots of value 0 never count)
+    set_params(sae, tokens_since_fired=torch.tensor([0, 3, 10, 0, 2, 1, 100]))
+    sae._record_firing(SparseCodes.from_dense(z), ALL)
     assert sae.tokens_since_fired.tolist() == [4, 0, 0, 4, 6, 5, 0]
 
 
