@@ -3,8 +3,9 @@
     python bench/bench_eager_step.py --members 8 --d-in 512 --latents 4096 --k 32 --tokens 4096 --json out.json
 
 The per-member loop trains standalone saefast SAEs one after another (how public trainers run ensembles);
-the stacked version is saefast's eager reference with the member axis. Both use the same eager ops. Both run forward + backward + Adam on identical data; the ratio is taken in
-one run. Timing is the median of ``--repeats`` steps after ``--warmup`` steps, rotating input batches.
+the stacked version is saefast's eager reference with the member axis. Both use the same eager ops and
+run forward + backward + Adam on identical data; the ratio is taken in one run. Timing is the median of
+``--repeats`` steps after ``--warmup`` steps, rotating input batches.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import argparse
 import json
 import platform
 import statistics
+import subprocess
 import time
 
 import torch
@@ -40,6 +42,14 @@ def _time(step, batches: list[torch.Tensor], warmup: int, repeats: int) -> float
         step(batches[i % len(batches)])
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def main() -> None:
@@ -73,6 +83,7 @@ def main() -> None:
         "device": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "commit": _commit(),
         "shape": vars(args) | {"json": None},
         "results": [
             {"backend": "eager_loop", "ms": loop * 1e3, "tokens_per_s": args.tokens / loop},
