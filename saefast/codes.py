@@ -73,6 +73,20 @@ class SparseCodes:
         offsets = torch.arange(self.members, device=self.indices.device).view(1, -1, 1) * self.n_latents
         return self.indices + offsets
 
+    def active_global_indices(self) -> torch.Tensor:
+        """Global indices (``indices + j * M``) of the slots with a non-zero coefficient: 1-D, may repeat."""
+        return self.global_indices()[self.values != 0]
+
+    def detach(self) -> SparseCodes:
+        """The same codes with ``values`` detached from the autograd graph."""
+        return SparseCodes(self.values.detach(), self.indices, self.n_latents)
+
+    @staticmethod
+    def cat(parts: list[SparseCodes]) -> SparseCodes:
+        """Concatenate codes of consecutive members along the member axis (same ``N``, ``K`` and ``M``)."""
+        return SparseCodes(torch.cat([p.values for p in parts], 1), torch.cat([p.indices for p in parts], 1),
+                           parts[0].n_latents)
+
     def l0(self) -> torch.Tensor:
         """Non-zero coefficients per token and member, ``[N, J]`` (float)."""
         return (self.values != 0).sum(-1).to(torch.float32)

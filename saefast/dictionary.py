@@ -60,18 +60,9 @@ def _l0(codes: SparseCodes | torch.Tensor) -> torch.Tensor:
     return (codes != 0).sum(-1).float().mean(0)
 
 
-def _detach(codes: SparseCodes | torch.Tensor) -> SparseCodes | torch.Tensor:
-    if isinstance(codes, SparseCodes):
-        return SparseCodes(codes.values.detach(), codes.indices, codes.n_latents)
-    return codes.detach()
-
-
 def cat_codes(parts: list[SparseCodes | torch.Tensor]) -> SparseCodes | torch.Tensor:
     """Concatenate the codes of consecutive members along the member axis (all sparse or all dense)."""
-    if isinstance(parts[0], SparseCodes):
-        return SparseCodes(torch.cat([p.values for p in parts], 1), torch.cat([p.indices for p in parts], 1),
-                           parts[0].n_latents)
-    return torch.cat(parts, dim=1)
+    return SparseCodes.cat(parts) if isinstance(parts[0], SparseCodes) else torch.cat(parts, dim=1)
 
 
 def init_dictionary(n_latents: int, d_in: int, seed: int) -> torch.Tensor:
@@ -238,7 +229,7 @@ class SparseDictionary(nn.Module):
             l0 = l0.sum(0, keepdim=True)
         if smallest is not None:
             self._record_threshold(smallest, members)
-        return StepTerms(loss, fvu.detach(), aux.detach(), sparsity.detach(), l0), _detach(z)
+        return StepTerms(loss, fvu.detach(), aux.detach(), sparsity.detach(), l0), z.detach()
 
     # ----- training-state updates (called by saefast.train) ---------------------------------------------
 
@@ -248,7 +239,7 @@ class SparseDictionary(nn.Module):
         counter = self._view(self.tokens_since_fired, members)
         if isinstance(codes, SparseCodes):
             fired = torch.zeros(counter.numel(), dtype=torch.bool, device=counter.device)
-            fired[codes.global_indices()[codes.values != 0]] = True
+            fired[codes.active_global_indices()] = True
             fired = fired.view_as(counter)
             n_tokens = codes.n_tokens
         else:
@@ -379,11 +370,12 @@ class SparseDictionary(nn.Module):
 
         SAE: ``x̂ = W_dec·z + b_dec``; ensemble: ``x̂ = Σ_j α (W_dec_j·z_j + b_dec_j)``.
         """
-        P = self.stacked()
         if isinstance(codes, SparseCodes):
             self._check_codes(codes)
-            return ref.decode_sparse(codes, P.W_dec, P.b_dec, self.alpha)
-        return self._combine(ref.decode_codes(self._dense_codes(codes), P.W_dec), P)
+        else:
+            codes = self._dense_codes(codes)
+        P = self.stacked()
+        return self._combine(ref.decode_codes(codes, P.W_dec), P)
 
     def encode(self, x: torch.Tensor) -> SparseCodes:
         """Sparse codes ``[N, J, K]`` of ``x [N, D]`` (``to_dense()``: ``[N, J·M]``)."""

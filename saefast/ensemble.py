@@ -78,7 +78,7 @@ class Ensemble(SparseDictionary):
 
     def _boosting_pass(
         self, x: torch.Tensor, stop: int | None = None, training: bool | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[SparseCodes | torch.Tensor, torch.Tensor]:
         """Run stages ``0 .. stop−1`` in order: their codes (``stop`` members) and the final residual ``[N, D]``."""
         stop = self.members if stop is None else stop
         residual = x

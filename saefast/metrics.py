@@ -261,11 +261,6 @@ def l0_total(codes: SparseCodes) -> float:
     return float(l0(codes).sum().item())
 
 
-def _nonzero_global_indices(codes: SparseCodes) -> torch.Tensor:
-    """Global indices ``indices + j*M`` of the slots with a non-zero coefficient (1-D, may repeat)."""
-    return codes.global_indices()[codes.values != 0]
-
-
 class FiringWindow:
     """Which of ``n_latents_total`` latents (global indices, ``j*M + i``) fired in a window of batches.
 
@@ -294,7 +289,7 @@ class FiringWindow:
                 f"codes have J*M = {codes.members}*{codes.n_latents} = {codes.n_latents_total} latents, "
                 f"FiringWindow tracks {self.n_latents_total}"
             )
-        idx = _nonzero_global_indices(codes)
+        idx = codes.active_global_indices()
         if idx.device != self.fired.device:
             self.fired = self.fired.to(idx.device)
         self.fired[idx] = True

@@ -57,3 +57,16 @@ def test_pre_activations_shared_and_per_member_inputs_agree():
     torch.testing.assert_close(ref.pre_activations(x, W_enc, b_enc, b_dec), expected, atol=1e-5, rtol=1e-5)
     per_member = x.unsqueeze(1).expand(N, J, D)
     torch.testing.assert_close(ref.pre_activations(per_member, W_enc, b_enc, b_dec), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("combine", ["bagging", "boosting"])
+def test_decode_sparse_is_the_models_decode(combine):
+    import saefast as sf
+
+    model = sf.Ensemble(sf.SAEConfig(d_in=10, n_latents=14, k=3), members=3, combine=combine, seed=2)
+    with torch.no_grad():
+        model.b_dec.copy_(torch.randn(3, 10))
+    codes = model.encode(torch.randn(7, 10))
+    expected = ref.decode_sparse(codes, model.W_dec, model.b_dec, model.alpha)
+    torch.testing.assert_close(model.decode(codes), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model.decode(codes.to_dense()), expected, atol=1e-5, rtol=1e-5)
