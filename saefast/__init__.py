@@ -8,6 +8,10 @@ Public API::
     x_hat, codes = bag.reconstruct(x), bag.encode(x)
     metrics = evaluate(bag, x)
     bag.save("ckpt/"); again = load("ckpt/")
+
+    model, tokenizer = load_model("smollm2")              # embedded SmolLM2-135M, offline
+    store = harvest(model, "acts/", "model.layers.15", tokens=100_000, tokenizer=tokenizer, texts=pydoc_topics())
+    train(bag, store.batches(1024, epochs=None), steps=1000)
 """
 
 from . import metrics, ref
@@ -16,24 +20,38 @@ from .codes import SparseCodes
 from .config import ACTIVATIONS, SAEConfig, TrainConfig
 from .ensemble import Ensemble
 from .evaluate import evaluate
+from .harvest import harvest, layer_hook, resolve_hooks
+from .hf import load_model
 from .sae import SAE
+from .store import ActivationStore, StoreError, StoreWriter, write_store
+from .text import pydoc_topics, text_source
 from .train import DataExhausted, train
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ACTIVATIONS",
+    "ActivationStore",
     "CheckpointError",
     "DataExhausted",
     "Ensemble",
     "SAE",
     "SAEConfig",
     "SparseCodes",
+    "StoreError",
+    "StoreWriter",
     "TrainConfig",
     "evaluate",
+    "harvest",
+    "layer_hook",
     "load",
+    "load_model",
     "metrics",
+    "pydoc_topics",
     "ref",
+    "resolve_hooks",
     "save",
+    "text_source",
     "train",
+    "write_store",
 ]

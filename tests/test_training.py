@@ -91,6 +91,27 @@ def test_a_one_shot_iterator_that_runs_out_stops_with_a_warning(data):
     assert any("ran out after 3 batches" in str(w.message) for w in caught)
 
 
+def test_a_source_that_counts_its_own_epochs_stops_with_a_warning(data):
+    class TwoEpochs:
+        """Re-iterable that yields nothing once its two epochs are used (as store.batches(epochs=2) does)."""
+
+        def __init__(self, batches):
+            self.batches, self.epochs = batches, 0
+
+        def __iter__(self):
+            self.epochs += 1
+            return iter(self.batches if self.epochs <= 2 else [])
+
+    sae = sf.SAE(sf.SAEConfig(d_in=32, n_latents=48, k=3))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        history = sf.train(sae, TwoEpochs(data.batches(3, 64)), steps=10, log_every=1, progress=False)
+    assert len(history) == 6
+    assert any("ran out after 6 batches" in str(w.message) for w in caught)
+    with pytest.raises(ValueError, match="batches is empty"):
+        sf.train(sae, [], steps=2, progress=False)
+
+
 def test_tuple_batches_and_bf16_inputs_are_accepted(data):
     sae = sf.SAE(sf.SAEConfig(d_in=32, n_latents=48, k=3))
     batches = [(data.sample(64).bfloat16(), torch.zeros(64)) for _ in range(2)]

@@ -1,0 +1,494 @@
+"""Activation stores: exact round trips, shuffling (every row once, aligned extras), resuming, corruption."""
+
+from __future__ import annotations
+
+import gc
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_close
+
+import saefast as sf
+import saefast.store as st
+from saefast.store import ActivationStore, StoreError, StoreWriter, write_store
+from saefast.synthetic import SyntheticSparseData
+
+SIZES = [37, 5, 1, 64, 23, 70]  # ragged shards: 200 rows
+
+
+def indexed(n: int, d: int = 6, seed: int = 0) -> torch.Tensor:
+    """Rows whose column 0 is the row index (exact in float32), the rest random."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    x[:, 0] = torch.arange(n, dtype=torch.float32)
+    return x
+
+
+def ragged_store(path: Path, x: torch.Tensor, sizes=SIZES, dtype=torch.float32, labels: bool = True) -> Path:
+    """A store of ``x`` in shards of ``sizes`` rows with an int64 ``labels`` column (= 3·row + 1)."""
+    extras = {"labels": torch.int64} if labels else None
+    writer = StoreWriter(path, {"h": x.shape[1]}, dtype=dtype, extras=extras, metadata={"source": "test"})
+    start = 0
+    for size in sizes:
+        rows = torch.arange(start, start + size)
+        writer.append({"h": x[rows]}, {"labels": 3 * rows + 1} if labels else None, state={"next": start + size})
+        start += size
+    writer.finish()
+    return path
+
+
+def shard_file(path: Path, index: int, name: str = "h") -> Path:
+    manifest = json.loads((path / st.MANIFEST).read_text())
+    return path / manifest["shards"][index]["files"][name]["file"]
+
+
+def rows_of(batches) -> list[torch.Tensor]:
+    return [(b[0] if isinstance(b, tuple) else b)[:, 0].long() for b in batches]
+
+
+# ------------------------------------------------------------------------------------------------------
+# Round trips
+# ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_round_trip_every_dtype(tmp_path, dtype):
+    x = torch.randn(200, 9, dtype=torch.float64) * 3
+    store = write_store(tmp_path, x, shard_tokens=37, dtype=dtype, metadata={"model": "m"})
+    assert (len(store), store.d, store.dtype, store.n_shards, store.hook) == (200, 9, dtype, 6, "activations")
+    assert store.complete and store.metadata == {"model": "m"} and store.extras == ()
+    stored = store.read(0, 200, dtype=None)
+    assert stored.dtype == dtype
+    assert torch.equal(stored, x.to(dtype))
+    assert torch.equal(store.read(0, 200), x.to(dtype).float())
+    if dtype == torch.float32:
+        assert_close(store.read(0, 200, dtype=torch.float64), x, atol=1e-6, rtol=1e-6)
+    again = ActivationStore(tmp_path, verify="eager")
+    assert torch.equal(again.read(0, 200, dtype=None), x.to(dtype))
+    batch = next(iter(again.batches(200, shuffle=False, dtype=None)))
+    assert batch.dtype == dtype and torch.equal(batch, x.to(dtype))
+
+
+def test_multi_hook_store_with_extras_and_awkward_hook_names(tmp_path):
+    hooks = {"model.layers.15": 4, "model/layers/15": 3, "Model.layers.15": 2, "../x": 5}
+    extras = {"token_ids": torch.int32, "labels": torch.int64, "weight": torch.float32}
+    writer = StoreWriter(tmp_path / "s", hooks, dtype=torch.float32, extras=extras, metadata={"ctx": 8})
+    data = {name: torch.randn(60, d) for name, d in hooks.items()}
+    cols = {"token_ids": torch.randint(0, 50000, (60,), dtype=torch.int32), "labels": torch.arange(60) * 7,
+            "weight": torch.rand(60)}
+    for a, b in [(0, 5), (5, 6), (6, 40), (40, 60)]:
+        writer.append({k: v[a:b] for k, v in data.items()}, {k: v[a:b] for k, v in cols.items()})
+    files = {p.name for p in (tmp_path / "s").iterdir()} - {st.MANIFEST}
+    assert len(files) == 4 * (len(hooks) + len(extras))  # unique names though three hooks sanitize alike
+    assert all("/" not in f and not f.startswith(".") for f in files)
+    with pytest.raises(StoreError, match="several hooks"):
+        ActivationStore(tmp_path / "s")
+    with pytest.raises(StoreError, match="no hook 'nope'"):
+        ActivationStore(tmp_path / "s", hook="nope")
+    for name, d in hooks.items():
+        store = ActivationStore(tmp_path / "s", hook=name)
+        assert store.d == d and store.hooks == hooks and not store.complete
+        assert torch.equal(store.read(3, 45), data[name][3:45])
+    store = ActivationStore(tmp_path / "s", hook="model/layers/15")
+    assert store.extras == ("token_ids", "labels", "weight")
+    for name, col in cols.items():
+        got = store.read_extra(name, 2, 58)
+        assert got.dtype == extras[name] and torch.equal(got, col[2:58])
+    assert torch.equal(store.with_hook("../x").read(0, 60), data["../x"])
+    x, ids, labels = next(iter(store.batches(60, extras=["token_ids", "labels"])))
+    order = torch.argsort(labels)
+    assert torch.equal(labels[order], cols["labels"]) and torch.equal(ids[order], cols["token_ids"])
+    assert torch.equal(x[order], data["model/layers/15"])
+
+
+def test_read_across_shard_boundaries_and_on_subsets(tmp_path):
+    x = indexed(200)
+    store = ActivationStore(ragged_store(tmp_path, x))
+    for a, b in [(0, 200), (36, 38), (37, 42), (41, 43), (42, 43), (0, 1), (199, 200), (10, 190), (50, 50)]:
+        assert torch.equal(store.read(a, b), x[a:b]), (a, b)
+        assert torch.equal(store.read_extra("labels", a, b), 3 * torch.arange(a, b) + 1)
+    train, held = store.subset(0, 120), store.subset(120, 200)  # shard offsets 0 37 42 43 107 130 200
+    assert (len(train), len(held), train.n_shards, held.n_shards, store.n_shards) == (120, 80, 5, 2, 6)
+    assert torch.equal(held.read(0, 80), x[120:]) and torch.equal(train.read(100, 120), x[100:120])
+    inner = store.subset(30, 120).subset(5, 40)
+    assert len(inner) == 35 and torch.equal(inner.read(2, 30), x[37:65])
+    assert torch.equal(inner.read_extra("labels", 0, 35), 3 * torch.arange(35, 70) + 1)
+    for bad in [(-1, 3), (5, 4), (0, 201)]:
+        with pytest.raises(IndexError):
+            store.read(*bad)
+    with pytest.raises(IndexError):
+        held.read(0, 81)
+    with pytest.raises(IndexError):
+        store.subset(100, 300)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Batches
+# ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "batch_size,shuffle_buffer,block_rows",
+    [(1, 7, 3), (13, 50, 8), (64, 5, 16), (100, 1000, 1000), (7, 3, 1), (250, 64, 4096), (33, 97, 11)],
+)
+def test_shuffle_yields_every_row_exactly_once_with_aligned_extras(tmp_path, batch_size, shuffle_buffer,
+                                                                    block_rows):
+    x = indexed(200)
+    store = ActivationStore(ragged_store(tmp_path, x))
+    batches = store.batches(batch_size, shuffle_buffer=shuffle_buffer, block_rows=block_rows, extras=["labels"],
+                            seed=3)
+    out = list(batches)
+    assert len(out) == len(batches) == -(-200 // batch_size)
+    assert [b[0].shape[0] for b in out[:-1]] == [batch_size] * (len(out) - 1)
+    rows = torch.cat(rows_of(out))
+    assert torch.equal(rows.sort().values, torch.arange(200))
+    for xb, labels in out:
+        assert xb.dtype == torch.float32 and labels.dtype == torch.int64
+        assert torch.equal(xb, x[xb[:, 0].long()])
+        assert torch.equal(labels, 3 * xb[:, 0].long() + 1)
+    if shuffle_buffer > 1 or block_rows > 1:
+        assert not torch.equal(rows, torch.arange(200))
+
+
+def test_subset_batches_cover_only_the_subset(tmp_path):
+    x = indexed(200)
+    held = ActivationStore(ragged_store(tmp_path, x)).subset(40, 130)
+    rows = torch.cat(rows_of(held.batches(16, shuffle_buffer=20, block_rows=6)))
+    assert torch.equal(rows.sort().values, torch.arange(40, 130))
+
+
+def test_epochs_differ_are_deterministic_and_counted(tmp_path):
+    x = indexed(200)
+    store = ActivationStore(ragged_store(tmp_path, x))
+    batches = store.batches(32, epochs=3, shuffle_buffer=40, block_rows=8, seed=5)
+    epochs = [torch.cat(rows_of(batches)) for _ in range(3)]
+    assert batches.epoch == 3 and list(batches) == []  # spent
+    for rows in epochs:
+        assert torch.equal(rows.sort().values, torch.arange(200))
+    assert not torch.equal(epochs[0], epochs[1]) and not torch.equal(epochs[1], epochs[2])
+    again = store.batches(32, epochs=3, shuffle_buffer=40, block_rows=8, seed=5, prefetch=1)
+    assert torch.equal(torch.cat(rows_of(again)), epochs[0])
+    assert torch.equal(torch.cat(rows_of(again.iter_epoch(2))), epochs[2])
+    other = store.batches(32, shuffle_buffer=40, block_rows=8, seed=6)
+    assert not torch.equal(torch.cat(rows_of(other)), epochs[0])
+    endless = store.batches(50, epochs=None)
+    assert all(len(list(endless)) == 4 for _ in range(5))
+
+
+def test_sequential_order_and_drop_last(tmp_path):
+    x = indexed(200)
+    store = ActivationStore(ragged_store(tmp_path, x))
+    assert torch.equal(torch.cat(list(store.batches(30, shuffle=False, block_rows=9, shuffle_buffer=20))), x)
+    dropped = store.batches(64, drop_last=True, shuffle_buffer=50, block_rows=7)
+    out = list(dropped)
+    assert len(out) == len(dropped) == 3 and all(b.shape == (64, 6) for b in out)
+    rows = torch.cat(rows_of(out))
+    assert rows.unique().numel() == 192
+    tail = list(store.batches(64, shuffle=False, drop_last=True))
+    assert torch.equal(torch.cat(tail), x[:192])
+
+
+def test_prefetch_thread_propagates_errors_and_never_leaks(tmp_path, monkeypatch):
+    x = indexed(200)
+    store = ActivationStore(ragged_store(tmp_path, x))
+    baseline = threading.active_count()
+    it = iter(store.batches(8, prefetch=2))
+    next(it)
+    assert threading.active_count() == baseline + 1  # the producer is running...
+    del it
+    gc.collect()
+    assert threading.active_count() == baseline  # ...and stops when the generator is collected
+    for _ in range(3):
+        for _batch in store.batches(4, prefetch=1, shuffle_buffer=10, block_rows=3):
+            break
+    assert threading.active_count() == baseline
+
+    calls = {"n": 0}
+    original = st._Shards.array
+
+    def failing(self, shard, name):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise RuntimeError("disk on fire")
+        return original(self, shard, name)
+
+    monkeypatch.setattr(st._Shards, "array", failing)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        list(store.batches(4, shuffle_buffer=10, block_rows=5))
+    assert threading.active_count() == baseline
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_batches_arrive_on_the_device(tmp_path):
+    x = indexed(200)
+    store = ActivationStore(ragged_store(tmp_path, x, dtype=torch.float32))
+    out = list(store.batches(64, device="cuda", extras=["labels"]))
+    assert all(b[0].is_cuda and b[1].is_cuda and b[0].dtype == torch.float32 for b in out)
+    rows = torch.cat([b[0][:, 0].long().cpu() for b in out])
+    assert torch.equal(rows.sort().values, torch.arange(200))
+
+
+def test_training_an_sae_on_store_batches_lowers_the_loss(tmp_path):
+    data = SyntheticSparseData(d_in=16, n_features=32, active=2, seed=0)
+    store = write_store(tmp_path, data.sample(4096), shard_tokens=1000, dtype=torch.bfloat16)
+    sae = sf.SAE(sf.SAEConfig(d_in=16, n_latents=64, k=2), seed=0)
+    history = sf.train(sae, store.batches(256, epochs=None, shuffle_buffer=1024, block_rows=128), steps=120,
+                       lr=3e-3, progress=False, log_every=20)
+    assert history[-1]["fvu"] < 0.5 * history[0]["fvu"]
+    assert history[-1]["tokens"] == 120 * 256  # 7.5 epochs of 16 batches: re-iterated by train
+
+
+# ------------------------------------------------------------------------------------------------------
+# Writing, resuming
+# ------------------------------------------------------------------------------------------------------
+
+
+def test_writer_resumes_and_removes_half_written_files(tmp_path):
+    x = indexed(100)
+    writer = StoreWriter(tmp_path, {"h": 6}, dtype=torch.float32, metadata={"m": 1})
+    assert (writer.tokens, writer.state, writer.complete) == (0, {}, False)
+    writer.append({"h": x[:30]}, state={"docs": 3, "rng": [1, 2]})
+    writer.append({"h": x[30:50]}, state={"docs": 5, "rng": [3, 4]})
+    # A crash while writing shard 2: a renamed-but-unlisted shard file and a temp file remain.
+    stray = tmp_path / "shard00002.h.npy"
+    np.save(stray, np.zeros((7, 6), np.float32))
+    temp = tmp_path / ".shard00002.h.npy.abc123.tmp"
+    temp.write_bytes(b"partial")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    partial = ActivationStore(tmp_path)
+    assert (len(partial), partial.n_shards, partial.complete) == (50, 2, False)
+    assert partial.state == {"docs": 5, "rng": [3, 4]}
+
+    resumed = StoreWriter(tmp_path, {"h": 6}, dtype=torch.float32, metadata={"m": 1})
+    assert (resumed.tokens, resumed.state, resumed.n_shards) == (50, {"docs": 5, "rng": [3, 4]}, 2)
+    assert not stray.exists() and not temp.exists() and notes.exists()
+    resumed.append({"h": x[50:100]})
+    resumed.finish()
+    store = ActivationStore(tmp_path, verify="eager")
+    assert store.complete and store.n_shards == 3 and store.state == {}
+    assert torch.equal(store.read(0, 100), x)
+    with pytest.raises(StoreError, match="complete"):
+        StoreWriter(tmp_path, {"h": 6}, dtype=torch.float32, metadata={"m": 1}).append({"h": x[:5]})
+
+
+@pytest.mark.parametrize(
+    "change,field",
+    [({"hooks": {"h": 7}}, "hooks"), ({"hooks": {"g": 6}}, "hooks"), ({"dtype": torch.bfloat16}, "dtype"),
+     ({"metadata": {"m": 2}}, "metadata"), ({"metadata": None}, "metadata"),
+     ({"extras": {"labels": torch.int64}}, "extras")],
+)
+def test_resuming_with_other_settings_is_refused(tmp_path, change, field):
+    settings = {"hooks": {"h": 6}, "dtype": torch.float32, "metadata": {"m": 1}}
+    StoreWriter(tmp_path, **settings).append({"h": torch.randn(4, 6)})
+    with pytest.raises(StoreError, match=f"{field}: the store has"):
+        StoreWriter(tmp_path, **{**settings, **change})
+    assert len(ActivationStore(tmp_path)) == 4  # untouched
+
+
+def test_a_failed_manifest_write_keeps_the_previous_store(tmp_path, monkeypatch):
+    x = indexed(40)
+    writer = StoreWriter(tmp_path, {"h": 6}, dtype=torch.float32)
+    writer.append({"h": x[:20]}, state={"k": 1})
+
+    def crash(path, data):
+        raise OSError("power cut")
+
+    monkeypatch.setattr(st, "atomic_write_bytes", crash)
+    with pytest.raises(OSError, match="power cut"):
+        writer.append({"h": x[20:]}, state={"k": 2})
+    monkeypatch.undo()
+    store = ActivationStore(tmp_path, verify="eager")
+    assert (len(store), store.state) == (20, {"k": 1})
+    assert (tmp_path / "shard00001.h.npy").exists()  # written, never listed...
+    StoreWriter(tmp_path, {"h": 6}, dtype=torch.float32)
+    assert not (tmp_path / "shard00001.h.npy").exists()  # ...and removed on resume
+
+
+def test_write_store_refuses_to_overwrite_unless_asked(tmp_path):
+    write_store(tmp_path, torch.randn(50, 3), shard_tokens=20)
+    with pytest.raises(StoreError, match="already holds"):
+        write_store(tmp_path, torch.randn(10, 3))
+    y = torch.randn(30, 4)
+    store = write_store(tmp_path, {"a": y, "b": -y}, shard_tokens=7, dtype=torch.float32, overwrite=True,
+                        extras={"labels": torch.arange(30)})
+    assert store.hooks == {"a": 4, "b": 4} and len(store) == 30 and store.n_shards == 5
+    assert len(list(tmp_path.glob("shard*.npy"))) == 15  # the old store's shards are gone
+    assert torch.equal(ActivationStore(tmp_path, hook="b").read(0, 30), -y)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Corruption
+# ------------------------------------------------------------------------------------------------------
+
+
+def flip_last_byte(file: Path) -> None:
+    data = bytearray(file.read_bytes())
+    data[-1] ^= 0x40
+    file.write_bytes(bytes(data))
+
+
+def test_flipped_byte_is_named_eagerly_and_lazily(tmp_path):
+    x = indexed(200)
+    ragged_store(tmp_path, x)
+    bad = shard_file(tmp_path, 3)  # rows 43..106
+    flip_last_byte(bad)
+    with pytest.raises(StoreError, match=f"{bad.name} is corrupt"):
+        ActivationStore(tmp_path, verify="eager")
+    lazy = ActivationStore(tmp_path)  # opening does not hash
+    assert torch.equal(lazy.read(0, 43), x[:43])  # untouched shards read fine
+    with pytest.raises(StoreError, match=f"{bad.name} is corrupt"):
+        lazy.read(40, 50)
+    with pytest.raises(StoreError, match=f"{bad.name} is corrupt"):
+        lazy.read(100, 101)  # still refused on the second touch
+    with pytest.raises(StoreError, match=f"{bad.name} is corrupt"):
+        list(ActivationStore(tmp_path).batches(16))  # raised in the prefetch thread, re-raised here
+    with pytest.raises(StoreError, match=f"{bad.name} is corrupt"):
+        ActivationStore(tmp_path, verify="none").verify()
+    trusting = ActivationStore(tmp_path, verify="none")
+    assert not torch.equal(trusting.read(0, 200), x)  # the flip is real and goes unnoticed without hashing
+
+
+def test_corrupt_extra_column_is_named(tmp_path):
+    ragged_store(tmp_path, indexed(200))
+    bad = shard_file(tmp_path, 0, "labels")
+    flip_last_byte(bad)
+    store = ActivationStore(tmp_path)
+    assert len(list(store.batches(50))) == 4  # the hook's files are fine
+    with pytest.raises(StoreError, match=f"{bad.name} is corrupt"):
+        list(store.batches(50, extras=["labels"]))
+
+
+def test_truncated_and_missing_shards_are_named_at_open(tmp_path):
+    ragged_store(tmp_path, indexed(200))
+    shard = shard_file(tmp_path, 2)
+    shard.write_bytes(shard.read_bytes()[:-4])
+    with pytest.raises(StoreError, match=f"{shard.name} is .* bytes but"):
+        ActivationStore(tmp_path, verify="none")
+    with pytest.raises(StoreError, match=f"{shard.name} is .* bytes but"):
+        StoreWriter(tmp_path, {"h": 6}, dtype=torch.float32, extras={"labels": torch.int64},
+                    metadata={"source": "test"})
+    shard.unlink()
+    with pytest.raises(StoreError, match=f"{shard.name} .* is missing"):
+        ActivationStore(tmp_path, verify="none")
+
+
+def test_a_shard_with_a_different_shape_is_named(tmp_path):
+    ragged_store(tmp_path, indexed(200), labels=False)
+    shard = shard_file(tmp_path, 0)  # 37 x 6: replaced by a 6 x 37 array of the same byte size
+    np.save(shard, np.zeros((6, 37), np.float32))
+    manifest = json.loads((tmp_path / st.MANIFEST).read_text())
+    assert manifest["shards"][0]["files"]["h"]["bytes"] == shard.stat().st_size
+    with pytest.raises(StoreError, match=rf"{shard.name} holds a \(6, 37\) float32 array"):
+        ActivationStore(tmp_path, verify="none")
+
+
+def edit_manifest(path: Path, edit) -> None:
+    manifest = json.loads((path / st.MANIFEST).read_text())
+    edit(manifest)
+    (path / st.MANIFEST).write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (lambda m: m.update(format="other"), "not a saefast activation-store manifest"),
+        (lambda m: m.update(version=2), "unsupported version 2"),
+        (lambda m: m.pop("shards"), "field shards must be present"),
+        (lambda m: m.update(dtype="int8"), "field dtype must be one of"),
+        (lambda m: m.update(tokens=199), "field tokens must be the sum of the shard tokens"),
+        (lambda m: m["hooks"].update(h={"d": 0}), r"field hooks\['h'\].d must be a positive integer"),
+        (lambda m: m["shards"][1].update(index=7), r"field shards\[1\].index must be 1"),
+        (lambda m: m["shards"][2]["files"]["h"].update(file="../../etc/passwd"), r"shards\[2\].files\['h'\].file"),
+        (lambda m: m["shards"][2]["files"].pop("labels"), r"shards\[2\].files must be an object"),
+        (lambda m: m["shards"][3]["files"]["h"].update(sha256="xyz"), r"shards\[3\].files\['h'\].sha256"),
+    ],
+)
+def test_a_bad_manifest_field_is_named(tmp_path, edit, match):
+    ragged_store(tmp_path, indexed(200))
+    edit_manifest(tmp_path, edit)
+    with pytest.raises(StoreError, match=match):
+        ActivationStore(tmp_path)
+
+
+def test_missing_or_unparsable_manifest_is_named(tmp_path):
+    with pytest.raises(StoreError, match="no activation store"):
+        ActivationStore(tmp_path / "nowhere")
+    ragged_store(tmp_path, indexed(200))
+    (tmp_path / st.MANIFEST).write_text('{"format": "saefast-activations", ')
+    with pytest.raises(StoreError, match="manifest.json is not valid JSON"):
+        ActivationStore(tmp_path)
+    (tmp_path / st.MANIFEST).unlink()
+    with pytest.raises(StoreError, match="missing manifest.json"):
+        ActivationStore(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Bad input
+# ------------------------------------------------------------------------------------------------------
+
+
+def test_bad_appends_are_refused_before_anything_is_written(tmp_path):
+    writer = StoreWriter(tmp_path, {"a": 4, "b": 2}, dtype=torch.float16, extras={"labels": torch.int32})
+    good = {"a": torch.randn(5, 4), "b": torch.randn(5, 2)}
+    labels = {"labels": torch.arange(5)}
+    nan = torch.randn(5, 2)
+    nan[3, 1] = float("nan")
+    cases = [
+        ({**good, "a": torch.randn(5, 3)}, labels, ValueError, r"hook 'a' must have shape \[n, 4\]"),
+        ({**good, "b": nan}, labels, ValueError, "hook 'b' contains NaN or Inf"),
+        ({**good, "a": torch.full((5, 4), float("inf"))}, labels, ValueError, "hook 'a' contains NaN or Inf"),
+        ({**good, "a": torch.full((5, 4), 1e5)}, labels, ValueError, "hook 'a'.* overflow torch.float16"),
+        ({**good, "b": torch.randn(6, 2)}, labels, ValueError, "hook 'b' has 6 rows but the other tensors have 5"),
+        (good, {"labels": torch.arange(4)}, ValueError, "extra 'labels' has 4 rows"),
+        ({"a": good["a"]}, labels, ValueError, r"missing \['b'\]"),
+        ({**good, "c": torch.randn(5, 1)}, labels, ValueError, r"unknown \['c'\]"),
+        (good, None, ValueError, r"extras .* missing \['labels'\]"),
+        (good, {**labels, "x": torch.arange(5)}, ValueError, r"unknown \['x'\]"),
+        ({"a": torch.randn(0, 4), "b": torch.randn(0, 2)}, {"labels": torch.arange(0)}, ValueError, "0 rows"),
+        ({**good, "a": torch.ones(5, 4, dtype=torch.int64)}, labels, TypeError, "floating dtype"),
+        (good, {"labels": torch.rand(5)}, TypeError, "declared torch.int32"),
+        (good, {"labels": torch.tensor([0, 1, 2, 3, 2**40])}, ValueError, "do not fit"),
+        ({**good, "a": good["a"].numpy()}, labels, TypeError, "must be a torch.Tensor"),
+    ]
+    for acts, extras, error, match in cases:
+        with pytest.raises(error, match=match):
+            writer.append(acts, extras)
+    with pytest.raises(ValueError, match="JSON-serializable"):
+        writer.append(good, labels, state={"x": object()})
+    assert writer.tokens == 0 and sorted(p.name for p in tmp_path.iterdir()) == [st.MANIFEST]
+    writer.append({**good, "a": good["a"].double()}, {"labels": torch.arange(5, dtype=torch.int16)})
+    assert writer.tokens == 5
+
+
+def test_bad_arguments_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        StoreWriter(tmp_path / "w", {"h": 3}, dtype=torch.float64)
+    with pytest.raises(ValueError, match="d must be a positive integer"):
+        StoreWriter(tmp_path / "w", {"h": 0})
+    with pytest.raises(ValueError, match="not hook names"):
+        StoreWriter(tmp_path / "w", {"h": 3}, extras={"h": torch.int64})
+    with pytest.raises(ValueError, match="contains NaN"):
+        write_store(tmp_path / "nan", torch.tensor([[1.0], [float("nan")]]), shard_tokens=1)
+    assert not (tmp_path / "nan" / st.MANIFEST).exists()  # checked before anything was written
+    store = ActivationStore(ragged_store(tmp_path / "s", indexed(200)))
+    with pytest.raises(ValueError, match="verify must be one of"):
+        ActivationStore(tmp_path / "s", verify="sometimes")
+    for kwargs, match in [({"batch_size": 0}, "batch_size must be >= 1"), ({"batch_size": 4, "epochs": 0}, "epochs"),
+                          ({"batch_size": 4, "shuffle_buffer": 0}, "shuffle_buffer"),
+                          ({"batch_size": 4, "block_rows": -1}, "block_rows"), ({"batch_size": 4, "seed": -1}, "seed"),
+                          ({"batch_size": 300, "drop_last": True}, "leaves no batch")]:
+        with pytest.raises(ValueError, match=match):
+            store.batches(**kwargs)
+    with pytest.raises(StoreError, match="no extra 'tokens'"):
+        store.batches(4, extras=["tokens"])
+    with pytest.raises(StoreError, match="no extra 'tokens'"):
+        store.read_extra("tokens", 0, 4)
+    with pytest.raises(TypeError, match="floating torch dtype"):
+        store.batches(4, dtype=torch.int64)
+    with pytest.raises(ValueError, match="no tokens"):
+        store.subset(10, 10).batches(4)
