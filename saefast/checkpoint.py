@@ -155,23 +155,33 @@ def _read_verified(path: Path, entry: dict[str, str]) -> bytes:
     return data
 
 
+def read_versioned_json(
+    root: Path, filename: str, fmt: str, version: int, error: type[Exception], what: str
+) -> dict[str, Any]:
+    """Parse ``root/filename``, a JSON object whose ``format`` is ``fmt`` and ``version`` is ``version``.
+
+    Anything else (no directory, no file, bad JSON, another format or version) raises ``error`` naming
+    ``what`` (e.g. "checkpoint", "activation store") and the path.
+    """
+    if not root.is_dir():
+        raise error(f"no {what} at {root} (not a directory)")
+    file = root / filename
+    if not file.is_file():
+        raise error(f"{what} {root}: missing {filename}")
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise error(f"{what} {root}: {filename} is not valid JSON ({err})") from None
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        raise error(f"{what} {root}: {filename} is not a saefast {what} file ({fmt})")
+    if data.get("version") != version:
+        raise error(f"{what} {root}: {filename} has unsupported version {data.get('version')!r}")
+    return data
+
+
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
     """Parse and check ``path/config.json``."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"no checkpoint directory at {path}")
-    config_file = path / CONFIG_FILE
-    if not config_file.is_file():
-        raise CheckpointError(f"checkpoint {path}: missing {CONFIG_FILE}")
-    try:
-        config = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"checkpoint {path}: {CONFIG_FILE} is not valid JSON ({err})") from None
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {path}: {CONFIG_FILE} is not a saefast checkpoint")
-    if config.get("version") != VERSION:
-        raise CheckpointError(f"checkpoint {path}: unsupported version {config.get('version')!r}")
-    return config
+    return read_versioned_json(Path(path), CONFIG_FILE, FORMAT, VERSION, CheckpointError, "checkpoint")
 
 
 def load_checkpoint(

@@ -145,21 +145,26 @@ def _train(args: argparse.Namespace) -> int:
     config = TrainConfig(**train_options)
     batches = store.batches(int(options["batch_size"]), seed=int(options["data_seed"]), epochs=None,
                             drop_last=store.n_tokens >= int(options["batch_size"]), device=device)
+    resumed = args.resume and (out / "config.json").is_file()
+    if (out / "config.json").is_file() and not args.resume:
+        raise CLIError(f"{out} already holds a trained model; pass --resume to continue it or choose another --out")
     start = time.perf_counter()
     history = train(model, batches, config=config)
     seconds = time.perf_counter() - start
     stages = model.members if options["kind"] == "boosting" else 1
+    # A resumed run trained only part of the steps in this process: its rate would be meaningless.
+    tokens_per_s = None if resumed else config.steps * stages * int(options["batch_size"]) / seconds
     run = {"kind": options["kind"], "members": getattr(model, "members", 1), "data": str(options["data"]),
            "hook": store.hook, "sae": cfg.to_dict(), "train": dict(train_options),
            "batch_size": int(options["batch_size"]), "data_seed": int(options["data_seed"]),
-           "seconds": seconds, "tokens_per_s": config.steps * stages * int(options["batch_size"]) / seconds,
+           "seconds": seconds, "tokens_per_s": tokens_per_s, "resumed": resumed,
            "final": history[-1] if history else None}
     atomic_write_bytes(out / "run.json", json.dumps(run, indent=2).encode())
     atomic_write_bytes(out / "history.json", json.dumps(history, indent=2).encode())
     final = history[-1] if history else {}
     print(f"trained {options['kind']} ({run['members']} × {cfg.n_latents} latents, k={cfg.k}) on {store.hook}: "
           f"fvu {final.get('fvu', float('nan')):.4f}, l0 {final.get('l0', float('nan')):.1f}, "
-          f"{run['tokens_per_s']:,.0f} tokens/s → {out}")
+          + ("resumed" if resumed else f"{tokens_per_s:,.0f} tokens/s") + f" → {out}")
     return 0
 
 

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write_bytes
+from .checkpoint import atomic_write_bytes, read_versioned_json
 
 FORMAT = "saefast-activations"
 VERSION = 1
@@ -186,19 +186,7 @@ def _npy_header(file: Path) -> tuple[tuple[int, ...], bool, np.dtype, int]:
 
 def _read_manifest(root: Path) -> dict[str, Any]:
     """Parse ``root/manifest.json`` and check every field; :class:`StoreError` names the first bad one."""
-    if not root.is_dir():
-        raise StoreError(f"no activation store at {root} (not a directory)")
-    file = root / MANIFEST
-    if not file.is_file():
-        raise StoreError(f"activation store {root}: missing {MANIFEST}")
-    try:
-        manifest = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise StoreError(f"activation store {root}: {MANIFEST} is not valid JSON ({err})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise StoreError(f"activation store {root}: {MANIFEST} is not a saefast activation-store manifest")
-    if manifest.get("version") != VERSION:
-        raise StoreError(f"activation store {root}: {MANIFEST} has unsupported version {manifest.get('version')!r}")
+    manifest = read_versioned_json(root, MANIFEST, FORMAT, VERSION, StoreError, "activation store")
 
     def expect(ok: bool, field: str, want: str, value: Any) -> None:
         if not ok:
@@ -274,6 +262,19 @@ def _check_files(root: Path, manifest: dict[str, Any]) -> None:
                                  f"its header needs {int(np.prod(shape)) * dtype.itemsize}")
 
 
+def _differences(stored: dict[str, Any], wanted: dict[str, Any], prefix: str = "") -> list[str]:
+    """The leaves where ``wanted`` differs from ``stored`` (dotted keys), so a refusal names what changed."""
+    out = []
+    for key in sorted(set(stored) | set(wanted) if prefix else wanted):
+        name = f"{prefix}{key}"
+        have, want = stored.get(key, "<absent>"), wanted.get(key, "<absent>")
+        if isinstance(have, dict) and isinstance(want, dict):
+            out += _differences(have, want, f"{name}.")
+        elif have != want:
+            out.append(f"{name}: the store has {have!r}, this writer {want!r}")
+    return out
+
+
 def _dump(manifest: dict[str, Any]) -> bytes:
     return json.dumps(manifest, indent=1).encode()
 
@@ -333,8 +334,7 @@ class StoreWriter:
                               "state": {}, "shards": []}
         else:
             self._manifest = _read_manifest(self.path)
-            differs = [f"{key}: the store has {self._manifest[key]!r}, this writer {value!r}"
-                       for key, value in settings.items() if self._manifest[key] != value]
+            differs = _differences(self._manifest, settings)
             if differs:
                 raise StoreError(f"activation store {self.path} was written with other settings; resume with the "
                                  f"same ones or use a new directory. " + "; ".join(differs))

@@ -56,6 +56,22 @@ def test_train_then_eval_contract(store_dir, tmp_path, capsys):
     assert "explained_variance" in capsys.readouterr().out
 
 
+def test_train_refuses_to_overwrite_a_run_and_resumes_it(store_dir, tmp_path, capsys):
+    data, _ = store_dir
+    run = tmp_path / "run"
+    args = ["train", "--data", str(data), "--latents", "32", "--k", "3", "--steps", "6", "--batch-size", "128",
+            "--no-progress", "--out", str(run)]
+    assert main(args) == 0
+    before = sf.load(run).state_dict()
+    assert main(args) == 2
+    assert "already holds a trained model" in capsys.readouterr().err
+    assert main(args + ["--resume"]) == 0  # already finished: nothing left to train, the model is unchanged
+    assert "resumed" in capsys.readouterr().out
+    after = sf.load(run).state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    assert json.loads((run / "run.json").read_text())["tokens_per_s"] is None
+
+
 @pytest.mark.parametrize("suffix", [".json", ".toml"])
 def test_train_from_a_config_file_with_flag_overrides(store_dir, tmp_path, suffix):
     data, _ = store_dir
