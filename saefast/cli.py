@@ -43,7 +43,7 @@ def _harvest(args: argparse.Namespace) -> int:
     if args.layer is not None and args.hook:
         raise CLIError("give either --layer or --hook, not both")
     texts = text_source(args.text)  # fails fast on a missing file, before the model loads
-    model, tokenizer = load_model(args.model, device=args.device)
+    model, tokenizer = load_model(args.model, device=args.device, progress=not args.no_progress)
     if args.hook:
         hooks = resolve_hooks(model, args.hook)
     else:
@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, TypeError, CheckpointError, FileNotFoundError, KeyError, OSError) as err:
+    except (ValueError, TypeError, CheckpointError, FileNotFoundError, KeyError, OSError, ImportError) as err:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         print(f"saefast {args.command}: error: {message}", file=sys.stderr)
         return 2

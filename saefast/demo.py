@@ -114,7 +114,7 @@ def prepare_activations(
     from .hf import load_model
     from .text import text_source
 
-    model, tokenizer = load_model(config.model)
+    model, tokenizer = load_model(config.model, progress=progress)
     hook = layer_hook(model, config.layer)
     store = harvest(model, path, [hook], total, tokenizer=tokenizer, texts=text_source(config.text),
                     context=config.context, progress=progress,

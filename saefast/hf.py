@@ -139,6 +139,16 @@ def _gguf_bars(enabled: bool) -> Iterator[None]:
         module.tqdm = original  # type: ignore[union-attr]
 
 
+def _is_causal_lm(config: Any) -> bool:
+    """Whether a saved config names a causal-LM architecture (``architectures``; else its model type's default)."""
+    from transformers import AutoModelForCausalLM
+
+    architectures = getattr(config, "architectures", None) or []
+    if architectures:
+        return any("CausalLM" in name or "LMHead" in name for name in architectures)
+    return type(config) in AutoModelForCausalLM._model_mapping
+
+
 def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                progress: bool = True) -> tuple[torch.nn.Module, Any]:
     """Load ``(model, tokenizer)`` offline from an embedded name, a local directory or .gguf, or the HF cache.
@@ -153,7 +163,7 @@ def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device:
     directory, gguf_file, label = resolve_model_source(name_or_path)
     try:
         import transformers  # noqa: F401  (a clear error for a missing extra, before anything else)
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
         if gguf_file is not None:
             import transformers.modeling_gguf_pytorch_utils  # noqa: F401  (so _gguf_bars can reach its tqdm)
         from transformers.utils import logging as hf_logging
@@ -175,9 +185,13 @@ def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device:
                 raise ValueError(f"could not load the tokenizer of {label}: {err}") from err
         try:
             with _gguf_bars(progress):
-                model = AutoModelForCausalLM.from_pretrained(directory, **extra, **_dtype_kwarg(dtype))
+                # The architecture the checkpoint was saved as: a causal LM loads as one; anything else (an
+                # encoder such as BERT/MiniLM) as the bare model, whose blocks hook the same way.
+                causal = gguf_file is not None or _is_causal_lm(AutoConfig.from_pretrained(directory, **extra))
+                loader = AutoModelForCausalLM if causal else AutoModel
+                model = loader.from_pretrained(directory, **extra, **_dtype_kwarg(dtype))
         except (OSError, ValueError, KeyError, ImportError) as err:
-            raise ValueError(f"could not load model {label} as a causal LM: {err}") from err
+            raise ValueError(f"could not load model {label}: {err}") from err
     finally:
         if bars_were_on:
             hf_logging.enable_progress_bar()

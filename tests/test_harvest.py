@@ -417,6 +417,11 @@ def test_load_model_from_a_local_directory(tmp_path):
     assert tokenizer is None  # no tokenizer files: harvest it from windows
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     assert model.saefast_source == str((tmp_path / "tiny").resolve())
+    bert = transformers.BertModel(transformers.BertConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                                          intermediate_size=32, vocab_size=50))
+    bert.save_pretrained(tmp_path / "encoder")
+    encoder, _ = load_model(str(tmp_path / "encoder"), progress=False)  # not a causal LM: loaded as the bare model
+    assert type(encoder).__name__ == "BertModel" and layer_hook(encoder, 1) == "encoder.layer.1"
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no config.json"):
         load_model(str(tmp_path / "empty"))
