@@ -14,7 +14,7 @@ Public API::
     train(bag, store.batches(1024, epochs=None), steps=1000)
 """
 
-from . import metrics, ref
+from . import metrics, ops, ref
 from .checkpoint import CheckpointError, load, save
 from .codes import SparseCodes
 from .config import ACTIVATIONS, SAEConfig, TrainConfig
@@ -22,6 +22,7 @@ from .ensemble import Ensemble
 from .evaluate import evaluate
 from .harvest import harvest, layer_hook, resolve_hooks
 from .hf import load_model
+from .ops import use_backend
 from .sae import SAE
 from .store import ActivationStore, StoreError, StoreWriter, write_store
 from .text import pydoc_topics, text_source
@@ -47,11 +48,13 @@ __all__ = [
     "load",
     "load_model",
     "metrics",
+    "ops",
     "pydoc_topics",
     "ref",
     "resolve_hooks",
     "save",
     "text_source",
     "train",
+    "use_backend",
     "write_store",
 ]

@@ -136,6 +136,9 @@ class TrainConfig:
     """Steps between checkpoints (0: only at the end, when ``checkpoint_dir`` is set)."""
     resume: bool = False
     """Resume from ``checkpoint_dir`` if it holds a checkpoint (skipping the batches already consumed)."""
+    backend: str | None = None
+    """Op backend (``auto``/``torch``/``triton``/``native``, see :mod:`saefast.ops`); None: the current
+    :func:`saefast.use_backend` choice, else ``auto``."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.steps, int) or self.steps < 1:
@@ -154,6 +157,8 @@ class TrainConfig:
             raise ValueError("checkpoint_every must be >= 0")
         if self.resume and not self.checkpoint_dir:
             raise ValueError("resume=True needs checkpoint_dir")
+        if self.backend is not None and self.backend not in ("auto", "torch", "triton", "native"):
+            raise ValueError(f"unknown backend {self.backend!r}; choose auto, torch, triton or native")
 
     @property
     def effective_warmup(self) -> int:

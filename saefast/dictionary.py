@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from . import ref
+from . import ops, ref
 from .codes import SparseCodes
 from .config import SAEConfig
 from .validation import check_activations
@@ -192,17 +192,42 @@ class SparseDictionary(nn.Module):
         dead = self._dead(members)
         return ref.auxk_reconstruction(pre, dead, P.W_dec, self.cfg.effective_aux_k)
 
-    def _terms(self, x_in: torch.Tensor, members: slice = slice(None)) -> tuple[StepTerms, torch.Tensor]:
+    def _backend(self, backend: str | None, x: torch.Tensor) -> str:
+        """The backend that runs this model's ops on ``x`` (see :func:`saefast.ops.resolve_backend`)."""
+        return ops.resolve_backend(backend, x.device, self.cfg.activation)
+
+    def _fused_topk(
+        self, x_in: torch.Tensor, P: Stacked, members: slice, backend: str, aux: bool
+    ) -> tuple[SparseCodes, SparseCodes | None]:
+        """TopK codes (and AuxK codes of the dead latents when ``aux``) without the dense pre-activations."""
+        dead = self._dead(members) if aux and self.cfg.aux_coef != 0 else None
+        if dead is not None and not bool(dead.any()):
+            dead = None
+        aux_k = min(self.cfg.effective_aux_k, int(dead.sum(-1).max())) if dead is not None else 0
+        return ops.topk_encode(x_in, P.W_enc, P.b_enc, P.b_dec, self.cfg.k, dead, aux_k, backend=backend)
+
+    def _terms(
+        self, x_in: torch.Tensor, members: slice = slice(None), backend: str | None = None
+    ) -> tuple[StepTerms, torch.Tensor]:
         """Training loss terms of ``members`` reading and reconstructing ``x_in`` ``[N, D]``.
 
         Ensemble members each reconstruct ``x_in`` on their own; the groups of one SAE (``_joint``) add up
-        to one reconstruction. Also returns the dense codes ``[N, J, M]`` (for firing statistics).
+        to one reconstruction. Also returns the codes (sparse for TopK, dense ``[N, J, M]`` otherwise) for the
+        firing statistics. ``backend``: see :mod:`saefast.ops` (the fused backends never build the dense
+        ``[N, J, M]`` pre-activations).
         """
         joint = self._joint
         P = self.stacked(members)
-        pre = ref.pre_activations(x_in, P.W_enc, P.b_enc, P.b_dec)
-        z, smallest = self._activate(pre, P, training=True)
-        y = ref.decode_codes(z, P.W_dec)
+        backend = self._backend(backend, x_in)
+        aux_codes = None
+        if backend == "torch":
+            pre = ref.pre_activations(x_in, P.W_enc, P.b_enc, P.b_dec)
+            z, smallest = self._activate(pre, P, training=True)
+            y = ref.decode_codes(z, P.W_dec)
+        else:  # TopK on a fused backend
+            pre, smallest = None, None
+            z, aux_codes = self._fused_topk(x_in, P, members, backend, aux=True)
+            y = ops.decode_members(z, P.W_dec, backend)
         if joint:
             x_hat = (y.sum(1) + P.b_dec[0]).unsqueeze(1)
         else:
@@ -210,7 +235,10 @@ class SparseDictionary(nn.Module):
         tgt = x_in.float().unsqueeze(1)
         x_hat = x_hat.float()
         fvu = ref.fvu_loss(tgt.expand_as(x_hat), x_hat)
-        aux_hat = self._aux_reconstruction(pre, P, members)
+        if pre is not None:
+            aux_hat = self._aux_reconstruction(pre, P, members)
+        else:
+            aux_hat = None if aux_codes is None else ops.decode_members(aux_codes, P.W_dec, backend)
         if aux_hat is None:
             aux = torch.zeros_like(fvu)
         else:
@@ -220,7 +248,10 @@ class SparseDictionary(nn.Module):
             has_dead = self._dead(members).any(-1)
             has_dead = has_dead.any(0, keepdim=True) if joint else has_dead
             aux = torch.where(has_dead, aux, torch.zeros_like(aux))  # no dead latent: nothing to model
-        sparsity = self._sparsity(pre, z, P)
+        if pre is not None:
+            sparsity = self._sparsity(pre, z, P)
+        else:  # TopK: no sparsity penalty
+            sparsity = x_in.new_zeros(P.W_dec.shape[0], dtype=torch.float32)
         if joint:
             sparsity = sparsity.sum(0, keepdim=True)
         loss = fvu.sum() + self.cfg.aux_coef * aux.sum() + sparsity.sum()
@@ -312,7 +343,7 @@ class SparseDictionary(nn.Module):
         """Weight ``α`` of each member's output in the combined reconstruction."""
         return 1.0
 
-    def _stage_input(self, x: torch.Tensor, stage: int) -> torch.Tensor:
+    def _stage_input(self, x: torch.Tensor, stage: int, backend: str | None = None) -> torch.Tensor:
         """What training stage ``stage`` reads and reconstructs (boosting: its residual). No gradient."""
         return x
 
@@ -326,14 +357,25 @@ class SparseDictionary(nn.Module):
         return self._shared_b_dec
 
     def _encode_codes(
-        self, x_in: torch.Tensor, members: slice = slice(None), training: bool | None = None
+        self, x_in: torch.Tensor, members: slice = slice(None), training: bool | None = None,
+        backend: str | None = None,
     ) -> SparseCodes | torch.Tensor:
         """Codes of ``members`` for input ``x_in`` (``[N, D]``): sparse for TopK, dense ``[N, J, M]`` otherwise.
 
         ``training`` (default: the module's mode) picks BatchTopK's batch top-k over its threshold."""
         P = self.stacked(members)
+        backend = self._backend(backend, x_in)
+        if backend != "torch":
+            return self._fused_topk(x_in, P, members, backend, aux=False)[0]
         pre = ref.pre_activations(x_in, P.W_enc, P.b_enc, P.b_dec)
         return self._activate(pre, P, training=self.training if training is None else training)[0]
+
+    def _decode_members(self, codes: SparseCodes | torch.Tensor, W_dec: torch.Tensor, backend: str | None,
+                        x: torch.Tensor) -> torch.Tensor:
+        """Per-member decoder outputs ``[N, J, D]`` of sparse or dense codes on the chosen backend."""
+        if isinstance(codes, SparseCodes) and self._backend(backend, x) != "torch":
+            return ops.decode_members(codes, W_dec, self._backend(backend, x))
+        return ref.decode_codes(codes, W_dec)
 
     def _combine(self, y: torch.Tensor, P: Stacked) -> torch.Tensor:
         """Combined reconstruction from per-member decoder outputs ``y [N, J, D]``:
@@ -365,27 +407,33 @@ class SparseDictionary(nn.Module):
             raise ValueError("codes are an empty batch (0 tokens)")
         return codes.view(-1, J, M)
 
-    def decode(self, codes: SparseCodes | torch.Tensor) -> torch.Tensor:
+    def decode(self, codes: SparseCodes | torch.Tensor, backend: str | None = None) -> torch.Tensor:
         """Reconstruction ``x̂ [N, D]`` from codes (:class:`SparseCodes` or dense ``[N, J·M]``, member-major).
 
         SAE: ``x̂ = W_dec·z + b_dec``; ensemble: ``x̂ = Σ_j α (W_dec_j·z_j + b_dec_j)``.
         """
         if isinstance(codes, SparseCodes):
             self._check_codes(codes)
-        else:
-            codes = self._dense_codes(codes)
+            P = self.stacked()
+            chosen = ops.resolve_backend(backend, codes.values.device)  # decoding is activation-agnostic
+            if chosen != "torch":
+                b_dec = P.b_dec if not self._shared_b_dec else P.b_dec[:1]
+                return ops.decode(codes, P.W_dec, b_dec, self.alpha, backend=chosen)
+            return self._combine(ref.decode_codes(codes, P.W_dec), P)
+        codes = self._dense_codes(codes)
         P = self.stacked()
         return self._combine(ref.decode_codes(codes, P.W_dec), P)
 
-    def encode(self, x: torch.Tensor) -> SparseCodes:
+    def encode(self, x: torch.Tensor, backend: str | None = None) -> SparseCodes:
         """Sparse codes ``[N, J, K]`` of ``x [N, D]`` (``to_dense()``: ``[N, J·M]``)."""
-        return self._pack(self._encode_codes(self._check(x)))
+        return self._pack(self._encode_codes(self._check(x), backend=backend))
 
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+    def reconstruct(self, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
         """``x̂ = decode(encode(x))``, ``[N, D]``."""
-        z = self._encode_codes(self._check(x))
+        x = self._check(x)
+        z = self._encode_codes(x, backend=backend)
         P = self.stacked()
-        return self._combine(ref.decode_codes(z, P.W_dec), P)
+        return self._combine(self._decode_members(z, P.W_dec, backend, x), P)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Same as :meth:`reconstruct`."""

@@ -7,7 +7,6 @@ from typing import Literal
 
 import torch
 
-from . import ref
 from .codes import SparseCodes
 from .config import SAEConfig
 from .dictionary import SparseDictionary, cat_codes, init_dictionary
@@ -69,15 +68,15 @@ class Ensemble(SparseDictionary):
         return [slice(j, j + 1) for j in range(self.members)]
 
     @torch.no_grad()
-    def _stage_input(self, x: torch.Tensor, stage: int) -> torch.Tensor:
+    def _stage_input(self, x: torch.Tensor, stage: int, backend: str | None = None) -> torch.Tensor:
         if self.combine == "bagging" or stage == 0:
             return x
         # Frozen stages run as at inference (BatchTopK: their learned thresholds), so the stage learns
         # the residual that reconstruct() will hand it.
-        return self._boosting_pass(x, stop=stage, training=False)[1]
+        return self._boosting_pass(x, stop=stage, training=False, backend=backend)[1]
 
     def _boosting_pass(
-        self, x: torch.Tensor, stop: int | None = None, training: bool | None = None
+        self, x: torch.Tensor, stop: int | None = None, training: bool | None = None, backend: str | None = None
     ) -> tuple[SparseCodes | torch.Tensor, torch.Tensor]:
         """Run stages ``0 .. stop−1`` in order: their codes (``stop`` members) and the final residual ``[N, D]``."""
         stop = self.members if stop is None else stop
@@ -86,24 +85,25 @@ class Ensemble(SparseDictionary):
         for j in range(stop):
             members = slice(j, j + 1)
             P = self.stacked(members)
-            z = self._encode_codes(residual, members, training)
-            residual = residual - (ref.decode_codes(z, P.W_dec)[:, 0] + P.b_dec[0])
+            z = self._encode_codes(residual, members, training, backend)
+            residual = residual - (self._decode_members(z, P.W_dec, backend, residual)[:, 0] + P.b_dec[0])
             codes.append(z)
         return cat_codes(codes), residual
 
     def _encode_codes(
-        self, x_in: torch.Tensor, members: slice = slice(None), training: bool | None = None
+        self, x_in: torch.Tensor, members: slice = slice(None), training: bool | None = None,
+        backend: str | None = None,
     ) -> SparseCodes | torch.Tensor:
         if self.combine == "boosting" and members == slice(None):
-            return self._boosting_pass(x_in, training=training)[0]
-        return super()._encode_codes(x_in, members, training)
+            return self._boosting_pass(x_in, training=training, backend=backend)[0]
+        return super()._encode_codes(x_in, members, training, backend)
 
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+    def reconstruct(self, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
         """Bagging ``(1/J)·Σ_j x̂_j(x)``; boosting ``Σ_j x̂_j(r_j) = x − r_J``. ``[N, D]``."""
         if self.combine == "bagging":
-            return super().reconstruct(x)
+            return super().reconstruct(x, backend)
         x = self._check(x)
-        return x - self._boosting_pass(x)[1]
+        return x - self._boosting_pass(x, backend=backend)[1]
 
     def member(self, j: int) -> SAE:
         """Member ``j`` as a standalone :class:`SAE` (a copy). A boosting stage expects its residual as input."""

@@ -42,15 +42,15 @@ class SAE(SparseDictionary):
                 "reproduces; encode with the ensemble instead"
             )
 
-    def encode(self, x: torch.Tensor) -> SparseCodes:
+    def encode(self, x: torch.Tensor, backend: str | None = None) -> SparseCodes:
         """Sparse codes ``z = h(W_enc(x − b_dec) + b_enc)`` as ``[N, G, K]`` (``to_dense()``: ``[N, M]``)."""
         self._check_encodable()
-        return super().encode(x)
+        return super().encode(x, backend)
 
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+    def reconstruct(self, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
         """``x̂ = W_dec·h(W_enc(x − b_dec) + b_enc) + b_dec``, ``[N, D]``."""
         self._check_encodable()
-        return super().reconstruct(x)
+        return super().reconstruct(x, backend)
 
     def extra_repr(self) -> str:
         cfg = self.cfg

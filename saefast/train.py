@@ -179,13 +179,13 @@ class _Trainer:
                 warnings.warn(f"training stopped early at stage {stage}, step {step}: {err}", stacklevel=3)
                 return False
             x = _prepare(raw, model, where=f"batch {stream.consumed - 1}")
-            x_in = model._stage_input(x, stage)
+            x_in = model._stage_input(x, stage, cfg.backend)
             if not _b_dec_ready(model, members):
                 model._init_b_dec(x_in, members)
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr_at(step)
             with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                terms, z = model._terms(x_in, members)
+                terms, z = model._terms(x_in, members, cfg.backend)
             terms.loss.backward()
             model._project_decoder_grad(members)
             if cfg.grad_clip is not None:

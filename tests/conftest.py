@@ -1,9 +1,18 @@
-"""Shared test fixtures: a fixed torch seed per test and a closeness helper that reports the error."""
+"""Shared test fixtures: a fixed torch seed per test and a closeness helper that reports the error.
+
+Without a GPU the Triton kernels run in Triton's interpreter, which must be switched on before triton is
+first imported — hence here, at the top of the first module pytest loads.
+"""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,286 @@
+"""The sparse SAE ops behind the models, as ``torch.library`` custom ops, and the choice of backend.
+
+Backends:
+
+* ``torch`` — the eager reference (:mod:`saefast.ref`): dense pre-activations, ``torch.topk``,
+  ``embedding_bag`` decode. Runs everywhere; the oracle of the others.
+* ``triton`` — the kernels in :mod:`saefast.kernels`: encode→top-k fused (the ``N × J·M`` pre-activation
+  matrix is never written), one-launch sparse decode and its sparse backward. CUDA tensors (or any tensors
+  under ``TRITON_INTERPRET=1``, which is how the CPU tests run them).
+* ``native`` — the C++/CUDA extension (``csrc/``); not built yet.
+* ``auto`` — ``triton`` for CUDA tensors when Triton is importable, else ``torch``.
+
+The choice, most specific first: a ``backend=`` argument (``encode``, ``reconstruct``, ``train``), the innermost
+``with saefast.use_backend(name):``, else ``auto``. The Triton ops are registered as ``torch.ops.saefast.*``
+with fake (meta) implementations and autograd formulas, so ``torch.compile`` traces through them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib.util
+import os
+from collections.abc import Iterator
+
+import torch
+
+from . import ref
+from .codes import SparseCodes
+
+BACKENDS = ("auto", "torch", "triton", "native")
+
+_backend: contextvars.ContextVar[str] = contextvars.ContextVar("saefast_backend", default="auto")
+
+
+def _check_name(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """``with saefast.use_backend("triton"): ...`` — the backend of every op inside (unless an op names its own)."""
+    token = _backend.set(_check_name(name))
+    try:
+        yield
+    finally:
+        _backend.reset(token)
+
+
+def current_backend() -> str:
+    """The backend chosen by the innermost :func:`use_backend` (``"auto"`` outside any)."""
+    return _backend.get()
+
+
+def triton_available() -> bool:
+    """Whether Triton can be imported (without importing it: importing fixes its interpreter mode)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve_backend(name: str | None, device: torch.device, activation: str = "topk") -> str:
+    """The backend that will run: ``name`` (or the current one) with ``auto`` resolved for ``device``.
+
+    ``triton`` needs Triton, CUDA tensors (or ``TRITON_INTERPRET=1``) and, so far, the TopK activation;
+    ``auto`` falls back to ``torch`` where any of these is missing, an explicit ``triton`` raises.
+    """
+    name = _check_name(current_backend() if name is None else name)
+    if name == "auto":
+        usable = device.type == "cuda" and triton_available() and activation == "topk"
+        return "triton" if usable else "torch"
+    if name == "native":
+        raise ValueError("the native backend (the csrc/ C++/CUDA extension) is not built yet; use 'torch' or "
+                         "'triton'")
+    if name == "triton":
+        if not triton_available():
+            raise ValueError("backend 'triton' needs the triton package (pip install triton)")
+        if device.type != "cuda" and not _interpreting():
+            raise ValueError(f"backend 'triton' runs on CUDA tensors, got {device.type} ones (set "
+                             f"TRITON_INTERPRET=1 before importing triton to run the kernels on the CPU)")
+        if activation != "topk":
+            raise ValueError(f"backend 'triton' implements the topk activation so far, not {activation!r}; "
+                             f"use backend 'torch'")
+    return name
+
+
+# ------------------------------------------------------------------------------------------------------
+# Custom ops (Triton implementations; imported lazily so that saefast never needs triton to import)
+# ------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("saefast::sparse_decode", mutates_args=())
+def _sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor, alpha: torch.Tensor,
+                   bias: torch.Tensor | None, mask: torch.Tensor | None, per_member: bool) -> torch.Tensor:
+    from .kernels.sparse_decode import sparse_decode
+
+    return sparse_decode(values, indices, W_dec, alpha, bias=bias, mask=mask, per_member=per_member)
+
+
+@_sparse_decode.register_fake
+def _(values, indices, W_dec, alpha, bias, mask, per_member):
+    N, J, _ = values.shape
+    shape = (N, J, W_dec.shape[2]) if per_member else (N, W_dec.shape[2])
+    return W_dec.new_empty(shape)
+
+
+@torch.library.custom_op("saefast::sparse_decode_grad_values", mutates_args=())
+def _grad_values(grad_out: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor, alpha: torch.Tensor,
+                 mask: torch.Tensor | None) -> torch.Tensor:
+    from .kernels.sparse_decode_backward import sparse_decode_grad_values
+
+    return sparse_decode_grad_values(grad_out, indices, W_dec, alpha, mask=mask)
+
+
+@_grad_values.register_fake
+def _(grad_out, indices, W_dec, alpha, mask):
+    return indices.new_empty(indices.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("saefast::sparse_decode_grad_weight", mutates_args=())
+def _grad_weight(grad_out: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, n_latents: int,
+                 alpha: torch.Tensor, mask: torch.Tensor | None, deterministic: bool) -> torch.Tensor:
+    from .kernels.sparse_decode_backward import sparse_decode_grad_weight
+
+    return sparse_decode_grad_weight(grad_out, values, indices, n_latents, alpha, mask=mask,
+                                     deterministic=deterministic)
+
+
+@_grad_weight.register_fake
+def _(grad_out, values, indices, n_latents, alpha, mask, deterministic):
+    return values.new_empty((values.shape[1], n_latents, grad_out.shape[-1]), dtype=torch.float32)
+
+
+def _decode_setup(ctx, inputs, output):
+    values, indices, W_dec, alpha, bias, mask, per_member = inputs
+    ctx.save_for_backward(values, indices, W_dec, alpha, mask)
+    ctx.per_member = per_member
+    ctx.has_bias = bias is not None
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _decode_backward(ctx, grad):
+    values, indices, W_dec, alpha, mask = ctx.saved_tensors
+    grad = grad.contiguous()
+    grad_values = grad_W = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_values = _grad_values(grad, indices, W_dec, alpha, mask).to(values.dtype)
+    if ctx.needs_input_grad[2]:
+        grad_W = _grad_weight(grad, values, indices, W_dec.shape[1], alpha, mask,
+                              torch.are_deterministic_algorithms_enabled()).to(W_dec.dtype)
+    if ctx.has_bias and ctx.needs_input_grad[4]:
+        grad_bias = grad.sum(0).to(ctx.bias_dtype)  # [D] combined, [J, D] per member
+    return grad_values, None, grad_W, None, grad_bias, None, None
+
+
+_sparse_decode.register_autograd(_decode_backward, setup_context=_decode_setup)
+
+
+@torch.library.custom_op("saefast::topk_encode", mutates_args=())
+def _topk_encode(x: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, k: int, dead: torch.Tensor | None,
+                 aux_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from .kernels.topk_encode import topk_encode
+
+    values, indices, aux_values, aux_indices = topk_encode(x, W_enc, bias, k, dead=dead, aux_k=aux_k)
+    if aux_values is None:  # custom ops return tensors: an empty [N, J, 0] stands for "no AuxK"
+        aux_values = values.new_empty((*values.shape[:2], 0))
+        aux_indices = indices.new_empty((*indices.shape[:2], 0))
+    return values, indices, aux_values, aux_indices
+
+
+@_topk_encode.register_fake
+def _(x, W_enc, bias, k, dead, aux_k):
+    N, J = x.shape[0], W_enc.shape[0]
+    a = aux_k if dead is not None else 0
+    return (x.new_empty((N, J, k), dtype=torch.float32), x.new_empty((N, J, k), dtype=torch.int64),
+            x.new_empty((N, J, a), dtype=torch.float32), x.new_empty((N, J, a), dtype=torch.int64))
+
+
+def _encode_setup(ctx, inputs, output):
+    x, W_enc, bias, k, dead, aux_k = inputs
+    _, indices, _, aux_indices = output
+    ctx.save_for_backward(x, W_enc, indices, aux_indices)
+    ctx.bias_dtype = bias.dtype
+
+
+def _encode_backward(ctx, grad_values, grad_indices, grad_aux_values, grad_aux_indices):
+    """Only the selected latents get gradient: with ``dpre`` the ``[N, J, K (+K_aux)]`` gradient of the kept
+    pre-activations, ``dx[n] = Σ_{j,s} dpre·W_enc[j, idx]``, ``dW_enc[j, m] = Σ_{(n,s): idx = m} dpre·x[n]``,
+    ``dbias[j, m] = Σ_{(n,s): idx = m} dpre`` — the decode kernels with ``W_enc`` in the decoder's place."""
+    x, W_enc, indices, aux_indices = ctx.saved_tensors
+    J, M, _ = W_enc.shape
+    parts_g, parts_i = [], []
+    if grad_values is not None:
+        parts_g.append(grad_values)
+        parts_i.append(indices)
+    if grad_aux_values is not None and aux_indices.shape[-1] > 0:
+        parts_g.append(grad_aux_values)
+        parts_i.append(aux_indices)
+    if not parts_g:
+        return None, None, None, None, None, None
+    dpre = torch.cat(parts_g, -1).float().contiguous()
+    idx = torch.cat(parts_i, -1).contiguous()
+    ones = torch.ones(J, dtype=torch.float32, device=x.device)
+    grad_x = grad_W = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = _sparse_decode(dpre, idx, W_enc, ones, None, None, False).to(x.dtype)
+    if ctx.needs_input_grad[1]:
+        grad_W = _grad_weight(x, dpre, idx, M, ones, None, torch.are_deterministic_algorithms_enabled())
+        grad_W = grad_W.to(W_enc.dtype)
+    if ctx.needs_input_grad[2]:
+        flat = (idx + torch.arange(J, device=idx.device).view(1, J, 1) * M).reshape(-1)
+        grad_bias = torch.zeros(J * M, dtype=torch.float32, device=x.device).index_add_(0, flat, dpre.reshape(-1))
+        grad_bias = grad_bias.view(J, M).to(ctx.bias_dtype)
+    return grad_x, grad_W, grad_bias, None, None, None
+
+
+_topk_encode.register_autograd(_encode_backward, setup_context=_encode_setup)
+
+
+# ------------------------------------------------------------------------------------------------------
+# The functions the models call (dispatch on the backend)
+# ------------------------------------------------------------------------------------------------------
+
+
+def folded_bias(W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor) -> torch.Tensor:
+    """``b_enc − W_enc·b_dec`` ``[J, M]``, so that ``pre = x·W_encᵀ + bias`` equals ``W_enc(x − b_dec) + b_enc``."""
+    J, _, D = W_enc.shape
+    return b_enc - torch.einsum("jd,jmd->jm", b_dec.expand(J, D), W_enc)
+
+
+def topk_encode(
+    x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor, k: int,
+    dead: torch.Tensor | None = None, aux_k: int = 0, backend: str = "triton",
+) -> tuple[SparseCodes, SparseCodes | None]:
+    """TopK codes of ``x [N, D]``: ``values = ReLU(top-k of pre[n, j, :])`` with ``pre = W_enc(x − b_dec) + b_enc``,
+    and (``dead [J, M]`` given) the AuxK codes: ``ReLU`` of the top ``aux_k`` pre-activations among dead latents
+    (fewer where a member has fewer dead latents: those slots are 0). Differentiable in every input tensor.
+
+    ``backend`` is an already resolved one (``torch`` or ``triton``); see :func:`resolve_backend`.
+    """
+    M = W_enc.shape[1]
+    if backend == "torch":
+        pre = ref.pre_activations(x, W_enc, b_enc, b_dec)
+        codes = ref.topk_codes(pre, k)
+        if dead is None or aux_k == 0:
+            return codes, None
+        masked = pre.masked_fill(~dead.unsqueeze(0), float("-inf"))
+        return codes, ref.topk_codes(masked, aux_k)
+    bias = folded_bias(W_enc, b_enc, b_dec).float()
+    values, indices, aux_values, aux_indices = _topk_encode(x.contiguous(), W_enc.contiguous(), bias.contiguous(),
+                                                           k, dead, aux_k if dead is not None else 0)
+    codes = SparseCodes(torch.relu(values), indices, M)
+    if aux_values.shape[-1] == 0:
+        return codes, None
+    return codes, SparseCodes(torch.relu(aux_values), aux_indices, M)
+
+
+def decode_members(codes: SparseCodes, W_dec: torch.Tensor, backend: str = "triton") -> torch.Tensor:
+    """Per-member decoder output (no bias) ``y[n, j] = Σ_s values[n,j,s]·W_dec[j, indices[n,j,s]]``, ``[N, J, D]``."""
+    if backend == "torch":
+        return ref.decode_members_sparse(codes, W_dec)
+    J = W_dec.shape[0]
+    ones = torch.ones(J, dtype=torch.float32, device=W_dec.device)
+    return _sparse_decode(codes.values.contiguous(), codes.indices.contiguous(), W_dec.contiguous(), ones, None,
+                          None, True)
+
+
+def decode(codes: SparseCodes, W_dec: torch.Tensor, b_dec: torch.Tensor, alpha: float | torch.Tensor,
+           mask: torch.Tensor | None = None, backend: str = "triton") -> torch.Tensor:
+    """Ensemble decode ``x̂ = Σ_j α_j (Σ_s mask·values·W_dec[j, indices] + b_dec[j])`` ``[N, D]``, in one launch.
+
+    ``b_dec`` is ``[J, D]`` or ``[1, D]`` (shared: added once, unscaled — the single-SAE case) and ``mask``
+    ``[N, J, K]`` bool (False drops a slot; feature sharpening) or None. Same contract as :func:`ref.decode_sparse`.
+    """
+    J = W_dec.shape[0]
+    alpha_t = torch.as_tensor(alpha, dtype=torch.float32, device=W_dec.device).expand(J).contiguous()
+    if backend == "torch":
+        values = codes.values if mask is None else codes.values * mask
+        return ref.decode_sparse(SparseCodes(values, codes.indices, codes.n_latents), W_dec, b_dec, alpha_t)
+    bias = b_dec[0] if b_dec.shape[0] == 1 else (alpha_t.view(J, 1).to(b_dec.dtype) * b_dec).sum(0)
+    return _sparse_decode(codes.values.contiguous(), codes.indices.contiguous(), W_dec.contiguous(), alpha_t,
+                          bias.contiguous(), None if mask is None else mask.contiguous(), False)

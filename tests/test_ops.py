@@ -1,0 +1,231 @@
+"""saefast.ops: backend choice, the Triton custom ops against the eager reference (forward and gradients,
+under TRITON_INTERPRET=1 on a CPU), their registration (opcheck, torch.compile) and models trained on them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_close
+
+import saefast as sf
+from saefast import ops, ref
+from saefast.codes import SparseCodes
+
+pytest.importorskip("triton")
+TRITON_OK = torch.cuda.is_available() or __import__("os").environ.get("TRITON_INTERPRET") == "1"
+needs_triton = pytest.mark.skipif(not TRITON_OK, reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
+
+
+def random_stack(J: int, M: int, D: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    W_enc = torch.randn(J, M, D, generator=g) / D**0.5
+    b_enc = 0.1 * torch.randn(J, M, generator=g)
+    W_dec = torch.randn(J, M, D, generator=g) / D**0.5
+    b_dec = 0.2 * torch.randn(J, D, generator=g)
+    return W_enc, b_enc, W_dec, b_dec
+
+
+# ------------------------------------------------------------------------------------------------------
+# Backend choice
+# ------------------------------------------------------------------------------------------------------
+
+
+def test_use_backend_nests_and_restores():
+    assert ops.current_backend() == "auto"
+    with sf.use_backend("torch"):
+        assert ops.current_backend() == "torch"
+        with sf.use_backend("triton"):
+            assert ops.current_backend() == "triton"
+        assert ops.current_backend() == "torch"
+    assert ops.current_backend() == "auto"
+
+
+def test_backend_resolution_and_errors(monkeypatch):
+    cpu = torch.device("cpu")
+    assert ops.resolve_backend("auto", cpu) == "torch"  # auto picks Triton only for CUDA tensors
+    assert ops.resolve_backend("torch", cpu) == "torch"
+    with pytest.raises(ValueError, match="unknown backend 'cuda'"):
+        ops.resolve_backend("cuda", cpu)
+    with pytest.raises(ValueError, match="unknown backend"), sf.use_backend("fast"):
+        pass
+    with pytest.raises(ValueError, match="native backend .* not built yet"):
+        ops.resolve_backend("native", cpu)
+    with pytest.raises(ValueError, match="implements the topk activation so far"):
+        ops.resolve_backend("triton", cpu, activation="relu")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="runs on CUDA tensors"):
+        ops.resolve_backend("triton", cpu)
+    with pytest.raises(ValueError, match="unknown backend"):
+        sf.TrainConfig(backend="fastest")
+
+
+def test_models_refuse_triton_for_activations_it_does_not_implement():
+    sae = sf.SAE(sf.SAEConfig(d_in=8, n_latents=16, activation="relu"))
+    with pytest.raises(ValueError, match="topk activation so far"):
+        sae.encode(torch.randn(4, 8), backend="triton")
+
+
+# ------------------------------------------------------------------------------------------------------
+# Ops against the reference
+# ------------------------------------------------------------------------------------------------------
+
+
+@needs_triton
+@pytest.mark.parametrize(("N", "J", "M", "D", "k"), [(1, 1, 8, 5, 1), (13, 3, 37, 24, 8), (20, 2, 64, 33, 32)])
+@pytest.mark.parametrize("shared_b_dec", [False, True])
+def test_topk_encode_matches_reference_forward_and_backward(N, J, M, D, k, shared_b_dec):
+    W_enc, b_enc, _, b_dec = random_stack(J, M, D, seed=N + M)
+    if shared_b_dec:
+        b_dec = b_dec[:1]
+    x = torch.randn(N, D)
+    leaves = [t.clone().requires_grad_(True) for t in (x, W_enc, b_enc, b_dec)]
+    codes, _ = ops.topk_encode(*leaves, k, backend="triton")
+    expected, _ = ops.topk_encode(*(t.detach().requires_grad_(True) for t in leaves), k, backend="torch")
+    # Same latents (as sets: ties aside the order of equal selections is free) and the same values.
+    order, ref_order = codes.indices.sort(-1), expected.indices.sort(-1)
+    assert torch.equal(order.values, ref_order.values)
+    assert_close(codes.values.gather(-1, order.indices), expected.values.gather(-1, ref_order.indices),
+                 atol=1e-5, rtol=1e-5)
+    # Gradients of a loss through the codes reach x, W_enc, b_enc, b_dec only at the selected latents.
+    weights = torch.randn(N, J, M)
+    loss = (codes.to_dense().view(N, J, M) * weights).sum()
+    grads = torch.autograd.grad(loss, leaves)
+    ref_leaves = [t.detach().clone().requires_grad_(True) for t in (x, W_enc, b_enc, b_dec)]
+    pre = ref.pre_activations(*ref_leaves)
+    ref_loss = (ref.topk_activation(pre, k) * weights).sum()
+    ref_grads = torch.autograd.grad(ref_loss, ref_leaves)
+    for name, got, want in zip(("x", "W_enc", "b_enc", "b_dec"), grads, ref_grads):
+        assert_close(got, want, atol=1e-5, rtol=1e-4, msg=f"grad {name}")
+
+
+@needs_triton
+def test_topk_encode_auxk_codes_match_reference():
+    N, J, M, D, k, aux_k = 11, 3, 30, 16, 4, 6
+    W_enc, b_enc, _, b_dec = random_stack(J, M, D, seed=5)
+    x = torch.randn(N, D)
+    dead = torch.zeros(J, M, dtype=torch.bool)
+    dead[0, :12] = True  # plenty
+    dead[1, 3:5] = True  # fewer dead latents than aux_k: the rest must be zeros
+    _, aux = ops.topk_encode(x, W_enc, b_enc, b_dec, k, dead, aux_k, backend="triton")
+    _, expected = ops.topk_encode(x, W_enc, b_enc, b_dec, k, dead, aux_k, backend="torch")
+    assert_close(aux.to_dense(), expected.to_dense(), atol=1e-5, rtol=1e-5)
+    assert bool((aux.to_dense().view(N, J, M)[:, 2] == 0).all())  # member 2 has no dead latent
+
+
+@needs_triton
+@pytest.mark.parametrize("shared_b_dec", [False, True])
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_decode_matches_reference_forward_and_backward(shared_b_dec, with_mask):
+    N, J, M, D, K = 9, 3, 21, 14, 5
+    _, _, W_dec, b_dec = random_stack(J, M, D, seed=7)
+    if shared_b_dec:
+        b_dec = b_dec[:1]
+    values = torch.rand(N, J, K)
+    indices = torch.randint(0, M, (N, J, K))
+    indices[0, 0, :2] = 3  # a repeated latent within a row adds up
+    alpha = torch.tensor([0.5, 1.0, 2.0])
+    mask = torch.rand(N, J, K) > 0.3 if with_mask else None
+    leaves = [t.clone().requires_grad_(True) for t in (values, W_dec, b_dec)]
+    out = ops.decode(SparseCodes(leaves[0], indices, M), leaves[1], leaves[2], alpha, mask, backend="triton")
+    ref_leaves = [t.clone().requires_grad_(True) for t in (values, W_dec, b_dec)]
+    want = ops.decode(SparseCodes(ref_leaves[0], indices, M), ref_leaves[1], ref_leaves[2], alpha, mask,
+                      backend="torch")
+    assert_close(out, want, atol=1e-5, rtol=1e-5)
+    g = torch.randn(N, D)
+    for name, got, expected in zip(("values", "W_dec", "b_dec"), torch.autograd.grad((out * g).sum(), leaves),
+                                   torch.autograd.grad((want * g).sum(), ref_leaves)):
+        assert_close(got, expected, atol=1e-5, rtol=1e-5, msg=f"grad {name}")
+
+
+@needs_triton
+def test_deterministic_mode_gives_identical_gradients():
+    N, J, M, D, K = 40, 2, 7, 12, 4  # few latents, many tokens: heavy collisions in the scatter
+    _, _, W_dec, b_dec = random_stack(J, M, D, seed=1)
+    values, indices = torch.rand(N, J, K), torch.randint(0, M, (N, J, K))
+    g = torch.randn(N, D)
+
+    def grad_w():
+        W = W_dec.clone().requires_grad_(True)
+        out = ops.decode(SparseCodes(values, indices, M), W, b_dec, 1.0, backend="triton")
+        return torch.autograd.grad((out * g).sum(), W)[0]
+
+    torch.use_deterministic_algorithms(True)
+    try:
+        first, second = grad_w(), grad_w()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert torch.equal(first, second)
+    assert_close(first, grad_w(), atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Registration: opcheck (schema, fake impls, autograd) and torch.compile
+# ------------------------------------------------------------------------------------------------------
+
+
+@needs_triton
+def test_opcheck_of_the_custom_ops():
+    N, J, M, D, K = 6, 2, 10, 8, 3
+    W_enc, b_enc, W_dec, b_dec = random_stack(J, M, D, seed=2)
+    values = torch.rand(N, J, K, requires_grad=True)
+    indices = torch.randint(0, M, (N, J, K))
+    alpha = torch.tensor([0.5, 0.5])
+    torch.library.opcheck(torch.ops.saefast.sparse_decode.default,
+                          (values, indices, W_dec.requires_grad_(True), alpha, b_dec[0], None, False))
+    torch.library.opcheck(torch.ops.saefast.sparse_decode.default,
+                          (values, indices, W_dec, alpha, b_dec, torch.rand(N, J, K) > 0.5, True))
+    bias = ops.folded_bias(W_enc, b_enc, b_dec).detach()
+    dead = torch.zeros(J, M, dtype=torch.bool)
+    dead[:, :4] = True
+    torch.library.opcheck(torch.ops.saefast.topk_encode.default,
+                          (torch.randn(N, D, requires_grad=True), W_enc.requires_grad_(True), bias, K, dead, 2))
+
+
+@needs_triton
+def test_torch_compile_traces_through_the_ops_without_graph_breaks():
+    N, J, M, D, K = 8, 2, 16, 12, 4
+    W_enc, b_enc, W_dec, b_dec = random_stack(J, M, D, seed=3)
+
+    def step(x):
+        codes, _ = ops.topk_encode(x, W_enc, b_enc, b_dec, K, backend="triton")
+        return ops.decode(codes, W_dec, b_dec, 0.5, backend="triton")
+
+    x = torch.randn(N, D)
+    compiled = torch.compile(step, backend="eager", fullgraph=True)
+    assert_close(compiled(x), step(x), atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Models on the Triton backend
+# ------------------------------------------------------------------------------------------------------
+
+
+@needs_triton
+@pytest.mark.parametrize("kind", ["single", "bagging", "boosting"])
+def test_training_on_triton_matches_the_torch_backend(kind):
+    cfg = sf.SAEConfig(d_in=12, n_latents=24, k=3, dead_after_tokens=20)  # latents die fast: AuxK runs too
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(32, 12, generator=g) for _ in range(3)]
+
+    def build():
+        return sf.SAE(cfg, seed=1) if kind == "single" else sf.Ensemble(cfg, 2, kind, seed=1)
+
+    models, histories = [], []
+    for backend in ("torch", "triton"):
+        model = build()
+        histories.append(sf.train(model, batches, steps=4, lr=1e-2, log_every=1, progress=False, backend=backend))
+        models.append(model)
+    assert any(h["aux"] > 0 for h in histories[0])  # the AuxK path was exercised
+    for a, b in zip(*histories):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
+    for name, tensor in models[0].state_dict().items():
+        other = models[1].state_dict()[name]
+        if tensor.is_floating_point():
+            assert_close(other, tensor, atol=1e-4, rtol=1e-3, msg=name)
+        else:
+            assert torch.equal(other, tensor), name
+    x = torch.randn(10, 12)
+    with sf.use_backend("triton"):
+        assert_close(models[0].reconstruct(x), models[0].reconstruct(x, backend="torch"), atol=1e-5)
+        codes = models[0].encode(x)
+    assert_close(models[0].decode(codes, backend="triton"), models[0].decode(codes, backend="torch"), atol=1e-5)
