@@ -1,6 +1,16 @@
 """Triton kernels of saefast, installed as ``saefast.kernels`` (never as a top-level ``kernels`` module).
 
-One file per kernel, each launcher documenting its exact contract against :mod:`saefast.ref`.
-Nothing is here yet: the fused encode→top-k, sparse decode and sparse backward kernels arrive with the
-Triton issue; until then every backend is the eager reference.
+One file per kernel family, each launcher documenting its exact contract against :mod:`saefast.ref`:
+
+* ``topk_encode.py`` — ``topk_encode``: encoder GEMM fused with a running per-member top-k (and the AuxK top-k
+  among dead latents) so the ``N × J·M`` pre-activations never reach memory; ``threshold_encode``: the JumpReLU
+  form (every ``pre > θ`` into a capacity-bounded sparse output with counts and an overflow flag).
+* ``sparse_decode.py`` — ``sparse_decode``: ``x̂ = bias + Σ_j α_j Σ_k mask·z·W_dec[j, idx]`` for all members in
+  one launch (combined ``[N, D]`` or per member ``[N, J, D]``).
+* ``sparse_decode_backward.py`` — ``sparse_decode_grad_values`` (gather-dot) and ``sparse_decode_grad_weight``
+  (transposed sparse–dense product; atomic or deterministic segment reduction). The encoder backward reuses
+  both with ``W_enc`` in the decoder's place.
+
+The torch-facing side (custom ops, autograd, backend choice) is :mod:`saefast.ops`. Importing this package does
+not import Triton; each module does, so set ``TRITON_INTERPRET=1`` before importing one to run on a CPU.
 """

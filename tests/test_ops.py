@@ -14,6 +14,13 @@ from saefast.codes import SparseCodes
 pytest.importorskip("triton")
 TRITON_OK = torch.cuda.is_available() or __import__("os").environ.get("TRITON_INTERPRET") == "1"
 needs_triton = pytest.mark.skipif(not TRITON_OK, reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
+# Where the kernels run: the GPU when there is one, else the CPU under Triton's interpreter (fp32 throughout).
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def rand(*shape: int, kind: str = "randn") -> torch.Tensor:
+    """Random test data made on the CPU (reproducible) and moved to DEVICE."""
+    return getattr(torch, kind)(*shape).to(DEVICE)
 
 
 def random_stack(J: int, M: int, D: int, seed: int):
@@ -22,7 +29,7 @@ def random_stack(J: int, M: int, D: int, seed: int):
     b_enc = 0.1 * torch.randn(J, M, generator=g)
     W_dec = torch.randn(J, M, D, generator=g) / D**0.5
     b_dec = 0.2 * torch.randn(J, D, generator=g)
-    return W_enc, b_enc, W_dec, b_dec
+    return tuple(t.to(DEVICE) for t in (W_enc, b_enc, W_dec, b_dec))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -77,7 +84,7 @@ def test_topk_encode_matches_reference_forward_and_backward(N, J, M, D, k, share
     W_enc, b_enc, _, b_dec = random_stack(J, M, D, seed=N + M)
     if shared_b_dec:
         b_dec = b_dec[:1]
-    x = torch.randn(N, D)
+    x = rand(N, D)
     leaves = [t.clone().requires_grad_(True) for t in (x, W_enc, b_enc, b_dec)]
     codes, _ = ops.topk_encode(*leaves, k, backend="triton")
     expected, _ = ops.topk_encode(*(t.detach().requires_grad_(True) for t in leaves), k, backend="torch")
@@ -87,7 +94,7 @@ def test_topk_encode_matches_reference_forward_and_backward(N, J, M, D, k, share
     assert_close(codes.values.gather(-1, order.indices), expected.values.gather(-1, ref_order.indices),
                  atol=1e-5, rtol=1e-5)
     # Gradients of a loss through the codes reach x, W_enc, b_enc, b_dec only at the selected latents.
-    weights = torch.randn(N, J, M)
+    weights = rand(N, J, M)
     loss = (codes.to_dense().view(N, J, M) * weights).sum()
     grads = torch.autograd.grad(loss, leaves)
     ref_leaves = [t.detach().clone().requires_grad_(True) for t in (x, W_enc, b_enc, b_dec)]
@@ -102,8 +109,8 @@ def test_topk_encode_matches_reference_forward_and_backward(N, J, M, D, k, share
 def test_topk_encode_auxk_codes_match_reference():
     N, J, M, D, k, aux_k = 11, 3, 30, 16, 4, 6
     W_enc, b_enc, _, b_dec = random_stack(J, M, D, seed=5)
-    x = torch.randn(N, D)
-    dead = torch.zeros(J, M, dtype=torch.bool)
+    x = rand(N, D)
+    dead = torch.zeros(J, M, dtype=torch.bool, device=DEVICE)
     dead[0, :12] = True  # plenty
     dead[1, 3:5] = True  # fewer dead latents than aux_k: the rest must be zeros
     _, aux = ops.topk_encode(x, W_enc, b_enc, b_dec, k, dead, aux_k, backend="triton")
@@ -120,18 +127,18 @@ def test_decode_matches_reference_forward_and_backward(shared_b_dec, with_mask):
     _, _, W_dec, b_dec = random_stack(J, M, D, seed=7)
     if shared_b_dec:
         b_dec = b_dec[:1]
-    values = torch.rand(N, J, K)
-    indices = torch.randint(0, M, (N, J, K))
+    values = rand(N, J, K, kind="rand")
+    indices = torch.randint(0, M, (N, J, K)).to(DEVICE)
     indices[0, 0, :2] = 3  # a repeated latent within a row adds up
-    alpha = torch.tensor([0.5, 1.0, 2.0])
-    mask = torch.rand(N, J, K) > 0.3 if with_mask else None
+    alpha = torch.tensor([0.5, 1.0, 2.0], device=DEVICE)
+    mask = rand(N, J, K, kind="rand") > 0.3 if with_mask else None
     leaves = [t.clone().requires_grad_(True) for t in (values, W_dec, b_dec)]
     out = ops.decode(SparseCodes(leaves[0], indices, M), leaves[1], leaves[2], alpha, mask, backend="triton")
     ref_leaves = [t.clone().requires_grad_(True) for t in (values, W_dec, b_dec)]
     want = ops.decode(SparseCodes(ref_leaves[0], indices, M), ref_leaves[1], ref_leaves[2], alpha, mask,
                       backend="torch")
     assert_close(out, want, atol=1e-5, rtol=1e-5)
-    g = torch.randn(N, D)
+    g = rand(N, D)
     for name, got, expected in zip(("values", "W_dec", "b_dec"), torch.autograd.grad((out * g).sum(), leaves),
                                    torch.autograd.grad((want * g).sum(), ref_leaves)):
         assert_close(got, expected, atol=1e-5, rtol=1e-5, msg=f"grad {name}")
@@ -141,8 +148,8 @@ def test_decode_matches_reference_forward_and_backward(shared_b_dec, with_mask):
 def test_deterministic_mode_gives_identical_gradients():
     N, J, M, D, K = 40, 2, 7, 12, 4  # few latents, many tokens: heavy collisions in the scatter
     _, _, W_dec, b_dec = random_stack(J, M, D, seed=1)
-    values, indices = torch.rand(N, J, K), torch.randint(0, M, (N, J, K))
-    g = torch.randn(N, D)
+    values, indices = rand(N, J, K, kind="rand"), torch.randint(0, M, (N, J, K)).to(DEVICE)
+    g = rand(N, D)
 
     def grad_w():
         W = W_dec.clone().requires_grad_(True)
@@ -167,18 +174,18 @@ def test_deterministic_mode_gives_identical_gradients():
 def test_opcheck_of_the_custom_ops():
     N, J, M, D, K = 6, 2, 10, 8, 3
     W_enc, b_enc, W_dec, b_dec = random_stack(J, M, D, seed=2)
-    values = torch.rand(N, J, K, requires_grad=True)
-    indices = torch.randint(0, M, (N, J, K))
-    alpha = torch.tensor([0.5, 0.5])
+    values = rand(N, J, K, kind="rand").requires_grad_(True)
+    indices = torch.randint(0, M, (N, J, K)).to(DEVICE)
+    alpha = torch.tensor([0.5, 0.5], device=DEVICE)
     torch.library.opcheck(torch.ops.saefast.sparse_decode.default,
                           (values, indices, W_dec.requires_grad_(True), alpha, b_dec[0], None, False))
     torch.library.opcheck(torch.ops.saefast.sparse_decode.default,
-                          (values, indices, W_dec, alpha, b_dec, torch.rand(N, J, K) > 0.5, True))
+                          (values, indices, W_dec, alpha, b_dec, rand(N, J, K, kind="rand") > 0.5, True))
     bias = ops.folded_bias(W_enc, b_enc, b_dec).detach()
-    dead = torch.zeros(J, M, dtype=torch.bool)
+    dead = torch.zeros(J, M, dtype=torch.bool, device=DEVICE)
     dead[:, :4] = True
     torch.library.opcheck(torch.ops.saefast.topk_encode.default,
-                          (torch.randn(N, D, requires_grad=True), W_enc.requires_grad_(True), bias, K, dead, 2))
+                          (rand(N, D).requires_grad_(True), W_enc.requires_grad_(True), bias, K, dead, 2))
 
 
 @needs_triton
@@ -190,7 +197,7 @@ def test_torch_compile_traces_through_the_ops_without_graph_breaks():
         codes, _ = ops.topk_encode(x, W_enc, b_enc, b_dec, K, backend="triton")
         return ops.decode(codes, W_dec, b_dec, 0.5, backend="triton")
 
-    x = torch.randn(N, D)
+    x = rand(N, D)
     compiled = torch.compile(step, backend="eager", fullgraph=True)
     assert_close(compiled(x), step(x), atol=1e-6)
 
@@ -205,10 +212,10 @@ def test_torch_compile_traces_through_the_ops_without_graph_breaks():
 def test_training_on_triton_matches_the_torch_backend(kind):
     cfg = sf.SAEConfig(d_in=12, n_latents=24, k=3, dead_after_tokens=20)  # latents die fast: AuxK runs too
     g = torch.Generator().manual_seed(0)
-    batches = [torch.randn(32, 12, generator=g) for _ in range(3)]
+    batches = [torch.randn(32, 12, generator=g).to(DEVICE) for _ in range(3)]
 
     def build():
-        return sf.SAE(cfg, seed=1) if kind == "single" else sf.Ensemble(cfg, 2, kind, seed=1)
+        return (sf.SAE(cfg, seed=1) if kind == "single" else sf.Ensemble(cfg, 2, kind, seed=1)).to(DEVICE)
 
     models, histories = [], []
     for backend in ("torch", "triton"):
@@ -224,7 +231,7 @@ def test_training_on_triton_matches_the_torch_backend(kind):
             assert_close(other, tensor, atol=1e-4, rtol=1e-3, msg=name)
         else:
             assert torch.equal(other, tensor), name
-    x = torch.randn(10, 12)
+    x = rand(10, 12)
     with sf.use_backend("triton"):
         assert_close(models[0].reconstruct(x), models[0].reconstruct(x, backend="torch"), atol=1e-5)
         codes = models[0].encode(x)
