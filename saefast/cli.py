@@ -83,7 +83,7 @@ def _read_config_file(path: str) -> dict[str, Any]:
 
 TRAIN_DEFAULTS = {"kind": "single", "members": 4, "latents": None, "k": 32, "activation": "topk", "steps": 1000,
                   "lr": 1e-3, "batch_size": 1024, "seed": 0, "data_seed": 0, "hook": None, "device": "cpu",
-                  "checkpoint_every": 0}
+                  "checkpoint_every": 0, "backend": "auto"}
 
 
 def _train_options(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
@@ -132,6 +132,9 @@ def _train(args: argparse.Namespace) -> int:
     cfg = SAEConfig(d_in=store.d, n_latents=int(latents), k=int(options["k"]), activation=options["activation"],
                     **sae_extra)
     device = torch.device(options["device"])
+    from .ops import resolve_backend
+
+    resolve_backend(options["backend"], device, cfg.activation)  # an unusable backend fails before training starts
     if options["kind"] == "single":
         model = SAE(cfg, seed=int(options["seed"]))
     else:
@@ -141,6 +144,7 @@ def _train(args: argparse.Namespace) -> int:
     train_options = {"steps": int(options["steps"]), "lr": float(options["lr"]), "seed": int(options["seed"]),
                      "progress": not args.no_progress, "checkpoint_dir": str(out),
                      "checkpoint_every": int(options["checkpoint_every"]), "resume": args.resume,
+                     "backend": options["backend"],
                      **train_extra}
     config = TrainConfig(**train_options)
     batches = store.batches(int(options["batch_size"]), seed=int(options["data_seed"]), epochs=None,
@@ -190,7 +194,10 @@ def _eval(args: argparse.Namespace) -> int:
         raise CLIError(f"--start/--stop must satisfy 0 <= start < stop <= {store.n_tokens}, got {start}, {stop}")
     view = store.subset(start, stop)
     batches = view.batches(args.batch_size, shuffle=False, device=torch.device(args.device))
-    result = evaluate(model, batches)
+    from .ops import use_backend
+
+    with use_backend(args.backend):
+        result = evaluate(model, batches)
     result.update(model=str(args.model), data=str(args.data), hook=store.hook, start=start, stop=stop)
     for key in ("mse", "fvu", "explained_variance", "l0", "dead_fraction"):
         print(f"{key:>20}: {result[key]:.6g}")
@@ -281,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", help="torch device (default: cpu)")
     t.add_argument("--checkpoint-every", type=int, help="also checkpoint every N steps (default: only at the end)")
     t.add_argument("--resume", action="store_true", help="resume from the checkpoint in --out")
+    t.add_argument("--backend", choices=("auto", "torch", "triton", "native"),
+                   help="op backend (default: auto = triton on CUDA for topk, else torch)")
     t.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     t.set_defaults(run=_train)
 
@@ -294,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--stop", type=int, help="end token row (default: all)")
     e.add_argument("--batch-size", type=int, default=4096, help="tokens per batch (default: 4096)")
     e.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    e.add_argument("--backend", choices=("auto", "torch", "triton", "native"), default="auto",
+                   help="op backend (default: auto)")
     e.set_defaults(run=_eval)
 
     d = commands.add_parser("demo", help="harvest SmolLM2-135M activations; compare single / bagging / boosting",

@@ -99,6 +99,7 @@ def test_train_from_a_config_file_with_flag_overrides(store_dir, tmp_path, suffi
         (["train", "--data", "DATA", "--latents", "8", "--k", "9", "--out", "RUN"], "k=9 exceeds the number"),
         (["train", "--data", "DATA", "--config", "BADCONF", "--out", "RUN"], "unknown key"),
         (["eval", "--model", "NOWHERE", "--data", "DATA"], "NOWHERE"),
+        (["train", "--data", "DATA", "--backend", "native", "--steps", "1", "--out", "RUN"], "native backend"),
         (["demo", "--members", "0", "--out", "RUN"], "an ensemble needs members >= 1"),
         (["harvest", "--model", "no/such/model", "--tokens", "10", "--out", "RUN"], "no/such/model"),
         (["harvest", "--tokens", "0", "--out", "RUN"], "--tokens must be >= 1"),
