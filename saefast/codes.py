@@ -83,9 +83,15 @@ class SparseCodes:
 
     @staticmethod
     def cat(parts: list[SparseCodes]) -> SparseCodes:
-        """Concatenate codes of consecutive members along the member axis (same ``N``, ``K`` and ``M``)."""
-        return SparseCodes(torch.cat([p.values for p in parts], 1), torch.cat([p.indices for p in parts], 1),
-                           parts[0].n_latents)
+        """Concatenate codes of consecutive members along the member axis (same ``N`` and ``M``; parts with fewer
+        slots ``K`` are padded to the largest with value-0, index-0 slots)."""
+        k = max(p.k for p in parts)
+
+        def pad(t: torch.Tensor, p: SparseCodes) -> torch.Tensor:
+            return t if p.k == k else torch.nn.functional.pad(t, (0, k - p.k))
+
+        return SparseCodes(torch.cat([pad(p.values, p) for p in parts], 1),
+                           torch.cat([pad(p.indices, p) for p in parts], 1), parts[0].n_latents)
 
     def l0(self) -> torch.Tensor:
         """Non-zero coefficients per token and member, ``[N, J]`` (float)."""

@@ -196,15 +196,27 @@ class SparseDictionary(nn.Module):
         """The backend that runs this model's ops on ``x`` (see :func:`saefast.ops.resolve_backend`)."""
         return ops.resolve_backend(backend, x.device, self.cfg.activation)
 
-    def _fused_topk(
-        self, x_in: torch.Tensor, P: Stacked, members: slice, backend: str, aux: bool
-    ) -> tuple[SparseCodes, SparseCodes | None]:
-        """TopK codes (and AuxK codes of the dead latents when ``aux``) without the dense pre-activations."""
-        dead = self._dead(members) if aux and self.cfg.aux_coef != 0 else None
+    def _fused_codes(
+        self, x_in: torch.Tensor, P: Stacked, members: slice, backend: str, aux: bool, training: bool
+    ) -> tuple[SparseCodes, torch.Tensor | None, SparseCodes | None]:
+        """Codes on a fused backend without the dense pre-activations: ``(codes, smallest_kept, aux_codes)``.
+
+        TopK: the fused top-k; BatchTopK: the batch top-``N·k`` (``training`` or no threshold yet; ``smallest_kept``
+        ``[J]`` feeds the threshold) or the learned threshold (see :func:`saefast.ops.batchtopk_encode`,
+        :func:`saefast.ops.threshold_encode`: exact, falling back to the dense path past their capacity). AuxK codes
+        of the dead latents when ``aux`` (training)."""
+        cfg = self.cfg
+        if cfg.activation == "batchtopk" and not training and not bool((P.threshold < 0).any()):
+            codes = ops.threshold_encode(x_in, P.W_enc, P.b_enc, P.b_dec, P.threshold, cfg.k, backend=backend)
+            return codes, None, None
+        dead = self._dead(members) if aux and cfg.aux_coef != 0 else None
         if dead is not None and not bool(dead.any()):
             dead = None
-        aux_k = min(self.cfg.effective_aux_k, int(dead.sum(-1).max())) if dead is not None else 0
-        return ops.topk_encode(x_in, P.W_enc, P.b_enc, P.b_dec, self.cfg.k, dead, aux_k, backend=backend)
+        aux_k = min(cfg.effective_aux_k, int(dead.sum(-1).max())) if dead is not None else 0
+        if cfg.activation == "batchtopk":
+            return ops.batchtopk_encode(x_in, P.W_enc, P.b_enc, P.b_dec, cfg.k, dead, aux_k, backend=backend)
+        codes, aux_codes = ops.topk_encode(x_in, P.W_enc, P.b_enc, P.b_dec, cfg.k, dead, aux_k, backend=backend)
+        return codes, None, aux_codes
 
     def _terms(
         self, x_in: torch.Tensor, members: slice = slice(None), backend: str | None = None
@@ -212,7 +224,8 @@ class SparseDictionary(nn.Module):
         """Training loss terms of ``members`` reading and reconstructing ``x_in`` ``[N, D]``.
 
         Ensemble members each reconstruct ``x_in`` on their own; the groups of one SAE (``_joint``) add up
-        to one reconstruction. Also returns the codes (sparse for TopK, dense ``[N, J, M]`` otherwise) for the
+        to one reconstruction. Also returns the codes (sparse for TopK and on fused backends, dense ``[N, J, M]``
+        otherwise) for the
         firing statistics. ``backend``: see :mod:`saefast.ops` (the fused backends never build the dense
         ``[N, J, M]`` pre-activations).
         """
@@ -224,9 +237,9 @@ class SparseDictionary(nn.Module):
             pre = ref.pre_activations(x_in, P.W_enc, P.b_enc, P.b_dec)
             z, smallest = self._activate(pre, P, training=True)
             y = ref.decode_codes(z, P.W_dec)
-        else:  # TopK on a fused backend
-            pre, smallest = None, None
-            z, aux_codes = self._fused_topk(x_in, P, members, backend, aux=True)
+        else:  # TopK / BatchTopK on a fused backend
+            pre = None
+            z, smallest, aux_codes = self._fused_codes(x_in, P, members, backend, aux=True, training=True)
             y = ops.decode_members(z, P.W_dec, backend)
         if joint:
             x_hat = (y.sum(1) + P.b_dec[0]).unsqueeze(1)
@@ -250,7 +263,7 @@ class SparseDictionary(nn.Module):
             aux = torch.where(has_dead, aux, torch.zeros_like(aux))  # no dead latent: nothing to model
         if pre is not None:
             sparsity = self._sparsity(pre, z, P)
-        else:  # TopK: no sparsity penalty
+        else:  # TopK / BatchTopK: no sparsity penalty
             sparsity = x_in.new_zeros(P.W_dec.shape[0], dtype=torch.float32)
         if joint:
             sparsity = sparsity.sum(0, keepdim=True)
@@ -360,15 +373,17 @@ class SparseDictionary(nn.Module):
         self, x_in: torch.Tensor, members: slice = slice(None), training: bool | None = None,
         backend: str | None = None,
     ) -> SparseCodes | torch.Tensor:
-        """Codes of ``members`` for input ``x_in`` (``[N, D]``): sparse for TopK, dense ``[N, J, M]`` otherwise.
+        """Codes of ``members`` for input ``x_in`` (``[N, D]``): sparse for TopK and on fused backends, dense
+        ``[N, J, M]`` otherwise.
 
         ``training`` (default: the module's mode) picks BatchTopK's batch top-k over its threshold."""
         P = self.stacked(members)
         backend = self._backend(backend, x_in)
+        training = self.training if training is None else training
         if backend != "torch":
-            return self._fused_topk(x_in, P, members, backend, aux=False)[0]
+            return self._fused_codes(x_in, P, members, backend, aux=False, training=training)[0]
         pre = ref.pre_activations(x_in, P.W_enc, P.b_enc, P.b_dec)
-        return self._activate(pre, P, training=self.training if training is None else training)[0]
+        return self._activate(pre, P, training=training)[0]
 
     def _decode_members(self, codes: SparseCodes | torch.Tensor, W_dec: torch.Tensor, backend: str | None,
                         x: torch.Tensor) -> torch.Tensor:

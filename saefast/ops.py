@@ -6,13 +6,23 @@ Backends:
   ``embedding_bag`` decode. Runs everywhere; the oracle of the others.
 * ``triton`` — the kernels in :mod:`saefast.kernels`: encode→top-k fused (the ``N × J·M`` pre-activation
   matrix is never written), one-launch sparse decode and its sparse backward. CUDA tensors (or any tensors
-  under ``TRITON_INTERPRET=1``, which is how the CPU tests run them).
+  under ``TRITON_INTERPRET=1``, which is how the CPU tests run them). Activations ``topk`` and ``batchtopk``
+  (``relu`` / ``jumprelu`` need the torch backend).
 * ``native`` — the C++/CUDA extension (``csrc/``); not built yet.
 * ``auto`` — ``triton`` for CUDA tensors when Triton is importable, else ``torch``.
 
 The choice, most specific first: a ``backend=`` argument (``encode``, ``reconstruct``, ``train``), the innermost
 ``with saefast.use_backend(name):``, else ``auto``. The Triton ops are registered as ``torch.ops.saefast.*``
 with fake (meta) implementations and autograd formulas, so ``torch.compile`` traces through them.
+
+BatchTopK on ``triton`` (:func:`batchtopk_encode`, :func:`threshold_encode`) works on *candidates*: the fused
+kernel returns each row's top ``kc = min(M, capacity·k)`` pre-activations (``capacity`` defaults to
+:data:`BATCHTOPK_CAPACITY`), and the batch top-``N·k`` per member (training) or the threshold ``pre > θ``
+(inference) is applied to those alone. That is exact unless a row could have had more qualifying latents than its
+``kc`` candidates — training: the row's ``kc``-th (smallest) candidate was kept with a positive value; inference:
+it exceeds the member's smallest threshold. Such a batch is never answered approximately: the call recomputes it
+exactly on the dense eager path (:mod:`saefast.ref`, building the ``N × J·M`` pre-activations) and warns once
+that the capacity was exceeded. Raise ``capacity`` if that warning shows up often.
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ import contextlib
 import contextvars
 import importlib.util
 import os
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -29,6 +40,14 @@ from . import ref
 from .codes import SparseCodes
 
 BACKENDS = ("auto", "torch", "triton", "native")
+
+FUSED_ACTIVATIONS = ("topk", "batchtopk")
+"""The activations the ``triton`` backend implements."""
+
+BATCHTOPK_CAPACITY = 4
+"""Default candidates per row of the fused BatchTopK, as a multiple of ``k`` (``kc = min(M, capacity·k)``)."""
+
+_capacity_warned = False
 
 _backend: contextvars.ContextVar[str] = contextvars.ContextVar("saefast_backend", default="auto")
 
@@ -66,12 +85,12 @@ def _interpreting() -> bool:
 def resolve_backend(name: str | None, device: torch.device, activation: str = "topk") -> str:
     """The backend that will run: ``name`` (or the current one) with ``auto`` resolved for ``device``.
 
-    ``triton`` needs Triton, CUDA tensors (or ``TRITON_INTERPRET=1``) and, so far, the TopK activation;
+    ``triton`` needs Triton, CUDA tensors (or ``TRITON_INTERPRET=1``) and, so far, the TopK or BatchTopK activation;
     ``auto`` falls back to ``torch`` where any of these is missing, an explicit ``triton`` raises.
     """
     name = _check_name(current_backend() if name is None else name)
     if name == "auto":
-        usable = device.type == "cuda" and triton_available() and activation == "topk"
+        usable = device.type == "cuda" and triton_available() and activation in FUSED_ACTIVATIONS
         return "triton" if usable else "torch"
     if name == "native":
         raise ValueError("the native backend (the csrc/ C++/CUDA extension) is not built yet; use 'torch' or "
@@ -82,9 +101,9 @@ def resolve_backend(name: str | None, device: torch.device, activation: str = "t
         if device.type != "cuda" and not _interpreting():
             raise ValueError(f"backend 'triton' runs on CUDA tensors, got {device.type} ones (set "
                              f"TRITON_INTERPRET=1 before importing triton to run the kernels on the CPU)")
-        if activation != "topk":
-            raise ValueError(f"backend 'triton' implements the topk activation so far, not {activation!r}; "
-                             f"use backend 'torch'")
+        if activation not in FUSED_ACTIVATIONS:
+            raise ValueError(f"backend 'triton' implements the topk and batchtopk activations so far, not "
+                             f"{activation!r}; use backend 'torch'")
     return name
 
 
@@ -257,6 +276,101 @@ def topk_encode(
     if aux_values.shape[-1] == 0:
         return codes, None
     return codes, SparseCodes(torch.relu(aux_values), aux_indices, M)
+
+
+def _candidates(M: int, k: int, capacity: int) -> int:
+    """Candidates per row of the fused BatchTopK: ``kc = min(M, capacity·k)``."""
+    if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+        raise ValueError(f"capacity must be an int >= 1, got {capacity!r}")
+    return min(M, capacity * k)
+
+
+def _warn_capacity(what: str, kc: int, capacity: int) -> None:
+    global _capacity_warned
+    if not _capacity_warned:
+        _capacity_warned = True
+        warnings.warn(
+            f"saefast: fused {what} exceeded its capacity ({kc} candidates per row, capacity={capacity}): a row may "
+            f"have more qualifying latents than candidates, so the batch was recomputed exactly on the dense eager "
+            f"path (slower). Raise the capacity (saefast.ops.BATCHTOPK_CAPACITY) if this recurs. Shown once.",
+            RuntimeWarning, stacklevel=3,
+        )
+
+
+def _dense_aux(pre: torch.Tensor, dead: torch.Tensor | None, aux_k: int) -> SparseCodes | None:
+    if dead is None or aux_k == 0:
+        return None
+    return ref.topk_codes(pre.masked_fill(~dead.unsqueeze(0), float("-inf")), aux_k)
+
+
+def batchtopk_encode(
+    x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor, k: int,
+    dead: torch.Tensor | None = None, aux_k: int = 0, capacity: int | None = None, backend: str = "triton",
+) -> tuple[SparseCodes, torch.Tensor, SparseCodes | None]:
+    """BatchTopK (training) codes of ``x [N, D]``: per member the ``N·k`` largest of ``ReLU(pre[:, j, :])`` over the
+    batch, exactly :func:`saefast.ref.batchtopk_activation`. Returns ``(codes, smallest_kept [J], aux_codes)``;
+    ``aux_codes`` as in :func:`topk_encode`. Differentiable in every input tensor.
+
+    ``triton``: candidates are each row's top ``kc = min(M, capacity·k)`` (``capacity`` default
+    :data:`BATCHTOPK_CAPACITY`) from the fused kernel; the codes are ``[N, J, kc]`` with 0 in the unkept slots.
+    If a row's ``kc``-th candidate is kept with a positive value, that row might hold more qualifying latents:
+    the batch is then recomputed on the dense eager path (a one-time warning), so the result is always exact.
+    """
+    M = W_enc.shape[1]
+    if backend == "torch":
+        return _batchtopk_dense(x, W_enc, b_enc, b_dec, k, dead, aux_k)
+    capacity = BATCHTOPK_CAPACITY if capacity is None else capacity
+    kc = _candidates(M, k, capacity)
+    cand, aux = topk_encode(x, W_enc, b_enc, b_dec, kc, dead, aux_k, backend=backend)  # ReLU'd, sorted desc.
+    N, J, _ = cand.values.shape
+    flat = cand.values.transpose(0, 1).reshape(J, N * kc)
+    kept = flat.detach().topk(N * k, dim=-1, sorted=False)
+    keep = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, kept.indices, True).view(J, N, kc).transpose(0, 1)
+    if kc < M:
+        last = cand.values.detach()[..., -1]
+        if bool((keep[..., -1] & (last > 0)).any()):
+            _warn_capacity("BatchTopK", kc, capacity)
+            return _batchtopk_dense(x, W_enc, b_enc, b_dec, k, dead, aux_k)
+    values = torch.where(keep, cand.values, torch.zeros_like(cand.values))
+    positive = kept.values.masked_fill(kept.values <= 0, float("inf"))
+    smallest = positive.min(dim=-1).values
+    smallest = torch.where(torch.isinf(smallest), torch.zeros_like(smallest), smallest)
+    return SparseCodes(values, cand.indices, M), smallest, aux
+
+
+def _batchtopk_dense(x, W_enc, b_enc, b_dec, k, dead, aux_k) -> tuple[SparseCodes, torch.Tensor, SparseCodes | None]:
+    pre = ref.pre_activations(x, W_enc, b_enc, b_dec)
+    z, smallest = ref.batchtopk_activation(pre, k)
+    return SparseCodes.from_dense(z), smallest, _dense_aux(pre, dead, aux_k)
+
+
+def threshold_encode(
+    x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor, threshold: torch.Tensor, k: int,
+    capacity: int | None = None, backend: str = "triton",
+) -> SparseCodes:
+    """BatchTopK inference codes ``z = pre·[pre > θ]`` (θ ``[J, M]`` ≥ 0), exactly
+    :func:`saefast.ref.threshold_activation`. Differentiable in ``x``, ``W_enc``, ``b_enc``, ``b_dec``.
+
+    ``triton``: the threshold is applied to each row's top ``kc = min(M, capacity·k)`` candidates (``[N, J, kc]``
+    codes, 0 in the slots below threshold). Latents outside the candidates are ≤ the ``kc``-th candidate, so a
+    row whose ``kc``-th candidate exceeds the member's smallest threshold might miss some: the batch is then
+    recomputed on the dense eager path (a one-time warning).
+    """
+    M = W_enc.shape[1]
+    if backend != "torch":
+        capacity = BATCHTOPK_CAPACITY if capacity is None else capacity
+        kc = _candidates(M, k, capacity)
+        cand, _ = topk_encode(x, W_enc, b_enc, b_dec, kc, backend=backend)
+        N = cand.values.shape[0]
+        # ReLU'd candidates: with θ ≥ 0, ReLU(pre) > θ ⇔ pre > θ, and then ReLU(pre) = pre.
+        raw = cand.values
+        theta = threshold.to(raw.dtype).unsqueeze(0).expand(N, -1, -1).gather(-1, cand.indices)
+        if kc < M and bool((raw.detach()[..., -1] > threshold.to(raw.dtype).min(-1).values).any()):
+            _warn_capacity("BatchTopK threshold", kc, capacity)
+        else:
+            return SparseCodes(torch.where(raw > theta, raw, torch.zeros_like(raw)), cand.indices, M)
+    pre = ref.pre_activations(x, W_enc, b_enc, b_dec)
+    return SparseCodes.from_dense(ref.threshold_activation(pre, threshold.to(pre.dtype)))
 
 
 def decode_members(codes: SparseCodes, W_dec: torch.Tensor, backend: str = "triton") -> torch.Tensor:

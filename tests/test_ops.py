@@ -57,8 +57,12 @@ def test_backend_resolution_and_errors(monkeypatch):
         pass
     with pytest.raises(ValueError, match="native backend .* not built yet"):
         ops.resolve_backend("native", cpu)
-    with pytest.raises(ValueError, match="implements the topk activation so far"):
-        ops.resolve_backend("triton", cpu, activation="relu")
+    for activation in ("relu", "jumprelu"):
+        with pytest.raises(ValueError, match="implements the topk and batchtopk activations so far"):
+            ops.resolve_backend("triton", cpu, activation=activation)
+    assert ops.resolve_backend("auto", cpu, activation="batchtopk") == "torch"
+    if TRITON_OK:
+        assert ops.resolve_backend("triton", cpu, activation="batchtopk") == "triton"
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="runs on CUDA tensors"):
         ops.resolve_backend("triton", cpu)
@@ -68,7 +72,7 @@ def test_backend_resolution_and_errors(monkeypatch):
 
 def test_models_refuse_triton_for_activations_it_does_not_implement():
     sae = sf.SAE(sf.SAEConfig(d_in=8, n_latents=16, activation="relu"))
-    with pytest.raises(ValueError, match="topk activation so far"):
+    with pytest.raises(ValueError, match="topk and batchtopk activations so far"):
         sae.encode(torch.randn(4, 8), backend="triton")
 
 
@@ -236,3 +240,108 @@ def test_training_on_triton_matches_the_torch_backend(kind):
         assert_close(models[0].reconstruct(x), models[0].reconstruct(x, backend="torch"), atol=1e-5)
         codes = models[0].encode(x)
     assert_close(models[0].decode(codes, backend="triton"), models[0].decode(codes, backend="torch"), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------------
+# BatchTopK on the Triton backend (candidates + exact fallback)
+# ------------------------------------------------------------------------------------------------------
+
+
+@needs_triton
+@pytest.mark.parametrize(("N", "J", "M", "D", "k", "capacity", "overflows"),
+                         [(24, 3, 40, 16, 3, 4, False), (16, 2, 32, 12, 4, 1, True), (9, 2, 12, 8, 4, 4, False)])
+def test_batchtopk_encode_matches_reference(N, J, M, D, k, capacity, overflows, monkeypatch):
+    monkeypatch.setattr(ops, "_capacity_warned", False)
+    W_enc, b_enc, _, b_dec = random_stack(J, M, D, seed=N + M)
+    x = rand(N, D)
+    # Spread the per-token scale so the batch top-k is uneven across rows (some rows keep more than k; with the
+    # tiny capacity, more than their candidates).
+    x = x * torch.linspace(0.2, 3.0, N, device=DEVICE).unsqueeze(1) if overflows else x
+    leaves = [t.clone().requires_grad_(True) for t in (x, W_enc, b_enc, b_dec)]
+    if overflows:
+        with pytest.warns(RuntimeWarning, match="exceeded its capacity"):
+            codes, smallest, _ = ops.batchtopk_encode(*leaves, k, capacity=capacity, backend="triton")
+    else:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            codes, smallest, _ = ops.batchtopk_encode(*leaves, k, capacity=capacity, backend="triton")
+        assert codes.k == min(M, capacity * k)
+    ref_leaves = [t.detach().clone().requires_grad_(True) for t in (x, W_enc, b_enc, b_dec)]
+    z, want_smallest = ref.batchtopk_activation(ref.pre_activations(*ref_leaves), k)
+    assert_close(codes.to_dense(), z.reshape(N, J * M), atol=1e-5, rtol=1e-5)
+    assert_close(smallest, want_smallest, atol=1e-5, rtol=1e-5)
+    assert bool((codes.l0().sum(0) == (z != 0).sum((0, 2))).all())  # zero-valued slots do not count
+    weights = rand(N, J * M)
+    grads = torch.autograd.grad((codes.to_dense() * weights).sum(), leaves)
+    ref_grads = torch.autograd.grad((z.reshape(N, J * M) * weights).sum(), ref_leaves)
+    for name, got, want in zip(("x", "W_enc", "b_enc", "b_dec"), grads, ref_grads):
+        assert_close(got, want, atol=1e-5, rtol=1e-4, msg=f"grad {name}")
+
+
+@needs_triton
+def test_batchtopk_capacity_warning_is_shown_once(monkeypatch):
+    monkeypatch.setattr(ops, "_capacity_warned", False)
+    W_enc, b_enc, _, b_dec = random_stack(2, 32, 12, seed=4)
+    x = rand(16, 12) * torch.linspace(0.2, 3.0, 16, device=DEVICE).unsqueeze(1)
+    with pytest.warns(RuntimeWarning, match="exceeded its capacity") as record:
+        for _ in range(2):
+            ops.batchtopk_encode(x, W_enc, b_enc, b_dec, 4, capacity=1, backend="triton")
+    assert sum("exceeded its capacity" in str(w.message) for w in record) == 1
+
+
+@needs_triton
+@pytest.mark.parametrize(("capacity", "overflows"), [(4, False), (1, True)])
+def test_threshold_encode_matches_reference(capacity, overflows, monkeypatch):
+    monkeypatch.setattr(ops, "_capacity_warned", False)
+    N, J, M, D, k = 14, 3, 36, 12, 3
+    W_enc, b_enc, _, b_dec = random_stack(J, M, D, seed=11)
+    x = rand(N, D)
+    pre = ref.pre_activations(x, W_enc, b_enc, b_dec)
+    # Per-member thresholds: about k latents per row pass (a few rows more); member 2 per-latent thresholds.
+    threshold = pre.transpose(0, 1).reshape(J, -1).quantile(1 - k / M, dim=-1).clamp_min(0)[:, None].expand(J, M)
+    threshold = threshold.clone()
+    threshold[2] += 0.05 * torch.rand(M, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    if overflows:
+        with pytest.warns(RuntimeWarning, match="exceeded its capacity"):
+            codes = ops.threshold_encode(x, W_enc, b_enc, b_dec, threshold, k, capacity=capacity, backend="triton")
+    else:
+        codes = ops.threshold_encode(x, W_enc, b_enc, b_dec, threshold, k, capacity=capacity, backend="triton")
+        assert codes.k == capacity * k
+    want = ref.threshold_activation(pre, threshold).reshape(N, J * M)
+    assert_close(codes.to_dense(), want, atol=1e-5, rtol=1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("kind", ["single", "bagging"])
+def test_batchtopk_training_on_triton_matches_the_torch_backend(kind):
+    cfg = sf.SAEConfig(d_in=12, n_latents=24, k=3, activation="batchtopk", dead_after_tokens=20)
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(32, 12, generator=g).to(DEVICE) for _ in range(3)]
+
+    def build():
+        return (sf.SAE(cfg, seed=1) if kind == "single" else sf.Ensemble(cfg, 2, kind, seed=1)).to(DEVICE)
+
+    models, histories = [], []
+    for backend in ("torch", "triton"):
+        model = build()
+        histories.append(sf.train(model, batches, steps=4, lr=1e-2, log_every=1, progress=False, backend=backend))
+        models.append(model)
+    for a, b in zip(*histories):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
+        assert a["l0"] == pytest.approx(b["l0"], rel=1e-4)
+    for name, tensor in models[0].state_dict().items():
+        other = models[1].state_dict()[name]
+        if tensor.is_floating_point():
+            assert_close(other, tensor, atol=1e-4, rtol=1e-3, msg=name)
+        else:
+            assert torch.equal(other, tensor), name
+    assert bool((models[0].threshold >= 0).all())  # the inference threshold was learned
+    x = rand(10, 12)
+    for model in models:
+        model.eval()
+    with sf.use_backend("triton"):
+        assert_close(models[0].reconstruct(x), models[0].reconstruct(x, backend="torch"), atol=1e-5)
+        codes = models[0].encode(x)
+    assert_close(codes.to_dense(), models[0].encode(x, backend="torch").to_dense(), atol=1e-5)
