@@ -19,8 +19,9 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, TypeVar
 
 import torch
 from safetensors import SafetensorError
@@ -38,20 +39,23 @@ OPTIM_META = "optimizer_meta"
 SUFFIX = {MODEL: ".safetensors", OPTIM_TENSORS: ".safetensors", OPTIM_META: ".json"}
 PREFIX = {MODEL: "model", OPTIM_TENSORS: "optimizer", OPTIM_META: "optimizer"}
 CONFIG_FILE = "config.json"
+T = TypeVar("T")
 
 
 class CheckpointError(ValueError):
     """A checkpoint directory is missing, incomplete or corrupt."""
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: temp file in the same directory, fsync, ``os.replace``."""
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], T]) -> T:
+    """Create ``path`` atomically: ``write(handle)`` fills a temp file in the same directory, which is fsynced and
+    renamed over ``path`` (then the directory is fsynced). A crash leaves the old file or the new one, never a
+    partial one; a leftover ``.<name>.*.tmp`` is the only trace. Returns what ``write`` returns."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            result = write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -64,6 +68,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         os.fsync(dir_fd)  # make the rename itself durable
     finally:
         os.close(dir_fd)
+    return result
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_write`)."""
+    atomic_write(path, lambda handle: handle.write(data))
 
 
 def _sha256(data: bytes) -> str:

@@ -24,7 +24,6 @@ import json
 import os
 import queue
 import re
-import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
@@ -34,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write_bytes, read_versioned_json
+from .checkpoint import atomic_write, atomic_write_bytes, read_versioned_json
 
 FORMAT = "saefast-activations"
 VERSION = 1
@@ -148,21 +147,15 @@ def _write_npy(path: Path, array: np.ndarray) -> tuple[str, int]:
     np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(array))
     data = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
     digest = hashlib.sha256(header.getvalue())
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(header.getvalue())
-            for start in range(0, data.size, _WRITE_CHUNK):
-                chunk = memoryview(data[start : start + _WRITE_CHUNK])
-                digest.update(chunk)
-                handle.write(chunk)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    def write(handle) -> None:
+        handle.write(header.getvalue())
+        for start in range(0, data.size, _WRITE_CHUNK):  # hash what is written, chunk by chunk
+            chunk = memoryview(data[start : start + _WRITE_CHUNK])
+            digest.update(chunk)
+            handle.write(chunk)
+
+    atomic_write(path, write)
     return digest.hexdigest(), len(header.getvalue()) + data.size
 
 
