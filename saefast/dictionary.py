@@ -198,25 +198,30 @@ class SparseDictionary(nn.Module):
 
     def _fused_codes(
         self, x_in: torch.Tensor, P: Stacked, members: slice, backend: str, aux: bool, training: bool
-    ) -> tuple[SparseCodes, torch.Tensor | None, SparseCodes | None]:
-        """Codes on a fused backend without the dense pre-activations: ``(codes, smallest_kept, aux_codes)``.
+    ) -> tuple[SparseCodes, torch.Tensor | None, SparseCodes | None, torch.Tensor | None]:
+        """Codes on a fused backend without the dense pre-activations: ``(codes, smallest_kept, aux_codes, l0)``.
 
         TopK: the fused top-k; BatchTopK: the batch top-``N·k`` (``training`` or no threshold yet; ``smallest_kept``
         ``[J]`` feeds the threshold) or the learned threshold (see :func:`saefast.ops.batchtopk_encode`,
         :func:`saefast.ops.threshold_encode`: exact, falling back to the dense path past their capacity). AuxK codes
-        of the dead latents when ``aux`` (training)."""
+        of the dead latents when ``aux`` (training). JumpReLU: :func:`saefast.ops.jumprelu_encode`, whose ``l0``
+        ``[J]`` (the STE L0 of :func:`saefast.ref.jumprelu_l0`) feeds the sparsity penalty; ``l0`` is None otherwise."""
         cfg = self.cfg
+        if cfg.activation == "jumprelu":
+            codes, l0 = ops.jumprelu_encode(x_in, P.W_enc, P.b_enc, P.b_dec, P.log_threshold, cfg.jumprelu_bandwidth,
+                                            backend=backend)
+            return codes, None, None, l0
         if cfg.activation == "batchtopk" and not training and not bool((P.threshold < 0).any()):
             codes = ops.threshold_encode(x_in, P.W_enc, P.b_enc, P.b_dec, P.threshold, cfg.k, backend=backend)
-            return codes, None, None
+            return codes, None, None, None
         dead = self._dead(members) if aux and cfg.aux_coef != 0 else None
         if dead is not None and not bool(dead.any()):
             dead = None
         aux_k = min(cfg.effective_aux_k, int(dead.sum(-1).max())) if dead is not None else 0
         if cfg.activation == "batchtopk":
-            return ops.batchtopk_encode(x_in, P.W_enc, P.b_enc, P.b_dec, cfg.k, dead, aux_k, backend=backend)
+            return (*ops.batchtopk_encode(x_in, P.W_enc, P.b_enc, P.b_dec, cfg.k, dead, aux_k, backend=backend), None)
         codes, aux_codes = ops.topk_encode(x_in, P.W_enc, P.b_enc, P.b_dec, cfg.k, dead, aux_k, backend=backend)
-        return codes, None, aux_codes
+        return codes, None, aux_codes, None
 
     def _terms(
         self, x_in: torch.Tensor, members: slice = slice(None), backend: str | None = None
@@ -232,14 +237,14 @@ class SparseDictionary(nn.Module):
         joint = self._joint
         P = self.stacked(members)
         backend = self._backend(backend, x_in)
-        aux_codes = None
+        aux_codes = fused_l0 = None
         if backend == "torch":
             pre = ref.pre_activations(x_in, P.W_enc, P.b_enc, P.b_dec)
             z, smallest = self._activate(pre, P, training=True)
             y = ref.decode_codes(z, P.W_dec)
-        else:  # TopK / BatchTopK on a fused backend
+        else:  # a fused backend
             pre = None
-            z, smallest, aux_codes = self._fused_codes(x_in, P, members, backend, aux=True, training=True)
+            z, smallest, aux_codes, fused_l0 = self._fused_codes(x_in, P, members, backend, aux=True, training=True)
             y = ops.decode_members(z, P.W_dec, backend)
         if joint:
             x_hat = (y.sum(1) + P.b_dec[0]).unsqueeze(1)
@@ -263,6 +268,8 @@ class SparseDictionary(nn.Module):
             aux = torch.where(has_dead, aux, torch.zeros_like(aux))  # no dead latent: nothing to model
         if pre is not None:
             sparsity = self._sparsity(pre, z, P)
+        elif fused_l0 is not None:  # JumpReLU: the fused STE L0
+            sparsity = self.cfg.l0_coef * fused_l0.float()
         else:  # TopK / BatchTopK: no sparsity penalty
             sparsity = x_in.new_zeros(P.W_dec.shape[0], dtype=torch.float32)
         if joint:

@@ -6,8 +6,8 @@ Backends:
   ``embedding_bag`` decode. Runs everywhere; the oracle of the others.
 * ``triton`` — the kernels in :mod:`saefast.kernels`: encode→top-k fused (the ``N × J·M`` pre-activation
   matrix is never written), one-launch sparse decode and its sparse backward. CUDA tensors (or any tensors
-  under ``TRITON_INTERPRET=1``, which is how the CPU tests run them). Activations ``topk`` and ``batchtopk``
-  (``relu`` / ``jumprelu`` need the torch backend).
+  under ``TRITON_INTERPRET=1``, which is how the CPU tests run them). Activations ``topk``, ``batchtopk`` and
+  ``jumprelu`` (``relu`` needs the torch backend).
 * ``native`` — the C++/CUDA extension (``csrc/``); not built yet.
 * ``auto`` — ``triton`` for CUDA tensors when Triton is importable, else ``torch``.
 
@@ -23,6 +23,11 @@ kernel returns each row's top ``kc = min(M, capacity·k)`` pre-activations (``ca
 it exceeds the member's smallest threshold. Such a batch is never answered approximately: the call recomputes it
 exactly on the dense eager path (:mod:`saefast.ref`, building the ``N × J·M`` pre-activations) and warns once
 that the capacity was exceeded. Raise ``capacity`` if that warning shows up often.
+
+JumpReLU on ``triton`` (:func:`jumprelu_encode`): the fused kernel returns every pre-activation above ``θ − ε/2``
+— all that the forward and the straight-through gradients (of the codes and of the L0 penalty) depend on — and the
+activation and L0 are applied to those alone, so the result equals the dense reference. A row with more of them
+than the capacity falls back to the dense eager path the same way (one warning).
 """
 
 from __future__ import annotations
@@ -41,11 +46,17 @@ from .codes import SparseCodes
 
 BACKENDS = ("auto", "torch", "triton", "native")
 
-FUSED_ACTIVATIONS = ("topk", "batchtopk")
+FUSED_ACTIVATIONS = ("topk", "batchtopk", "jumprelu")
 """The activations the ``triton`` backend implements."""
 
 BATCHTOPK_CAPACITY = 4
 """Default candidates per row of the fused BatchTopK, as a multiple of ``k`` (``kc = min(M, capacity·k)``)."""
+
+JUMPRELU_MIN_CAPACITY = 64
+"""Default slots per row of the fused JumpReLU: ``min(M, max(JUMPRELU_MIN_CAPACITY, M // JUMPRELU_CAPACITY_DIVISOR))``
+(see :func:`jumprelu_capacity`)."""
+
+JUMPRELU_CAPACITY_DIVISOR = 16
 
 _capacity_warned = False
 
@@ -85,7 +96,7 @@ def _interpreting() -> bool:
 def resolve_backend(name: str | None, device: torch.device, activation: str = "topk") -> str:
     """The backend that will run: ``name`` (or the current one) with ``auto`` resolved for ``device``.
 
-    ``triton`` needs Triton, CUDA tensors (or ``TRITON_INTERPRET=1``) and, so far, the TopK or BatchTopK activation;
+    ``triton`` needs Triton, CUDA tensors (or ``TRITON_INTERPRET=1``) and an activation in :data:`FUSED_ACTIVATIONS`;
     ``auto`` falls back to ``torch`` where any of these is missing, an explicit ``triton`` raises.
     """
     name = _check_name(current_backend() if name is None else name)
@@ -102,7 +113,7 @@ def resolve_backend(name: str | None, device: torch.device, activation: str = "t
             raise ValueError(f"backend 'triton' runs on CUDA tensors, got {device.type} ones (set "
                              f"TRITON_INTERPRET=1 before importing triton to run the kernels on the CPU)")
         if activation not in FUSED_ACTIVATIONS:
-            raise ValueError(f"backend 'triton' implements the topk and batchtopk activations so far, not "
+            raise ValueError(f"backend 'triton' implements the topk, batchtopk and jumprelu activations, not "
                              f"{activation!r}; use backend 'torch'")
     return name
 
@@ -206,23 +217,15 @@ def _encode_setup(ctx, inputs, output):
     ctx.bias_dtype = bias.dtype
 
 
-def _encode_backward(ctx, grad_values, grad_indices, grad_aux_values, grad_aux_indices):
-    """Only the selected latents get gradient: with ``dpre`` the ``[N, J, K (+K_aux)]`` gradient of the kept
-    pre-activations, ``dx[n] = Σ_{j,s} dpre·W_enc[j, idx]``, ``dW_enc[j, m] = Σ_{(n,s): idx = m} dpre·x[n]``,
-    ``dbias[j, m] = Σ_{(n,s): idx = m} dpre`` — the decode kernels with ``W_enc`` in the decoder's place."""
-    x, W_enc, indices, aux_indices = ctx.saved_tensors
+def _scatter_backward(ctx, x: torch.Tensor, W_enc: torch.Tensor, dpre: torch.Tensor, idx: torch.Tensor,
+                      bias_dtype: torch.dtype) -> tuple[torch.Tensor | None, ...]:
+    """Gradients of an encode that returned the pre-activations at ``(n, j, idx[n, j, s])``, given their gradient
+    ``dpre [N, J, S]``: ``dx[n] = Σ_{j,s} dpre·W_enc[j, idx]``, ``dW_enc[j, m] = Σ_{(n,s): idx = m} dpre·x[n]``,
+    ``dbias[j, m] = Σ_{(n,s): idx = m} dpre`` — the decode kernels with ``W_enc`` in the decoder's place.
+    Returns ``(grad_x, grad_W_enc, grad_bias)`` (None where ``ctx.needs_input_grad[0..2]`` is False)."""
     J, M, _ = W_enc.shape
-    parts_g, parts_i = [], []
-    if grad_values is not None:
-        parts_g.append(grad_values)
-        parts_i.append(indices)
-    if grad_aux_values is not None and aux_indices.shape[-1] > 0:
-        parts_g.append(grad_aux_values)
-        parts_i.append(aux_indices)
-    if not parts_g:
-        return None, None, None, None, None, None
-    dpre = torch.cat(parts_g, -1).float().contiguous()
-    idx = torch.cat(parts_i, -1).contiguous()
+    dpre = dpre.float().contiguous()
+    idx = idx.contiguous()
     ones = torch.ones(J, dtype=torch.float32, device=x.device)
     grad_x = grad_W = grad_bias = None
     if ctx.needs_input_grad[0]:
@@ -233,11 +236,65 @@ def _encode_backward(ctx, grad_values, grad_indices, grad_aux_values, grad_aux_i
     if ctx.needs_input_grad[2]:
         flat = (idx + torch.arange(J, device=idx.device).view(1, J, 1) * M).reshape(-1)
         grad_bias = torch.zeros(J * M, dtype=torch.float32, device=x.device).index_add_(0, flat, dpre.reshape(-1))
-        grad_bias = grad_bias.view(J, M).to(ctx.bias_dtype)
-    return grad_x, grad_W, grad_bias, None, None, None
+        grad_bias = grad_bias.view(J, M).to(bias_dtype)
+    return grad_x, grad_W, grad_bias
+
+
+def _encode_backward(ctx, grad_values, grad_indices, grad_aux_values, grad_aux_indices):
+    """Only the selected latents get gradient (see :func:`_scatter_backward`), the top-k and AuxK slots together."""
+    x, W_enc, indices, aux_indices = ctx.saved_tensors
+    parts_g, parts_i = [], []
+    if grad_values is not None:
+        parts_g.append(grad_values)
+        parts_i.append(indices)
+    if grad_aux_values is not None and aux_indices.shape[-1] > 0:
+        parts_g.append(grad_aux_values)
+        parts_i.append(aux_indices)
+    if not parts_g:
+        return None, None, None, None, None, None
+    grads = _scatter_backward(ctx, x, W_enc, torch.cat(parts_g, -1), torch.cat(parts_i, -1), ctx.bias_dtype)
+    return *grads, None, None, None
 
 
 _topk_encode.register_autograd(_encode_backward, setup_context=_encode_setup)
+
+
+@torch.library.custom_op("saefast::threshold_encode", mutates_args=())
+def _threshold_encode(x: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, lower: torch.Tensor,
+                      capacity: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every ``pre > lower [J, M]`` as ``(values, indices, counts, overflow)`` (:func:`kernels.topk_encode.
+    threshold_encode`, never raising: ``overflow`` says a row had more than ``capacity`` and was truncated)."""
+    from .kernels.topk_encode import threshold_encode
+
+    return threshold_encode(x, W_enc, bias, lower, capacity, raise_on_overflow=False)
+
+
+@_threshold_encode.register_fake
+def _(x, W_enc, bias, lower, capacity):
+    N, J = x.shape[0], W_enc.shape[0]
+    return (x.new_empty((N, J, capacity), dtype=torch.float32), x.new_empty((N, J, capacity), dtype=torch.int64),
+            x.new_empty((N, J), dtype=torch.int64), x.new_empty((), dtype=torch.bool))
+
+
+def _threshold_setup(ctx, inputs, output):
+    x, W_enc, bias, lower, capacity = inputs
+    _, indices, counts, _ = output
+    ctx.save_for_backward(x, W_enc, indices, counts)
+    ctx.bias_dtype = bias.dtype
+
+
+def _threshold_backward(ctx, grad_values, grad_indices, grad_counts, grad_overflow):
+    """The scatter backward of :func:`_scatter_backward` on the returned slots; padding slots get no gradient."""
+    x, W_enc, indices, counts = ctx.saved_tensors
+    if grad_values is None:
+        return None, None, None, None, None
+    slots = torch.arange(indices.shape[-1], device=indices.device)
+    valid = slots < counts.unsqueeze(-1)
+    dpre = torch.where(valid, grad_values, torch.zeros_like(grad_values))
+    return *_scatter_backward(ctx, x, W_enc, dpre, indices, ctx.bias_dtype), None, None
+
+
+_threshold_encode.register_autograd(_threshold_backward, setup_context=_threshold_setup)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -285,14 +342,14 @@ def _candidates(M: int, k: int, capacity: int) -> int:
     return min(M, capacity * k)
 
 
-def _warn_capacity(what: str, kc: int, capacity: int) -> None:
+def _warn_capacity(what: str, kc: int, capacity: int, knob: str = "saefast.ops.BATCHTOPK_CAPACITY") -> None:
     global _capacity_warned
     if not _capacity_warned:
         _capacity_warned = True
         warnings.warn(
             f"saefast: fused {what} exceeded its capacity ({kc} candidates per row, capacity={capacity}): a row may "
             f"have more qualifying latents than candidates, so the batch was recomputed exactly on the dense eager "
-            f"path (slower). Raise the capacity (saefast.ops.BATCHTOPK_CAPACITY) if this recurs. Shown once.",
+            f"path (slower). Raise the capacity ({knob}) if this recurs. Shown once.",
             RuntimeWarning, stacklevel=3,
         )
 
@@ -371,6 +428,72 @@ def threshold_encode(
             return SparseCodes(torch.where(raw > theta, raw, torch.zeros_like(raw)), cand.indices, M)
     pre = ref.pre_activations(x, W_enc, b_enc, b_dec)
     return SparseCodes.from_dense(ref.threshold_activation(pre, threshold.to(pre.dtype)))
+
+
+def jumprelu_capacity(M: int, capacity: int | None = None) -> int:
+    """Slots per row of the fused JumpReLU: ``capacity`` if given (``1 ≤ capacity ≤ M``), else
+    ``min(M, max(JUMPRELU_MIN_CAPACITY, M // JUMPRELU_CAPACITY_DIVISOR))``."""
+    if capacity is None:
+        return min(M, max(JUMPRELU_MIN_CAPACITY, M // JUMPRELU_CAPACITY_DIVISOR))
+    if isinstance(capacity, bool) or not isinstance(capacity, int) or not 1 <= capacity <= M:
+        raise ValueError(f"capacity must be an int in [1, {M}], got {capacity!r}")
+    return capacity
+
+
+def jumprelu_encode(
+    x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor, log_threshold: torch.Tensor,
+    bandwidth: float, capacity: int | None = None, backend: str = "triton",
+) -> tuple[SparseCodes, torch.Tensor]:
+    """JumpReLU codes of ``x [N, D]`` and the per-member L0 ``[J]``, exactly the dense reference:
+    ``z = ref.jumprelu_activation(pre, θ, ε)`` and ``ref.jumprelu_l0(pre, θ, ε)`` with ``θ = exp(log_threshold)``
+    ``[J, M]`` — forward values and straight-through gradients (in ``x``, ``W_enc``, ``b_enc``, ``b_dec`` and
+    ``log_threshold``).
+
+    ``triton``: the forward and every STE gradient involve only entries with ``pre > θ − ε/2`` (kept: ``pre > θ``;
+    the band ``θ − ε/2 < pre ≤ θ`` where the rectangle kernel is non-zero); every other entry has ``z = 0`` and no
+    gradient. The fused kernel returns exactly those entries (a hair more: the bound is lowered by one ulp, which
+    only adds exact zeros), ``[N, J, capacity]`` slots per row (default :func:`jumprelu_capacity`), and the
+    activation and L0 are applied to them alone; the dense ``N × J·M`` pre-activations are never built. A row with
+    more such entries than ``capacity`` (e.g. early in training, while the thresholds are near 0) makes the call
+    recompute the batch on the dense eager path, with a one-time warning: nothing is ever dropped.
+    """
+    M = W_enc.shape[1]
+    theta = log_threshold.exp()
+    if backend == "torch":
+        return _jumprelu_dense(x, W_enc, b_enc, b_dec, theta, bandwidth)
+    cap = jumprelu_capacity(M, capacity)
+    bias = folded_bias(W_enc, b_enc, b_dec).float()
+    lower = _jumprelu_lower(theta, bandwidth)  # rounding slack: only adds exact zeros
+    values, indices, counts, overflow = _threshold_encode(x.contiguous(), W_enc.contiguous(), bias.contiguous(),
+                                                         lower.contiguous(), cap)
+    if bool(overflow):
+        _warn_capacity("JumpReLU", cap, cap, knob="jumprelu_encode(capacity=...), saefast.ops.JUMPRELU_MIN_CAPACITY")
+        return _jumprelu_dense(x, W_enc, b_enc, b_dec, theta, bandwidth)
+    N = values.shape[0]
+    valid = torch.arange(cap, device=values.device) < counts.unsqueeze(-1)
+    theta_sel = theta.float().unsqueeze(0).expand(N, -1, -1).gather(-1, indices)  # θ's gradient scatters back
+    z = ref.jumprelu_activation(values, theta_sel, bandwidth)
+    z = torch.where(valid, z, torch.zeros_like(z))  # padding: no value, no gradient of any kind
+    l0 = ref.jumprelu_l0(values.masked_fill(~valid, float("-inf")), theta_sel, bandwidth)
+    return SparseCodes(z, indices, M), l0
+
+
+def _jumprelu_lower(theta: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    """``θ − ε/2`` lowered by one ulp (fp32, no gradient): every entry the JumpReLU STE can touch is above it."""
+    lower = theta.detach().float() - bandwidth / 2
+    return torch.nextafter(lower, torch.full_like(lower, float("-inf")))
+
+
+def _jumprelu_dense(x, W_enc, b_enc, b_dec, theta, bandwidth) -> tuple[SparseCodes, torch.Tensor]:
+    """The dense reference, packed so that the band entries (``z = 0`` but a θ-gradient) keep their slots:
+    ``SparseCodes.from_dense`` would drop them, and their straight-through gradient with them."""
+    pre = ref.pre_activations(x, W_enc, b_enc, b_dec)
+    z = ref.jumprelu_activation(pre, theta.to(pre.dtype), bandwidth)
+    touched = pre.detach().float() > _jumprelu_lower(theta, bandwidth)
+    k = min(max(int(touched.sum(-1).max()) if touched.numel() else 0, 1), pre.shape[-1])
+    order = torch.argsort((~touched).to(torch.int8), dim=-1, stable=True)[..., :k]  # touched first, ascending
+    return SparseCodes(z.gather(-1, order), order, pre.shape[-1]), ref.jumprelu_l0(pre.float(), theta.float(),
+                                                                                   bandwidth)
 
 
 def decode_members(codes: SparseCodes, W_dec: torch.Tensor, backend: str = "triton") -> torch.Tensor:

@@ -57,12 +57,13 @@ def test_backend_resolution_and_errors(monkeypatch):
         pass
     with pytest.raises(ValueError, match="native backend .* not built yet"):
         ops.resolve_backend("native", cpu)
-    for activation in ("relu", "jumprelu"):
-        with pytest.raises(ValueError, match="implements the topk and batchtopk activations so far"):
-            ops.resolve_backend("triton", cpu, activation=activation)
+    with pytest.raises(ValueError, match="implements the topk, batchtopk and jumprelu activations, not 'relu'"):
+        ops.resolve_backend("triton", cpu, activation="relu")
     assert ops.resolve_backend("auto", cpu, activation="batchtopk") == "torch"
+    assert ops.resolve_backend("auto", cpu, activation="jumprelu") == "torch"
     if TRITON_OK:
         assert ops.resolve_backend("triton", cpu, activation="batchtopk") == "triton"
+        assert ops.resolve_backend("triton", cpu, activation="jumprelu") == "triton"
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="runs on CUDA tensors"):
         ops.resolve_backend("triton", cpu)
@@ -72,7 +73,7 @@ def test_backend_resolution_and_errors(monkeypatch):
 
 def test_models_refuse_triton_for_activations_it_does_not_implement():
     sae = sf.SAE(sf.SAEConfig(d_in=8, n_latents=16, activation="relu"))
-    with pytest.raises(ValueError, match="topk and batchtopk activations so far"):
+    with pytest.raises(ValueError, match="topk, batchtopk and jumprelu activations, not 'relu'"):
         sae.encode(torch.randn(4, 8), backend="triton")
 
 
@@ -190,6 +191,9 @@ def test_opcheck_of_the_custom_ops():
     dead[:, :4] = True
     torch.library.opcheck(torch.ops.saefast.topk_encode.default,
                           (rand(N, D).requires_grad_(True), W_enc.requires_grad_(True), bias, K, dead, 2))
+    lower = torch.full((J, M), 0.1, device=DEVICE)
+    torch.library.opcheck(torch.ops.saefast.threshold_encode.default,
+                          (rand(N, D).requires_grad_(True), W_enc.requires_grad_(True), bias, lower, 6))
 
 
 @needs_triton
@@ -213,10 +217,13 @@ def test_torch_compile_traces_through_the_ops_without_graph_breaks():
 
 @needs_triton
 @pytest.mark.parametrize(("activation", "kind"), [("topk", "single"), ("topk", "bagging"), ("topk", "boosting"),
-                                                  ("batchtopk", "single"), ("batchtopk", "bagging")])
+                                                  ("batchtopk", "single"), ("batchtopk", "bagging"),
+                                                  ("jumprelu", "single"), ("jumprelu", "bagging")])
 def test_training_on_triton_matches_the_torch_backend(activation, kind):
-    # Latents die fast, so AuxK runs too.
-    cfg = sf.SAEConfig(d_in=12, n_latents=24, k=3, activation=activation, dead_after_tokens=20)
+    # Latents die fast, so AuxK runs too. JumpReLU: thresholds and a bandwidth on the scale of the pre-activations,
+    # so that the straight-through gradients (of the codes and of the L0 penalty) reach log_threshold.
+    extra = dict(jumprelu_init_threshold=0.3, jumprelu_bandwidth=0.2, l0_coef=0.05) if activation == "jumprelu" else {}
+    cfg = sf.SAEConfig(d_in=12, n_latents=24, k=3, activation=activation, dead_after_tokens=20, **extra)
     g = torch.Generator().manual_seed(0)
     batches = [torch.randn(32, 12, generator=g).to(DEVICE) for _ in range(3)]
 
@@ -230,8 +237,11 @@ def test_training_on_triton_matches_the_torch_backend(activation, kind):
         models.append(model)
     if activation == "topk":
         assert any(h["aux"] > 0 for h in histories[0])  # the AuxK path was exercised
-    else:
+    elif activation == "batchtopk":
         assert bool((models[0].threshold >= 0).all())  # the BatchTopK inference threshold was learned
+    else:
+        assert all(h["sparsity"] > 0 for h in histories[1])  # the fused L0 penalty was trained on
+        assert not torch.equal(models[1].log_threshold, build().log_threshold)  # and the thresholds moved
     for a, b in zip(*histories):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
         assert a["l0"] == pytest.approx(b["l0"], rel=1e-4)
@@ -318,3 +328,74 @@ def test_threshold_encode_matches_reference(capacity, overflows, monkeypatch):
         assert codes.k == capacity * k
     want = ref.threshold_activation(pre, threshold).reshape(N, J * M)
     assert_close(codes.to_dense(), want, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------------
+# JumpReLU on the Triton backend (every entry above θ − ε/2 + exact fallback)
+# ------------------------------------------------------------------------------------------------------
+
+
+def _jumprelu_case(N, J, M, D, seed, bandwidth):
+    W_enc, b_enc, _, b_dec = random_stack(J, M, D, seed=seed)
+    x = rand(N, D)
+    g = torch.Generator().manual_seed(seed)
+    theta = 0.4 + 0.3 * torch.rand(J, M, generator=g)
+    log_threshold = theta.log().to(DEVICE)
+    pre = ref.pre_activations(x, W_enc, b_enc, b_dec)
+    th = log_threshold.exp()
+    below = ((pre > th - bandwidth / 2) & (pre <= th)).sum()  # the band under θ: z = 0, STE gradient ≠ 0
+    above = ((pre > th) & (pre <= th + bandwidth / 2)).sum()
+    assert int(below) > 0 and int(above) > 0, "the case must put pre-activations in the band on both sides"
+    return x, W_enc, b_enc, b_dec, log_threshold
+
+
+@needs_triton
+@pytest.mark.parametrize("shared_b_dec", [False, True])
+def test_jumprelu_encode_matches_reference_forward_and_backward(shared_b_dec, monkeypatch):
+    import warnings
+
+    monkeypatch.setattr(ops, "_capacity_warned", False)
+    N, J, M, D, eps = 16, 3, 40, 12, 0.2
+    x, W_enc, b_enc, b_dec, log_threshold = _jumprelu_case(N, J, M, D, seed=21, bandwidth=eps)
+    if shared_b_dec:
+        b_dec = b_dec[:1]
+    leaves = [t.clone().requires_grad_(True) for t in (x, W_enc, b_enc, b_dec, log_threshold)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the default capacity (M here) never falls back
+        codes, l0 = ops.jumprelu_encode(*leaves, eps, backend="triton")
+    ref_leaves = [t.detach().clone().requires_grad_(True) for t in leaves]
+    pre = ref.pre_activations(*ref_leaves[:4])
+    theta = ref_leaves[4].exp()
+    z, want_l0 = ref.jumprelu_activation(pre, theta, eps), ref.jumprelu_l0(pre, theta, eps)
+    assert_close(codes.to_dense(), z.reshape(N, J * M), atol=1e-5, rtol=1e-5)
+    assert_close(l0, want_l0, atol=1e-6, rtol=1e-6)
+    assert bool((codes.l0().sum(0) == (z != 0).sum((0, 2))).all())  # band and padding slots hold exact zeros
+    weights, l0_weights = rand(N, J * M), rand(J)
+    grads = torch.autograd.grad((codes.to_dense() * weights).sum() + (l0 * l0_weights).sum(), leaves)
+    ref_grads = torch.autograd.grad((z.reshape(N, J * M) * weights).sum() + (want_l0 * l0_weights).sum(), ref_leaves)
+    for name, got, want in zip(("x", "W_enc", "b_enc", "b_dec", "log_threshold"), grads, ref_grads):
+        assert_close(got, want, atol=1e-5, rtol=1e-4, msg=f"grad {name}")
+    assert bool((ref_grads[4] != 0).any())  # the STE did reach the thresholds
+
+
+@needs_triton
+def test_jumprelu_encode_falls_back_exactly_past_its_capacity(monkeypatch):
+    monkeypatch.setattr(ops, "_capacity_warned", False)
+    N, J, M, D, eps = 10, 2, 24, 8, 0.2
+    x, W_enc, b_enc, b_dec, log_threshold = _jumprelu_case(N, J, M, D, seed=22, bandwidth=eps)
+    leaves = [t.clone().requires_grad_(True) for t in (x, W_enc, b_enc, b_dec, log_threshold)]
+    with pytest.warns(RuntimeWarning, match="JumpReLU exceeded its capacity"):
+        codes, l0 = ops.jumprelu_encode(*leaves, eps, capacity=1, backend="triton")
+    ref_leaves = [t.detach().clone().requires_grad_(True) for t in leaves]
+    pre = ref.pre_activations(*ref_leaves[:4])
+    theta = ref_leaves[4].exp()
+    z, want_l0 = ref.jumprelu_activation(pre, theta, eps), ref.jumprelu_l0(pre, theta, eps)
+    assert_close(codes.to_dense(), z.reshape(N, J * M), atol=1e-5, rtol=1e-5)
+    assert_close(l0, want_l0, atol=1e-6, rtol=1e-6)
+    weights = rand(N, J * M)
+    grads = torch.autograd.grad((codes.to_dense() * weights).sum() + l0.sum(), leaves)
+    ref_grads = torch.autograd.grad((z.reshape(N, J * M) * weights).sum() + want_l0.sum(), ref_leaves)
+    for name, got, want in zip(("x", "W_enc", "b_enc", "b_dec", "log_threshold"), grads, ref_grads):
+        assert_close(got, want, atol=1e-5, rtol=1e-4, msg=f"grad {name}")
+    with pytest.raises(ValueError, match="capacity must be an int"):
+        ops.jumprelu_encode(*leaves, eps, capacity=M + 1, backend="triton")
