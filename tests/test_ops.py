@@ -349,6 +349,25 @@ def _jumprelu_case(N, J, M, D, seed, bandwidth):
     return x, W_enc, b_enc, b_dec, log_threshold
 
 
+def _assert_jumprelu_matches_reference(leaves, codes, l0, eps, l0_weights):
+    """Fused JumpReLU codes and L0 equal the dense reference's, and so do the gradients of
+    ``(codes·w).sum() + (L0·l0_weights).sum()`` w.r.t. x, W_enc, b_enc, b_dec, log_threshold. Returns the dense
+    reference codes and gradients."""
+    ref_leaves = [t.detach().clone().requires_grad_(True) for t in leaves]
+    pre = ref.pre_activations(*ref_leaves[:4])
+    N, J, M = pre.shape
+    theta = ref_leaves[4].exp()
+    z, want_l0 = ref.jumprelu_activation(pre, theta, eps), ref.jumprelu_l0(pre, theta, eps)
+    assert_close(codes.to_dense(), z.reshape(N, J * M), atol=1e-5, rtol=1e-5)
+    assert_close(l0, want_l0, atol=1e-6, rtol=1e-6)
+    weights = rand(N, J * M)
+    grads = torch.autograd.grad((codes.to_dense() * weights).sum() + (l0 * l0_weights).sum(), leaves)
+    ref_grads = torch.autograd.grad((z.reshape(N, J * M) * weights).sum() + (want_l0 * l0_weights).sum(), ref_leaves)
+    for name, got, want in zip(("x", "W_enc", "b_enc", "b_dec", "log_threshold"), grads, ref_grads):
+        assert_close(got, want, atol=1e-5, rtol=1e-4, msg=f"grad {name}")
+    return z, ref_grads
+
+
 @needs_triton
 @pytest.mark.parametrize("shared_b_dec", [False, True])
 def test_jumprelu_encode_matches_reference_forward_and_backward(shared_b_dec, monkeypatch):
@@ -363,18 +382,8 @@ def test_jumprelu_encode_matches_reference_forward_and_backward(shared_b_dec, mo
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the default capacity (M here) never falls back
         codes, l0 = ops.jumprelu_encode(*leaves, eps, backend="triton")
-    ref_leaves = [t.detach().clone().requires_grad_(True) for t in leaves]
-    pre = ref.pre_activations(*ref_leaves[:4])
-    theta = ref_leaves[4].exp()
-    z, want_l0 = ref.jumprelu_activation(pre, theta, eps), ref.jumprelu_l0(pre, theta, eps)
-    assert_close(codes.to_dense(), z.reshape(N, J * M), atol=1e-5, rtol=1e-5)
-    assert_close(l0, want_l0, atol=1e-6, rtol=1e-6)
+    z, ref_grads = _assert_jumprelu_matches_reference(leaves, codes, l0, eps, l0_weights=rand(J))
     assert bool((codes.l0().sum(0) == (z != 0).sum((0, 2))).all())  # band and padding slots hold exact zeros
-    weights, l0_weights = rand(N, J * M), rand(J)
-    grads = torch.autograd.grad((codes.to_dense() * weights).sum() + (l0 * l0_weights).sum(), leaves)
-    ref_grads = torch.autograd.grad((z.reshape(N, J * M) * weights).sum() + (want_l0 * l0_weights).sum(), ref_leaves)
-    for name, got, want in zip(("x", "W_enc", "b_enc", "b_dec", "log_threshold"), grads, ref_grads):
-        assert_close(got, want, atol=1e-5, rtol=1e-4, msg=f"grad {name}")
     assert bool((ref_grads[4] != 0).any())  # the STE did reach the thresholds
 
 
@@ -386,16 +395,6 @@ def test_jumprelu_encode_falls_back_exactly_past_its_capacity(monkeypatch):
     leaves = [t.clone().requires_grad_(True) for t in (x, W_enc, b_enc, b_dec, log_threshold)]
     with pytest.warns(RuntimeWarning, match="JumpReLU exceeded its capacity"):
         codes, l0 = ops.jumprelu_encode(*leaves, eps, capacity=1, backend="triton")
-    ref_leaves = [t.detach().clone().requires_grad_(True) for t in leaves]
-    pre = ref.pre_activations(*ref_leaves[:4])
-    theta = ref_leaves[4].exp()
-    z, want_l0 = ref.jumprelu_activation(pre, theta, eps), ref.jumprelu_l0(pre, theta, eps)
-    assert_close(codes.to_dense(), z.reshape(N, J * M), atol=1e-5, rtol=1e-5)
-    assert_close(l0, want_l0, atol=1e-6, rtol=1e-6)
-    weights = rand(N, J * M)
-    grads = torch.autograd.grad((codes.to_dense() * weights).sum() + l0.sum(), leaves)
-    ref_grads = torch.autograd.grad((z.reshape(N, J * M) * weights).sum() + want_l0.sum(), ref_leaves)
-    for name, got, want in zip(("x", "W_enc", "b_enc", "b_dec", "log_threshold"), grads, ref_grads):
-        assert_close(got, want, atol=1e-5, rtol=1e-4, msg=f"grad {name}")
+    _assert_jumprelu_matches_reference(leaves, codes, l0, eps, l0_weights=torch.ones(J, device=DEVICE))
     with pytest.raises(ValueError, match="capacity must be an int"):
         ops.jumprelu_encode(*leaves, eps, capacity=M + 1, backend="triton")
