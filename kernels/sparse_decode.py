@@ -139,6 +139,19 @@ def mask_arg(mask: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tenso
 
 
 @triton.jit
+def load_slot(values, indices, mask, n64, n_ok, j, k, M,
+              s_vn, s_vj, s_vk, s_in, s_ij, s_ik, s_mn, s_mj, s_mk, HAS_MASK: tl.constexpr):
+    """Slot ``(n, j, k)`` of a ``[BLOCK_N]`` token block: ``(value as fp32, index, kept)``; a slot is kept when its
+    token is in range, its index lies in ``[0, M)`` and (with ``HAS_MASK``) its mask is set."""
+    v = tl.load(values + n64 * s_vn + j * s_vj + k * s_vk, mask=n_ok, other=0.0).to(tl.float32)
+    idx = tl.load(indices + n64 * s_in + j * s_ij + k * s_ik, mask=n_ok, other=0)
+    ok = n_ok & (idx >= 0) & (idx < M)
+    if HAS_MASK:
+        ok = ok & (tl.load(mask + n64 * s_mn + j * s_mj + k * s_mk, mask=n_ok, other=0) != 0)
+    return v, idx, ok
+
+
+@triton.jit
 def _sparse_decode_kernel(
     values, indices, mask, W, alpha, bias, out,
     N, J, K, M, D,
@@ -166,11 +179,8 @@ def _sparse_decode_kernel(
     for j in range(j_lo, j_hi):
         a = tl.load(alpha + j)
         for k in range(K):
-            v = tl.load(values + n64 * s_vn + j * s_vj + k * s_vk, mask=n_ok, other=0.0).to(tl.float32)
-            idx = tl.load(indices + n64 * s_in + j * s_ij + k * s_ik, mask=n_ok, other=0)
-            ok = n_ok & (idx >= 0) & (idx < M)
-            if HAS_MASK:
-                ok = ok & (tl.load(mask + n64 * s_mn + j * s_mj + k * s_mk, mask=n_ok, other=0) != 0)
+            v, idx, ok = load_slot(values, indices, mask, n64, n_ok, j, k, M, s_vn, s_vj, s_vk, s_in, s_ij, s_ik,
+                                   s_mn, s_mj, s_mk, HAS_MASK)
             # A dropped slot contributes exactly 0, even when its value is NaN/inf. alpha scales the [BLOCK_N]
             # coefficients rather than a second [BLOCK_N, BLOCK_D] per-member accumulator (registers).
             v = tl.where(ok, a * v, 0.0)

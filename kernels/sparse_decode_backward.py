@@ -48,6 +48,7 @@ from .sparse_decode import (
     check_slots,
     empty,
     interpreting,
+    load_slot,
     mask_arg,
 )
 
@@ -182,11 +183,8 @@ def _grad_weight_atomic_kernel(
             g = tl.load(g_tile + j * s_gj, mask=g_ok, other=0.0).to(tl.float32)
         a = tl.load(alpha + j)
         for k in range(K):
-            v = tl.load(values + n64 * s_vn + j * s_vj + k * s_vk, mask=n_ok, other=0.0).to(tl.float32)
-            idx = tl.load(indices + n64 * s_in + j * s_ij + k * s_ik, mask=n_ok, other=0)
-            ok = n_ok & (idx >= 0) & (idx < M)
-            if HAS_MASK:
-                ok = ok & (tl.load(mask + n64 * s_mn + j * s_mj + k * s_mk, mask=n_ok, other=0) != 0)
+            v, idx, ok = load_slot(values, indices, mask, n64, n_ok, j, k, M, s_vn, s_vj, s_vk, s_in, s_ij, s_ik,
+                                   s_mn, s_mj, s_mk, HAS_MASK)
             # Duplicate indices (within the tile or across programs) are separate atomic adds: they sum.
             tl.atomic_add(
                 out + (j * M + idx)[:, None] * D + d[None, :],

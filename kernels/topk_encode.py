@@ -132,11 +132,13 @@ def _store_desc(best, out_val, out_idx, rows, row_mask, j, stride_on, stride_oj,
 
 
 @triton.jit
-def _pre_tile(x_rows, row_mask, w_member, bias_j, cols, col_mask, offs_d, D, stride_xd, stride_wm, stride_wd,
-              stride_bm, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-              PRECISION: tl.constexpr):
+def _pre_tile(x_ptr, w_ptr, bias_ptr, j, rows, row_mask, cols, col_mask, D,
+              stride_xn, stride_xd, stride_wj, stride_wm, stride_wd, stride_bj, stride_bm,
+              BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """fp32 ``pre [BLOCK_N, BLOCK_M] = x[rows] · W_enc[j, cols]ᵀ + bias[j, cols]`` (0 at cols ≥ M, bias at rows ≥ N)."""
-    w_cols = w_member + cols.to(tl.int64)[None, :] * stride_wm
+    offs_d = tl.arange(0, BLOCK_D)
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xn
+    w_cols = w_ptr + j * stride_wj + cols.to(tl.int64)[None, :] * stride_wm
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         dd = (d0 + offs_d).to(tl.int64)  # dd · stride may pass 2³¹ for a transposed x
@@ -145,7 +147,7 @@ def _pre_tile(x_rows, row_mask, w_member, bias_j, cols, col_mask, offs_d, D, str
         # W loaded as [BLOCK_D, BLOCK_M] (transposed by addressing), zero beyond D and M.
         wt = tl.load(w_cols + dd[:, None] * stride_wd, mask=d_mask[:, None] & col_mask[None, :], other=0.0)
         acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
-    bias = tl.load(bias_j + cols * stride_bm, mask=col_mask, other=0.0)
+    bias = tl.load(bias_ptr + j * stride_bj + cols * stride_bm, mask=col_mask, other=0.0)
     return acc + bias[None, :]
 
 
@@ -169,9 +171,6 @@ def _topk_encode_kernel(
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xn
-    w_member = w_ptr + j * stride_wj
 
     # The padding key (latents ≥ M; non-dead latents in the aux buffer) is INT64_MIN: its high half INT32_MIN lies
     # below the ordered image of every fp32 value including -inf (0x807FFFFF), so it loses to every real key.
@@ -183,8 +182,8 @@ def _topk_encode_kernel(
     for m0 in range(0, M, BLOCK_M):
         cols = m0 + offs_m
         col_mask = cols < M
-        pre = _pre_tile(x_rows, row_mask, w_member, bias_ptr + j * stride_bj, cols, col_mask, offs_d, D, stride_xd,
-                        stride_wm, stride_wd, stride_bm, BLOCK_N, BLOCK_M, BLOCK_D, PRECISION)
+        pre = _pre_tile(x_ptr, w_ptr, bias_ptr, j, rows, row_mask, cols, col_mask, D, stride_xn, stride_xd, stride_wj,
+                        stride_wm, stride_wd, stride_bj, stride_bm, BLOCK_N, BLOCK_M, BLOCK_D, PRECISION)
         # Padded latents get the padding key, which loses to every real key: never selected since k ≤ M.
         keys = tl.where(col_mask[None, :], _keys(pre, cols), tile_pad)
         best = _merge(best, keys, LOG_N, LOG_M, LOG_KP)
@@ -335,16 +334,13 @@ def _threshold_encode_kernel(
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xn
-    w_member = w_ptr + j * stride_wj
     out_rows = rows.to(tl.int64)[:, None] * stride_on + j * stride_oj
     count = tl.zeros([BLOCK_N], dtype=tl.int32)
     for m0 in range(0, M, BLOCK_M):
         cols = m0 + offs_m
         col_mask = cols < M
-        pre = _pre_tile(x_rows, row_mask, w_member, bias_ptr + j * stride_bj, cols, col_mask, offs_d, D, stride_xd,
-                        stride_wm, stride_wd, stride_bm, BLOCK_N, BLOCK_M, BLOCK_D, PRECISION)
+        pre = _pre_tile(x_ptr, w_ptr, bias_ptr, j, rows, row_mask, cols, col_mask, D, stride_xn, stride_xd, stride_wj,
+                        stride_wm, stride_wd, stride_bj, stride_bm, BLOCK_N, BLOCK_M, BLOCK_D, PRECISION)
         theta = tl.load(theta_ptr + j * stride_tj + cols * stride_tm, mask=col_mask, other=0.0)
         keep = (pre > theta[None, :]) & col_mask[None, :]
         # Stream compaction: a kept latent's slot is the row's count so far plus its rank among the tile's kept
