@@ -121,6 +121,17 @@ def check_slots(
     return N, J, K
 
 
+def check_weight(W_dec: torch.Tensor) -> tuple[int, int, int]:
+    """``W_dec`` must be a contiguous float ``[J, M, D]`` (each slot gathers one contiguous row); its shape."""
+    if W_dec.dim() != 3:
+        raise ValueError(f"W_dec must be [J, M, D]; got shape {tuple(W_dec.shape)}")
+    check_float("W_dec", W_dec)
+    if not W_dec.is_contiguous():
+        raise ValueError("W_dec must be contiguous (each slot gathers one contiguous row)")
+    J, M, D = W_dec.shape
+    return J, M, D
+
+
 def check_alpha(alpha: torch.Tensor, J: int) -> torch.Tensor:
     """``alpha`` as a contiguous fp32 ``[J]`` tensor (a copy only when it is not one already)."""
     if not isinstance(alpha, torch.Tensor) or alpha.shape != (J,):
@@ -212,12 +223,7 @@ def sparse_decode(
     """``Σ_j alpha[j] Σ_k mask·values·W_dec[j, indices]`` (+ bias): ``[N, D]``, or ``[N, J, D]`` with ``per_member``.
 
     See the module docstring for the exact contract. Output dtype ``W_dec.dtype``, fp32 accumulation."""
-    if W_dec.dim() != 3:
-        raise ValueError(f"W_dec must be [J, M, D]; got shape {tuple(W_dec.shape)}")
-    check_float("W_dec", W_dec)
-    if not W_dec.is_contiguous():
-        raise ValueError("W_dec must be contiguous (each slot gathers one contiguous row)")
-    J, M, D = W_dec.shape
+    J, M, D = check_weight(W_dec)
     device = check_device(values=values, indices=indices, W_dec=W_dec, alpha=alpha, bias=bias, mask=mask)
     N, _, K = check_slots(values, indices, mask, J, M)
     alpha = check_alpha(alpha, J)

@@ -46,6 +46,7 @@ from .sparse_decode import (
     check_device,
     check_float,
     check_slots,
+    check_weight,
     empty,
     interpreting,
     load_slot,
@@ -129,12 +130,7 @@ def sparse_decode_grad_values(
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``dv[n, j, k] = alpha[j]·mask·⟨g, W_dec[j, indices[n, j, k]]⟩``, ``[N, J, K]`` fp32 (module docstring)."""
-    if W_dec.dim() != 3:
-        raise ValueError(f"W_dec must be [J, M, D]; got shape {tuple(W_dec.shape)}")
-    check_float("W_dec", W_dec)
-    if not W_dec.is_contiguous():
-        raise ValueError("W_dec must be contiguous (each slot gathers one contiguous row)")
-    J, M, D = W_dec.shape
+    J, M, D = check_weight(W_dec)
     device = check_device(grad_out=grad_out, indices=indices, W_dec=W_dec, alpha=alpha, mask=mask)
     N, _, K = check_slots(None, indices, mask, J, M)
     D_g, per_member = _check_grad_out(grad_out, N, J)
