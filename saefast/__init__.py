@@ -14,7 +14,7 @@ Public API::
     train(bag, store.batches(1024, epochs=None), steps=1000)
 """
 
-from . import metrics, ops, ref
+from . import cpu, metrics, native, ops, ref
 from .checkpoint import CheckpointError, load, save
 from .codes import SparseCodes
 from .config import ACTIVATIONS, SAEConfig, TrainConfig
@@ -42,12 +42,14 @@ __all__ = [
     "StoreError",
     "StoreWriter",
     "TrainConfig",
+    "cpu",
     "evaluate",
     "harvest",
     "layer_hook",
     "load",
     "load_model",
     "metrics",
+    "native",
     "ops",
     "pydoc_topics",
     "ref",

@@ -8,12 +8,16 @@ Backends:
   matrix is never written), one-launch sparse decode and its sparse backward. CUDA tensors (or any tensors
   under ``TRITON_INTERPRET=1``, which is how the CPU tests run them). Activations ``topk``, ``batchtopk`` and
   ``jumprelu`` (``relu`` needs the torch backend).
-* ``native`` — the C++/CUDA extension (``csrc/``); not built yet.
-* ``auto`` — ``triton`` for CUDA tensors when Triton is importable, else ``torch``.
+* ``native`` — the C++/CUDA extension ``saefast._C`` (``csrc/``, :mod:`saefast.native`): on the CPU, the encoder
+  GEMM tiled with a running top-k / threshold (the ``N × J·M`` pre-activations never exist), OpenMP sparse decode
+  and sparse backward; the same activations as ``triton``. Also :func:`grouped_mm`. The fastest CPU path.
+* ``auto`` — ``triton`` for CUDA tensors when Triton is importable; ``native`` for CPU tensors when the extension
+  is built and the activation is fused; else ``torch``.
 
 The choice, most specific first: a ``backend=`` argument (``encode``, ``reconstruct``, ``train``), the innermost
 ``with saefast.use_backend(name):``, else ``auto``. The Triton ops are registered as ``torch.ops.saefast.*``
-with fake (meta) implementations and autograd formulas, so ``torch.compile`` traces through them.
+with fake (meta) implementations and autograd formulas, so ``torch.compile`` traces through them; the native ops
+(``torch.ops.saefast.native_*``, same contracts) get the same autograd formulas here.
 
 BatchTopK on ``triton`` (:func:`batchtopk_encode`, :func:`threshold_encode`) works on *candidates*: the fused
 kernel returns each row's top ``kc = min(M, capacity·k)`` pre-activations (``capacity`` defaults to
@@ -34,14 +38,16 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import importlib.util
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple
 
 import torch
 
-from . import ref
+from . import native, ref
 from .codes import SparseCodes
 
 BACKENDS = ("auto", "torch", "triton", "native")
@@ -97,22 +103,36 @@ def resolve_backend(name: str | None, device: torch.device, activation: str = "t
     """The backend that will run: ``name`` (or the current one) with ``auto`` resolved for ``device``.
 
     ``triton`` needs Triton, CUDA tensors (or ``TRITON_INTERPRET=1``) and an activation in :data:`FUSED_ACTIVATIONS`;
-    ``auto`` falls back to ``torch`` where any of these is missing, an explicit ``triton`` raises.
+    ``native`` needs the built extension (CPU tensors, or CUDA ones when built with CUDA) and such an activation.
+    ``auto`` picks ``triton`` on CUDA, ``native`` on the CPU, and falls back to ``torch`` where either is missing;
+    an explicit ``triton`` or ``native`` that cannot run raises ValueError saying why.
     """
     name = _check_name(current_backend() if name is None else name)
+    fused = activation in FUSED_ACTIVATIONS
     if name == "auto":
-        usable = device.type == "cuda" and triton_available() and activation in FUSED_ACTIVATIONS
-        return "triton" if usable else "torch"
+        if fused and device.type == "cuda" and triton_available():
+            return "triton"
+        if fused and native.supports(device):
+            return "native"
+        return "torch"
     if name == "native":
-        raise ValueError("the native backend (the csrc/ C++/CUDA extension) is not built yet; use 'torch' or "
-                         "'triton'")
+        if not native.available():
+            raise ValueError(f"backend 'native' needs the compiled extension saefast._C, which did not load "
+                             f"({native.why_unavailable()}); rebuild with `pip install --no-build-isolation -e .` "
+                             f"or use backend 'torch'")
+        if not native.supports(device):
+            raise ValueError(f"backend 'native' was built without kernels for {device.type} tensors; use 'triton' "
+                             f"or 'torch'")
+        if not fused:
+            raise ValueError(f"backend 'native' implements the topk, batchtopk and jumprelu activations, not "
+                             f"{activation!r}; use backend 'torch'")
     if name == "triton":
         if not triton_available():
             raise ValueError("backend 'triton' needs the triton package (pip install triton)")
         if device.type != "cuda" and not _interpreting():
             raise ValueError(f"backend 'triton' runs on CUDA tensors, got {device.type} ones (set "
                              f"TRITON_INTERPRET=1 before importing triton to run the kernels on the CPU)")
-        if activation not in FUSED_ACTIVATIONS:
+        if not fused:
             raise ValueError(f"backend 'triton' implements the topk, batchtopk and jumprelu activations, not "
                              f"{activation!r}; use backend 'torch'")
     return name
@@ -165,6 +185,21 @@ def _(grad_out, values, indices, n_latents, alpha, mask, deterministic):
     return values.new_empty((values.shape[1], n_latents, grad_out.shape[-1]), dtype=torch.float32)
 
 
+class _Kernels(NamedTuple):
+    """One fused backend's ops (all with the contracts of the Triton kernels)."""
+
+    sparse_decode: Any
+    grad_values: Any
+    grad_weight: Any
+    topk_encode: Any
+    threshold_encode: Any
+
+
+def _kernels(backend: str) -> _Kernels:
+    """The ops of a resolved fused backend (``triton`` or ``native``)."""
+    return _NATIVE if backend == "native" else _TRITON
+
+
 def _decode_setup(ctx, inputs, output):
     values, indices, W_dec, alpha, bias, mask, per_member = inputs
     ctx.save_for_backward(values, indices, W_dec, alpha, mask)
@@ -173,21 +208,18 @@ def _decode_setup(ctx, inputs, output):
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
-def _decode_backward(ctx, grad):
+def _decode_backward(kernels: _Kernels, ctx, grad):
     values, indices, W_dec, alpha, mask = ctx.saved_tensors
-    grad = grad.contiguous()
+    grad = grad.float().contiguous()
     grad_values = grad_W = grad_bias = None
     if ctx.needs_input_grad[0]:
-        grad_values = _grad_values(grad, indices, W_dec, alpha, mask).to(values.dtype)
+        grad_values = kernels.grad_values(grad, indices, W_dec, alpha, mask).to(values.dtype)
     if ctx.needs_input_grad[2]:
-        grad_W = _grad_weight(grad, values, indices, W_dec.shape[1], alpha, mask,
-                              torch.are_deterministic_algorithms_enabled()).to(W_dec.dtype)
+        grad_W = kernels.grad_weight(grad, values, indices, W_dec.shape[1], alpha, mask,
+                                     torch.are_deterministic_algorithms_enabled()).to(W_dec.dtype)
     if ctx.has_bias and ctx.needs_input_grad[4]:
         grad_bias = grad.sum(0).to(ctx.bias_dtype)  # [D] combined, [J, D] per member
     return grad_values, None, grad_W, None, grad_bias, None, None
-
-
-_sparse_decode.register_autograd(_decode_backward, setup_context=_decode_setup)
 
 
 @torch.library.custom_op("saefast::topk_encode", mutates_args=())
@@ -217,21 +249,24 @@ def _encode_setup(ctx, inputs, output):
     ctx.bias_dtype = bias.dtype
 
 
-def _scatter_backward(ctx, x: torch.Tensor, W_enc: torch.Tensor, dpre: torch.Tensor, idx: torch.Tensor,
-                      bias_dtype: torch.dtype) -> tuple[torch.Tensor | None, ...]:
+def _scatter_backward(kernels: _Kernels, ctx, x: torch.Tensor, W_enc: torch.Tensor, dpre: torch.Tensor,
+                      idx: torch.Tensor, bias_dtype: torch.dtype) -> tuple[torch.Tensor | None, ...]:
     """Gradients of an encode that returned the pre-activations at ``(n, j, idx[n, j, s])``, given their gradient
     ``dpre [N, J, S]``: ``dx[n] = Σ_{j,s} dpre·W_enc[j, idx]``, ``dW_enc[j, m] = Σ_{(n,s): idx = m} dpre·x[n]``,
-    ``dbias[j, m] = Σ_{(n,s): idx = m} dpre`` — the decode kernels with ``W_enc`` in the decoder's place.
+    ``dbias[j, m] = Σ_{(n,s): idx = m} dpre`` — the decode kernels with ``W_enc`` in the decoder's place. A
+    per-member input ``x [N, J, D]`` gets ``dx[n, j] = Σ_s dpre·W_enc[j, idx]`` and ``dW_enc`` reads ``x[n, j]``.
     Returns ``(grad_x, grad_W_enc, grad_bias)`` (None where ``ctx.needs_input_grad[0..2]`` is False)."""
     J, M, _ = W_enc.shape
+    per_member = x.dim() == 3
     dpre = dpre.float().contiguous()
     idx = idx.contiguous()
     ones = torch.ones(J, dtype=torch.float32, device=x.device)
     grad_x = grad_W = grad_bias = None
     if ctx.needs_input_grad[0]:
-        grad_x = _sparse_decode(dpre, idx, W_enc, ones, None, None, False).to(x.dtype)
+        grad_x = kernels.sparse_decode(dpre, idx, W_enc, ones, None, None, per_member).to(x.dtype)
     if ctx.needs_input_grad[1]:
-        grad_W = _grad_weight(x, dpre, idx, M, ones, None, torch.are_deterministic_algorithms_enabled())
+        grad_W = kernels.grad_weight(x.float().contiguous(), dpre, idx, M, ones, None,
+                                     torch.are_deterministic_algorithms_enabled())
         grad_W = grad_W.to(W_enc.dtype)
     if ctx.needs_input_grad[2]:
         flat = (idx + torch.arange(J, device=idx.device).view(1, J, 1) * M).reshape(-1)
@@ -240,7 +275,7 @@ def _scatter_backward(ctx, x: torch.Tensor, W_enc: torch.Tensor, dpre: torch.Ten
     return grad_x, grad_W, grad_bias
 
 
-def _encode_backward(ctx, grad_values, grad_indices, grad_aux_values, grad_aux_indices):
+def _encode_backward(kernels: _Kernels, ctx, grad_values, grad_indices, grad_aux_values, grad_aux_indices):
     """Only the selected latents get gradient (see :func:`_scatter_backward`), the top-k and AuxK slots together."""
     x, W_enc, indices, aux_indices = ctx.saved_tensors
     parts_g, parts_i = [], []
@@ -252,11 +287,8 @@ def _encode_backward(ctx, grad_values, grad_indices, grad_aux_values, grad_aux_i
         parts_i.append(aux_indices)
     if not parts_g:
         return None, None, None, None, None, None
-    grads = _scatter_backward(ctx, x, W_enc, torch.cat(parts_g, -1), torch.cat(parts_i, -1), ctx.bias_dtype)
+    grads = _scatter_backward(kernels, ctx, x, W_enc, torch.cat(parts_g, -1), torch.cat(parts_i, -1), ctx.bias_dtype)
     return *grads, None, None, None
-
-
-_topk_encode.register_autograd(_encode_backward, setup_context=_encode_setup)
 
 
 @torch.library.custom_op("saefast::threshold_encode", mutates_args=())
@@ -283,7 +315,7 @@ def _threshold_setup(ctx, inputs, output):
     ctx.bias_dtype = bias.dtype
 
 
-def _threshold_backward(ctx, grad_values, grad_indices, grad_counts, grad_overflow):
+def _threshold_backward(kernels: _Kernels, ctx, grad_values, grad_indices, grad_counts, grad_overflow):
     """The scatter backward of :func:`_scatter_backward` on the returned slots; padding slots get no gradient."""
     x, W_enc, indices, counts = ctx.saved_tensors
     if grad_values is None:
@@ -291,10 +323,30 @@ def _threshold_backward(ctx, grad_values, grad_indices, grad_counts, grad_overfl
     slots = torch.arange(indices.shape[-1], device=indices.device)
     valid = slots < counts.unsqueeze(-1)
     dpre = torch.where(valid, grad_values, torch.zeros_like(grad_values))
-    return *_scatter_backward(ctx, x, W_enc, dpre, indices, ctx.bias_dtype), None, None
+    return *_scatter_backward(kernels, ctx, x, W_enc, dpre, indices, ctx.bias_dtype), None, None
 
 
-_threshold_encode.register_autograd(_threshold_backward, setup_context=_threshold_setup)
+def _register_autograd(kernels: _Kernels, names: Sequence[str]) -> None:
+    """Attach the autograd formulas above, bound to ``kernels``, to the ops called ``names`` (decode, topk encode,
+    threshold encode)."""
+    decode, topk, threshold = names
+    torch.library.register_autograd(decode, functools.partial(_decode_backward, kernels), setup_context=_decode_setup)
+    torch.library.register_autograd(topk, functools.partial(_encode_backward, kernels), setup_context=_encode_setup)
+    torch.library.register_autograd(threshold, functools.partial(_threshold_backward, kernels),
+                                    setup_context=_threshold_setup)
+
+
+_TRITON = _Kernels(_sparse_decode, _grad_values, _grad_weight, _topk_encode, _threshold_encode)
+_register_autograd(_TRITON, ("saefast::sparse_decode", "saefast::topk_encode", "saefast::threshold_encode"))
+
+_NATIVE: _Kernels | None = None
+if native.available():
+    _native_ops = torch.ops.saefast
+    _NATIVE = _Kernels(_native_ops.native_sparse_decode, _native_ops.native_sparse_decode_grad_values,
+                       _native_ops.native_sparse_decode_grad_weight, _native_ops.native_topk_encode,
+                       _native_ops.native_threshold_encode)
+    _register_autograd(_NATIVE, ("saefast::native_sparse_decode", "saefast::native_topk_encode",
+                                 "saefast::native_threshold_encode"))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -327,8 +379,8 @@ def topk_encode(
         masked = pre.masked_fill(~dead.unsqueeze(0), float("-inf"))
         return codes, ref.topk_codes(masked, aux_k)
     bias = folded_bias(W_enc, b_enc, b_dec).float()
-    values, indices, aux_values, aux_indices = _topk_encode(x.contiguous(), W_enc.contiguous(), bias.contiguous(),
-                                                           k, dead, aux_k if dead is not None else 0)
+    values, indices, aux_values, aux_indices = _kernels(backend).topk_encode(
+        x.contiguous(), W_enc.contiguous(), bias.contiguous(), k, dead, aux_k if dead is not None else 0)
     codes = SparseCodes(torch.relu(values), indices, M)
     if aux_values.shape[-1] == 0:
         return codes, None
@@ -464,8 +516,8 @@ def jumprelu_encode(
     cap = jumprelu_capacity(M, capacity)
     bias = folded_bias(W_enc, b_enc, b_dec).float()
     lower = _jumprelu_lower(theta, bandwidth)  # rounding slack: only adds exact zeros
-    values, indices, counts, overflow = _threshold_encode(x.contiguous(), W_enc.contiguous(), bias.contiguous(),
-                                                         lower.contiguous(), cap)
+    values, indices, counts, overflow = _kernels(backend).threshold_encode(
+        x.contiguous(), W_enc.contiguous(), bias.contiguous(), lower.contiguous(), cap)
     if bool(overflow):
         _warn_capacity("JumpReLU", cap, cap, knob="jumprelu_encode(capacity=...), saefast.ops.JUMPRELU_MIN_CAPACITY")
         return _jumprelu_dense(x, W_enc, b_enc, b_dec, theta, bandwidth)
@@ -502,8 +554,8 @@ def decode_members(codes: SparseCodes, W_dec: torch.Tensor, backend: str = "trit
         return ref.decode_members_sparse(codes, W_dec)
     J = W_dec.shape[0]
     ones = torch.ones(J, dtype=torch.float32, device=W_dec.device)
-    return _sparse_decode(codes.values.contiguous(), codes.indices.contiguous(), W_dec.contiguous(), ones, None,
-                          None, True)
+    values, indices = codes.values.contiguous(), codes.indices.contiguous()
+    return _kernels(backend).sparse_decode(values, indices, W_dec.contiguous(), ones, None, None, True)
 
 
 def decode(codes: SparseCodes, W_dec: torch.Tensor, b_dec: torch.Tensor, alpha: float | torch.Tensor,
@@ -519,5 +571,75 @@ def decode(codes: SparseCodes, W_dec: torch.Tensor, b_dec: torch.Tensor, alpha: 
         values = codes.values if mask is None else codes.values * mask
         return ref.decode_sparse(SparseCodes(values, codes.indices, codes.n_latents), W_dec, b_dec, alpha_t)
     bias = b_dec[0] if b_dec.shape[0] == 1 else (alpha_t.view(J, 1).to(b_dec.dtype) * b_dec).sum(0)
-    return _sparse_decode(codes.values.contiguous(), codes.indices.contiguous(), W_dec.contiguous(), alpha_t,
-                          bias.contiguous(), None if mask is None else mask.contiguous(), False)
+    values, indices = codes.values.contiguous(), codes.indices.contiguous()
+    return _kernels(backend).sparse_decode(values, indices, W_dec.contiguous(), alpha_t, bias.contiguous(),
+                                           None if mask is None else mask.contiguous(), False)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Grouped matmul (the native extension's, or a loop of torch.mm on the torch backend)
+# ------------------------------------------------------------------------------------------------------
+
+
+def _op_view(t: torch.Tensor, trans: bool) -> torch.Tensor:
+    return t.t() if trans else t
+
+
+def _grouped_mm_setup(ctx, inputs, output):
+    a, b, trans_a, trans_b = inputs
+    ctx.save_for_backward(*a, *b)
+    ctx.groups, ctx.trans_a, ctx.trans_b = len(a), trans_a, trans_b
+
+
+def _grouped_mm_backward(ctx, grads):
+    """``C = op(A)·op(B)``: ``d op(A) = dC·op(B)ᵀ``, ``d op(B) = op(A)ᵀ·dC`` — two more grouped matmuls."""
+    saved = ctx.saved_tensors
+    G = ctx.groups
+    a, b = saved[:G], saved[G:]
+    live = [g for g in range(G) if grads[g] is not None]
+    grad_a, grad_b = [None] * G, [None] * G
+    if live and ctx.needs_input_grad[0]:
+        lhs = [grads[g].contiguous() for g in live]
+        rhs = [_op_view(b[g], ctx.trans_b).t() for g in live]
+        for g, d in zip(live, torch.ops.saefast.grouped_mm(lhs, rhs, False, False)):
+            grad_a[g] = _op_view(d, ctx.trans_a)
+    if live and ctx.needs_input_grad[1]:
+        lhs = [_op_view(a[g], ctx.trans_a).t() for g in live]
+        rhs = [grads[g].contiguous() for g in live]
+        for g, d in zip(live, torch.ops.saefast.grouped_mm(lhs, rhs, False, False)):
+            grad_b[g] = _op_view(d, ctx.trans_b)
+    return grad_a, grad_b, None, None
+
+
+if native.available():
+    torch.library.register_autograd("saefast::grouped_mm", _grouped_mm_backward, setup_context=_grouped_mm_setup)
+
+
+def grouped_mm(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], trans_a: bool = False, trans_b: bool = False,
+               backend: str | None = None) -> list[torch.Tensor]:
+    """``C_g = op(a_g) · op(b_g)`` for ``G`` groups of different sizes in one call (``op`` = transpose when
+    ``trans_a`` / ``trans_b``); differentiable in every ``a_g`` and ``b_g``.
+
+    Each ``a_g``, ``b_g`` is 2-D with any strides (a transposed view costs no copy); all share one float dtype and
+    device; rows, columns and the inner dimension may differ per group (ragged members, per-member inputs, the
+    transposed products of the backward). ``native`` (``auto`` where the extension runs on the device) runs the
+    groups' row blocks in parallel through the extension, bit-identically for any thread count; ``torch`` is a loop
+    of ``torch.mm``, the reference.
+    """
+    a, b = list(a), list(b)
+    if len(a) != len(b):
+        raise ValueError(f"grouped_mm: a has {len(a)} groups but b has {len(b)}")
+    if not a:
+        return []
+    name = _check_name(current_backend() if backend is None else backend)
+    device = a[0].device
+    if name in ("auto", "triton"):  # no Triton grouped matmul: the extension where it runs, else torch
+        name = "native" if native.supports(device) else "torch"
+    if name == "native":
+        resolve_backend("native", device)
+        return list(torch.ops.saefast.grouped_mm(a, b, trans_a, trans_b))
+    for g, (lhs, rhs) in enumerate(zip(a, b)):
+        if lhs.dim() != 2 or rhs.dim() != 2:
+            raise ValueError(f"grouped_mm: group {g} needs 2-D a and b; got shapes {tuple(lhs.shape)} and "
+                             f"{tuple(rhs.shape)}")
+    return [_op_view(lhs, trans_a) @ _op_view(rhs, trans_b) for lhs, rhs in zip(a, b)]

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from . import cpu
 from .checkpoint import CONFIG_FILE, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .dictionary import SparseDictionary
@@ -119,6 +120,8 @@ class _Trainer:
         self.history: list[dict[str, Any]] = []
         self.start_stage, self.start_step, self.skip_batches, self.start_tokens = 0, 0, 0, 0
         self.resume_optimizer: dict[str, Any] | None = None
+        if self.device.type == "cpu":
+            cpu.reuse_freed_memory()  # every step re-allocates its large temporaries: keep them paged in
 
     def _maybe_resume(self) -> None:
         cfg = self.config

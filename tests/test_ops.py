@@ -49,18 +49,24 @@ def test_use_backend_nests_and_restores():
 
 def test_backend_resolution_and_errors(monkeypatch):
     cpu = torch.device("cpu")
-    assert ops.resolve_backend("auto", cpu) == "torch"  # auto picks Triton only for CUDA tensors
+    on_cpu = "native" if sf.native.available() else "torch"  # auto: Triton only for CUDA tensors, native on the CPU
+    assert ops.resolve_backend("auto", cpu) == on_cpu
+    assert ops.resolve_backend("auto", cpu, activation="relu") == "torch"  # relu is torch-only
     assert ops.resolve_backend("torch", cpu) == "torch"
     with pytest.raises(ValueError, match="unknown backend 'cuda'"):
         ops.resolve_backend("cuda", cpu)
     with pytest.raises(ValueError, match="unknown backend"), sf.use_backend("fast"):
         pass
-    with pytest.raises(ValueError, match="native backend .* not built yet"):
+    monkeypatch.setattr(sf.native, "_C", None)  # as if the extension had not been built
+    monkeypatch.setattr(sf.native, "_error", "ImportError: no module saefast._C")
+    with pytest.raises(ValueError, match="backend 'native' needs the compiled extension saefast._C"):
         ops.resolve_backend("native", cpu)
+    assert ops.resolve_backend("auto", cpu) == "torch"
+    monkeypatch.undo()
     with pytest.raises(ValueError, match="implements the topk, batchtopk and jumprelu activations, not 'relu'"):
         ops.resolve_backend("triton", cpu, activation="relu")
-    assert ops.resolve_backend("auto", cpu, activation="batchtopk") == "torch"
-    assert ops.resolve_backend("auto", cpu, activation="jumprelu") == "torch"
+    assert ops.resolve_backend("auto", cpu, activation="batchtopk") == on_cpu
+    assert ops.resolve_backend("auto", cpu, activation="jumprelu") == on_cpu
     if TRITON_OK:
         assert ops.resolve_backend("triton", cpu, activation="batchtopk") == "triton"
         assert ops.resolve_backend("triton", cpu, activation="jumprelu") == "triton"
