@@ -4,8 +4,9 @@ Layout of ``DIR/``:
 
 * ``model.<hash>.safetensors`` — every parameter and buffer (``state_dict``), exact dtypes;
 * ``optimizer.<hash>.safetensors`` + ``optimizer.<hash>.json`` — optional Adam state for resuming;
-* ``config.json`` — written last: kind, :class:`SAEConfig`, members, combine, seed, training state and the
-  name and SHA-256 of every other file, so a corrupt checkpoint is detected and named on load.
+* ``config.json`` — written last: kind, :class:`SAEConfig`, members, combine, seed, chains and chain seeds
+  (multi-chain boosting; absent in older checkpoints: one chain), training state and the name and SHA-256 of
+  every other file, so a corrupt checkpoint is detected and named on load.
 
 Every file is written to a temporary name in the same directory, flushed, fsynced and renamed into place.
 Data files carry their content hash in their name, so saving over an existing checkpoint never touches
@@ -142,6 +143,8 @@ def save_checkpoint(
         "members": model.members if is_ensemble else 1,
         "combine": model.combine if is_ensemble else None,
         "seed": model.seed,
+        "chains": model.chains if is_ensemble else 1,
+        "chain_seeds": list(model.chain_seeds) if is_ensemble else [model.seed],
         "decode_only": bool(getattr(model, "decode_only", False)),
         "files": files,
         "train_state": train_state,
@@ -206,7 +209,13 @@ def load_checkpoint(
     try:
         cfg = SAEConfig.from_dict(config["config"])
         if config["kind"] == "ensemble":
-            model: SparseDictionary = Ensemble(cfg, config["members"], config["combine"], seed=config["seed"])
+            chains = config.get("chains", 1)
+            model: SparseDictionary = Ensemble(cfg, config["members"], config["combine"], seed=config["seed"],
+                                               chains=chains)
+            chain_seeds = config.get("chain_seeds", list(model.chain_seeds))
+            if not isinstance(chain_seeds, list) or len(chain_seeds) != chains:
+                raise CheckpointError(f"checkpoint {path}: chain_seeds {chain_seeds!r} do not match chains={chains}")
+            model.chain_seeds = tuple(int(s) for s in chain_seeds)
         elif config["kind"] == "sae":
             model = SAE(cfg, seed=config["seed"])
             model.decode_only = bool(config.get("decode_only", False))

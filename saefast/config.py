@@ -139,6 +139,12 @@ class TrainConfig:
     backend: str | None = None
     """Op backend (``auto``/``torch``/``triton``/``native``, see :mod:`saefast.ops`); None: the current
     :func:`saefast.use_backend` choice, else ``auto``."""
+    bootstrap: bool = False
+    """Bootstrap bagging: every member trains on its own resample (with replacement, same size ``N``) of every
+    batch, rows ``x[bootstrap_indices(N, member_seed, step, seed)]`` (:func:`saefast.train.bootstrap_indices`),
+    ``b_dec`` initialised from its first resample. Depends only on the member's init seed, the step and ``seed``,
+    so training ``SAE(cfg, seed=ens.seed + j)`` alone with this option gives member ``j``. Single SAEs and
+    bagging ensembles only (a boosting stage reads its residual)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.steps, int) or self.steps < 1:
@@ -157,6 +163,8 @@ class TrainConfig:
             raise ValueError("checkpoint_every must be >= 0")
         if self.resume and not self.checkpoint_dir:
             raise ValueError("resume=True needs checkpoint_dir")
+        if not isinstance(self.bootstrap, bool):
+            raise ValueError(f"bootstrap must be a bool, got {self.bootstrap!r}")
         if self.backend is not None and self.backend not in ("auto", "torch", "triton", "native"):
             raise ValueError(f"unknown backend {self.backend!r}; choose auto, torch, triton or native")
 

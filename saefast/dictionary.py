@@ -5,6 +5,11 @@ Both hold ``J`` dictionaries of ``M`` latents whose parameters can be viewed sta
 for a single SAE ``J`` is its number of top-k groups (1 unless made by ``Ensemble.as_sae``) and the
 parameters are stored flat (``W_enc [J·M, D]``) and viewed stacked. Every computation here runs on the
 stacked views through :mod:`saefast.ref`, so an SAE and an ensemble share one implementation.
+
+The training forward reads either one input shared by the members, ``x [N, D]``, or one input per member,
+``x_in [N, J, D]`` (bootstrap bagging: member ``j``'s resample; multi-chain boosting: chain ``c``'s residual):
+``pre[n, j] = W_enc[j](x_in[n, j] − b_dec[j]) + b_enc[j]``, and each member's target (FVU, AuxK residual,
+``b_dec`` initialisation) is its own input. The token axis ``N`` and the member axis ``J`` stay explicit.
 """
 
 from __future__ import annotations
@@ -147,6 +152,22 @@ class SparseDictionary(nn.Module):
             raise ValueError(f"{name} is on {x.device} but the model is on {param.device}")
         return x.to(param.dtype)
 
+    def _n_members(self, members: slice) -> int:
+        """How many stacked dictionaries ``members`` selects."""
+        return len(range(*members.indices(self._n_stacked)))
+
+    def _check_inputs(self, x_in: torch.Tensor, members: slice) -> None:
+        """An internal training/stage input must be ``[N, D]`` (shared) or ``[N, J, D]`` with ``J`` the members of
+        the slice (one input each; never for an SAE, whose groups reconstruct one input together)."""
+        J, D = self._n_members(members), self.cfg.d_in
+        if x_in.dim() == 2 and x_in.shape[1] == D and x_in.shape[0] > 0:
+            return
+        if x_in.dim() == 3 and not self._joint and x_in.shape[1:] == (J, D) and x_in.shape[0] > 0:
+            return
+        per_member = "" if self._joint else f" or per member [N, {J}, {D}]"
+        raise ValueError(f"input must be shared [N, {D}]{per_member} for these {J} member(s), got shape "
+                         f"{tuple(x_in.shape)}")
+
     def _activate(
         self, pre: torch.Tensor, P: Stacked, training: bool
     ) -> tuple[SparseCodes | torch.Tensor, torch.Tensor | None]:
@@ -201,40 +222,52 @@ class SparseDictionary(nn.Module):
     ) -> tuple[SparseCodes, torch.Tensor | None, SparseCodes | None, torch.Tensor | None]:
         """Codes on a fused backend without the dense pre-activations: ``(codes, smallest_kept, aux_codes, l0)``.
 
+        ``x_in`` is ``[N, D]`` (shared by the members of the slice) or ``[N, J, D]`` (one input per member, encoded
+        member by member through :func:`saefast.ops.per_member_inputs`).
+
         TopK: the fused top-k; BatchTopK: the batch top-``N·k`` (``training`` or no threshold yet; ``smallest_kept``
         ``[J]`` feeds the threshold) or the learned threshold (see :func:`saefast.ops.batchtopk_encode`,
         :func:`saefast.ops.threshold_encode`: exact, falling back to the dense path past their capacity). AuxK codes
         of the dead latents when ``aux`` (training). JumpReLU: :func:`saefast.ops.jumprelu_encode`, whose ``l0``
         ``[J]`` (the STE L0 of :func:`saefast.ref.jumprelu_l0`) feeds the sparsity penalty; ``l0`` is None otherwise."""
         cfg = self.cfg
+        run = ops.per_member_inputs  # x_in [N, D]: one call; [N, J, D]: one call per member on its own input
         if cfg.activation == "jumprelu":
-            codes, l0 = ops.jumprelu_encode(x_in, P.W_enc, P.b_enc, P.b_dec, P.log_threshold, cfg.jumprelu_bandwidth,
-                                            backend=backend)
+            codes, l0 = run(ops.jumprelu_encode, x_in, P.W_enc, P.b_enc, P.b_dec, P.log_threshold,
+                            cfg.jumprelu_bandwidth, backend=backend)
             return codes, None, None, l0
         if cfg.activation == "batchtopk" and not training and not bool((P.threshold < 0).any()):
-            codes = ops.threshold_encode(x_in, P.W_enc, P.b_enc, P.b_dec, P.threshold, cfg.k, backend=backend)
+            codes = run(ops.threshold_encode, x_in, P.W_enc, P.b_enc, P.b_dec, P.threshold, cfg.k, backend=backend)
             return codes, None, None, None
         dead = self._dead(members) if aux and cfg.aux_coef != 0 else None
         if dead is not None and not bool(dead.any()):
             dead = None
         aux_k = min(cfg.effective_aux_k, int(dead.sum(-1).max())) if dead is not None else 0
         if cfg.activation == "batchtopk":
-            return (*ops.batchtopk_encode(x_in, P.W_enc, P.b_enc, P.b_dec, cfg.k, dead, aux_k, backend=backend), None)
-        codes, aux_codes = ops.topk_encode(x_in, P.W_enc, P.b_enc, P.b_dec, cfg.k, dead, aux_k, backend=backend)
+            return (*run(ops.batchtopk_encode, x_in, P.W_enc, P.b_enc, P.b_dec, cfg.k, dead, aux_k, backend=backend),
+                    None)
+        codes, aux_codes = run(ops.topk_encode, x_in, P.W_enc, P.b_enc, P.b_dec, cfg.k, dead, aux_k, backend=backend)
         return codes, None, aux_codes, None
 
     def _terms(
         self, x_in: torch.Tensor, members: slice = slice(None), backend: str | None = None
     ) -> tuple[StepTerms, torch.Tensor]:
-        """Training loss terms of ``members`` reading and reconstructing ``x_in`` ``[N, D]``.
+        """Training loss terms of ``members`` reading and reconstructing ``x_in``.
 
-        Ensemble members each reconstruct ``x_in`` on their own; the groups of one SAE (``_joint``) add up
-        to one reconstruction. Also returns the codes (sparse for TopK and on fused backends, dense ``[N, J, M]``
-        otherwise) for the
-        firing statistics. ``backend``: see :mod:`saefast.ops` (the fused backends never build the dense
-        ``[N, J, M]`` pre-activations).
+        ``x_in`` is ``[N, D]`` — one input shared by the ``J`` members of the slice — or ``[N, J, D]``, one input
+        per member (a bootstrap resample per bagging member, the residual ``r_j^c`` of each boosting chain):
+        member ``j`` reads and reconstructs its target ``t_j = x_in[:, j]`` (``x_in`` when shared), with
+        ``pre[n, j] = W_enc[j](t_j[n] − b_dec[j]) + b_enc[j]``, ``x̂_j = W_dec[j]·z_j + b_dec[j]`` and
+        ``fvu_j = Σ_n‖t_j[n] − x̂_j[n]‖² / Σ_n‖t_j[n] − t̄_j‖²``; the AuxK target is its own residual
+        ``t_j − x̂_j``. The token axis ``N`` and the member axis ``J`` stay explicit; on the torch backend the
+        ``[N, J, D]`` case is one batched einsum (no loop over members), on the fused backends one encode call
+        per member. The groups of one SAE (``_joint``) add up to one reconstruction of one shared ``[N, D]``
+        input. Also returns the codes (sparse for TopK and on fused backends, dense ``[N, J, M]`` otherwise)
+        for the firing statistics. ``backend``: see :mod:`saefast.ops` (the fused backends never build the
+        dense ``[N, J, M]`` pre-activations).
         """
         joint = self._joint
+        self._check_inputs(x_in, members)
         P = self.stacked(members)
         backend = self._backend(backend, x_in)
         aux_codes = fused_l0 = None
@@ -250,7 +283,7 @@ class SparseDictionary(nn.Module):
             x_hat = (y.sum(1) + P.b_dec[0]).unsqueeze(1)
         else:
             x_hat = y + P.b_dec.unsqueeze(0)
-        tgt = x_in.float().unsqueeze(1)
+        tgt = x_in.float() if x_in.dim() == 3 else x_in.float().unsqueeze(1)  # [N, J, D] or [N, 1, D]
         x_hat = x_hat.float()
         fvu = ref.fvu_loss(tgt.expand_as(x_hat), x_hat)
         if pre is not None:
@@ -341,14 +374,22 @@ class SparseDictionary(nn.Module):
 
     @torch.no_grad()
     def _init_b_dec(self, data: torch.Tensor, members: slice) -> None:
-        """Set ``b_dec`` of ``members`` from a batch: mean, geometric median or zeros (``cfg.b_dec_init``)."""
+        """Set ``b_dec`` of ``members`` from a batch: mean, geometric median or zeros (``cfg.b_dec_init``).
+
+        ``data`` is ``[N, D]`` (one value for every member) or ``[N, J, D]``: member ``j`` gets the statistic of
+        its own input ``data[:, j]`` (the geometric median member by member: this runs once per stage, and each
+        member's Weiszfeld iterations then stop exactly where its own would)."""
+        self._check_inputs(data, members)
         how = self.cfg.b_dec_init
         if how == "mean":
             value = data.float().mean(0)
         elif how == "geometric_median":
-            value = ref.geometric_median(data.float())
+            if data.dim() == 3:
+                value = torch.stack([ref.geometric_median(data[:, j].float()) for j in range(data.shape[1])])
+            else:
+                value = ref.geometric_median(data.float())
         else:
-            value = torch.zeros(data.shape[1], device=data.device)
+            value = torch.zeros(data.shape[-1], device=data.device)
         if self._shared_b_dec:
             self.b_dec.copy_(value)
             self.b_dec_initialized.fill_(True)
@@ -380,10 +421,11 @@ class SparseDictionary(nn.Module):
         self, x_in: torch.Tensor, members: slice = slice(None), training: bool | None = None,
         backend: str | None = None,
     ) -> SparseCodes | torch.Tensor:
-        """Codes of ``members`` for input ``x_in`` (``[N, D]``): sparse for TopK and on fused backends, dense
-        ``[N, J, M]`` otherwise.
+        """Codes of ``members`` for input ``x_in`` (``[N, D]`` shared, or ``[N, J, D]`` one per member): sparse for
+        TopK and on fused backends, dense ``[N, J, M]`` otherwise.
 
         ``training`` (default: the module's mode) picks BatchTopK's batch top-k over its threshold."""
+        self._check_inputs(x_in, members)
         P = self.stacked(members)
         backend = self._backend(backend, x_in)
         training = self.training if training is None else training

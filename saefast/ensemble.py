@@ -1,4 +1,14 @@
-"""Ensembles of SAEs (Gadgil, Lin & Lee, "Ensembling Sparse Autoencoders"), parameters stacked on a member axis."""
+"""Ensembles of SAEs (Gadgil, Lin & Lee, "Ensembling Sparse Autoencoders"), parameters stacked on a member axis.
+
+Two training modes make members read *different* inputs in one stacked step (``x_in [N, J, D]``, see
+:meth:`SparseDictionary._terms <saefast.dictionary.SparseDictionary._terms>`):
+
+* **bootstrap bagging** (``sf.train(..., bootstrap=True)``, a :class:`~saefast.TrainConfig` option): every bagging
+  member trains on its own resample of each batch, see :func:`saefast.train.bootstrap_indices`;
+* **multi-chain boosting** (``Ensemble.boosting(cfg, members=J, seed=s, chains=C)``): ``C`` independent boosting
+  chains of ``J`` stages trained at once, stage ``j`` of every chain in one stacked step, each on its own
+  residual ``r_j^c``.
+"""
 
 from __future__ import annotations
 
@@ -20,52 +30,94 @@ class Ensemble(SparseDictionary):
     ``W_dec [J, M, D]``, ``b_dec [J, D]`` (``log_threshold``, ``threshold``, ``tokens_since_fired``: ``[J, M]``).
 
     * **bagging**: every member reads ``x``; ``x̂ = (1/J)·Σ_j x̂_j`` with ``x̂_j = W_dec_j·z_j + b_dec_j``.
-      Training updates all members in one stacked forward/backward per step, each on its own loss.
+      Training updates all members in one stacked forward/backward per step, each on its own loss
+      (with ``bootstrap=True``, each on its own resample of the batch).
     * **boosting**: member ``j`` reads the residual ``r_j = x − Σ_{i<j} x̂_i`` (``r_0 = x``) and reconstructs it;
       ``x̂ = Σ_j x̂_j``. Training runs stage after stage with the earlier stages frozen.
 
     Member ``j`` is initialised exactly as ``SAE(cfg, seed=seed + j)``.
+
+    **Chains** (boosting only): ``chains=C`` holds ``C`` independent boosting chains of ``J`` stages each; chain
+    ``c`` is seeded ``seed + c·J`` (its stage ``j`` initialised as ``SAE(cfg, seed=seed + c·J + j)``, so the
+    ``C·J`` members have the distinct seeds ``seed .. seed + C·J − 1``; :attr:`chain_seeds`). The ``C·J``
+    members are stored **stage-major**: stacked index ``i = j·C + c`` is stage ``j`` of chain ``c``, so stage
+    ``j`` of every chain is the contiguous slice ``slice(j·C, (j+1)·C)`` and training runs it as one stacked
+    step in which chain ``c``'s stage reads its own residual ``r_j^c = x − Σ_{i<j} x̂_i^c`` (an ``[N, C, D]``
+    input; stage 0 shares ``x``). :meth:`chain` returns chain ``c`` as a standalone boosting ensemble, equal to
+    ``Ensemble.boosting(cfg, J, seed=seed + c·J)`` trained alone on the same batches. A multi-chain model has
+    no single reconstruction: ``encode``, ``decode``, ``reconstruct``/``forward``, ``member`` and ``as_sae``
+    raise and point to ``chain(c)``; ``head(j)`` keeps every chain's first ``j`` stages.
     """
 
-    def __init__(self, cfg: SAEConfig, members: int, combine: Combine = "bagging", seed: int = 0):
+    def __init__(self, cfg: SAEConfig, members: int, combine: Combine = "bagging", seed: int = 0, chains: int = 1):
         if not isinstance(cfg, SAEConfig):
             raise TypeError(f"cfg must be an SAEConfig, got {type(cfg).__name__}")
         if not isinstance(members, int) or isinstance(members, bool) or members < 1:
             raise ValueError(f"an ensemble needs members >= 1, got {members!r}")
         if combine not in ("bagging", "boosting"):
             raise ValueError(f"unknown combine {combine!r}; choose 'bagging' or 'boosting'")
+        if not isinstance(chains, int) or isinstance(chains, bool) or chains < 1:
+            raise ValueError(f"chains must be an int >= 1, got {chains!r}")
+        if chains > 1 and combine != "boosting":
+            raise ValueError(f"chains={chains} applies to boosting only; for more bagging members raise members "
+                             f"(bagging members are independent already)")
         if cfg.groups != 1:
             raise ValueError("ensemble members must have groups=1")
-        super().__init__(cfg, n_stacked=members, latents_per_stack=cfg.n_latents, shared_b_dec=False)
+        super().__init__(cfg, n_stacked=members * chains, latents_per_stack=cfg.n_latents, shared_b_dec=False)
         self.combine: Combine = combine
         self.seed = int(seed)
-        W_dec = torch.stack([init_dictionary(cfg.n_latents, cfg.d_in, self.seed + j) for j in range(members)])
+        self._stages_per_chain = members
+        self.chain_seeds: tuple[int, ...] = tuple(self.seed + c * members for c in range(chains))
+        """Seed of each chain: chain ``c``'s stage ``j`` is initialised as ``SAE(cfg, seed=chain_seeds[c] + j)``."""
+        W_dec = torch.stack([init_dictionary(cfg.n_latents, cfg.d_in, seed) for seed in self._member_seeds()])
         self._register(W_dec)
 
     @classmethod
     def bagging(cls, cfg: SAEConfig, members: int, seed: int = 0) -> Ensemble:
-        """Naive bagging: ``J`` SAEs, same data, seeds ``seed .. seed+J−1``; ``x̂ = (1/J)·Σ_j x̂_j``."""
+        """Naive bagging: ``J`` SAEs, same data, seeds ``seed .. seed+J−1``; ``x̂ = (1/J)·Σ_j x̂_j``.
+
+        Train with ``bootstrap=True`` for bootstrap bagging (each member on its own resample of every batch)."""
         return cls(cfg, members, "bagging", seed)
 
     @classmethod
-    def boosting(cls, cfg: SAEConfig, members: int, seed: int = 0) -> Ensemble:
-        """Boosting: stage ``j`` learns the residual ``r_j = x − Σ_{i<j} x̂_i``; ``x̂ = Σ_j x̂_j``."""
-        return cls(cfg, members, "boosting", seed)
+    def boosting(cls, cfg: SAEConfig, members: int, seed: int = 0, chains: int = 1) -> Ensemble:
+        """Boosting: stage ``j`` learns the residual ``r_j = x − Σ_{i<j} x̂_i``; ``x̂ = Σ_j x̂_j``.
+
+        ``chains=C > 1``: ``C`` independent chains of ``members`` stages (chain ``c`` seeded ``seed + c·members``,
+        stored stage-major), trained together; see the class docstring and :meth:`chain`."""
+        return cls(cfg, members, "boosting", seed, chains)
 
     @property
     def members(self) -> int:
-        """``J``."""
-        return self._n_stacked
+        """``J``: members (bagging) or stages per chain (boosting)."""
+        return self._stages_per_chain
+
+    @property
+    def chains(self) -> int:
+        """``C``: boosting chains held (1 unless made with ``chains=C``)."""
+        return len(self.chain_seeds)
 
     @property
     def alpha(self) -> float:
         """``1/J`` for bagging, ``1`` for boosting."""
         return 1.0 / self.members if self.combine == "bagging" else 1.0
 
+    def _member_seeds(self) -> list[int]:
+        """Init seed of every stacked member in storage order (stage-major: ``j·C + c`` → ``chain_seeds[c] + j``)."""
+        return [seed + j for j in range(self.members) for seed in self.chain_seeds]
+
+    def _single_chain(self, what: str) -> None:
+        if self.chains > 1:
+            raise ValueError(
+                f"{what} is undefined on a model of {self.chains} boosting chains (each chain has its own "
+                f"reconstruction); take one chain with .chain(c) (a standalone boosting Ensemble) first"
+            )
+
     def _stages(self) -> list[slice]:
         if self.combine == "bagging":
             return [slice(None)]
-        return [slice(j, j + 1) for j in range(self.members)]
+        C = self.chains
+        return [slice(j * C, (j + 1) * C) for j in range(self.members)]
 
     @torch.no_grad()
     def _stage_input(self, x: torch.Tensor, stage: int, backend: str | None = None) -> torch.Tensor:
@@ -78,15 +130,23 @@ class Ensemble(SparseDictionary):
     def _boosting_pass(
         self, x: torch.Tensor, stop: int | None = None, training: bool | None = None, backend: str | None = None
     ) -> tuple[SparseCodes | torch.Tensor, torch.Tensor]:
-        """Run stages ``0 .. stop−1`` in order: their codes (``stop`` members) and the final residual ``[N, D]``."""
+        """Run stages ``0 .. stop−1`` of every chain in order: their codes (``stop·C`` members, stage-major) and the
+        final residual, ``[N, D]`` for one chain or ``[N, C, D]`` (``r^c = x − Σ_{j<stop} x̂_j^c``) for ``C``.
+
+        Stage 0 of every chain reads the shared ``x [N, D]``; stage ``j ≥ 1`` of chain ``c`` reads its own
+        residual, so the ``C`` stages ``slice(j·C, (j+1)·C)`` encode an ``[N, C, D]`` input in one call."""
         stop = self.members if stop is None else stop
+        C = self.chains
         residual = x
         codes = []
         for j in range(stop):
-            members = slice(j, j + 1)
+            members = slice(j * C, (j + 1) * C)
             P = self.stacked(members)
             z = self._encode_codes(residual, members, training, backend)
-            residual = residual - (self._decode_members(z, P.W_dec, backend, residual)[:, 0] + P.b_dec[0])
+            x_hat = self._decode_members(z, P.W_dec, backend, residual) + P.b_dec.unsqueeze(0)  # [N, C, D]
+            residual = (residual.unsqueeze(1) if residual.dim() == 2 else residual) - x_hat
+            if C == 1:
+                residual = residual[:, 0]
             codes.append(z)
         return cat_codes(codes), residual
 
@@ -98,8 +158,19 @@ class Ensemble(SparseDictionary):
             return self._boosting_pass(x_in, training=training, backend=backend)[0]
         return super()._encode_codes(x_in, members, training, backend)
 
+    def encode(self, x: torch.Tensor, backend: str | None = None) -> SparseCodes:
+        """Sparse codes ``[N, J, K]`` of ``x [N, D]`` (boosting: stage ``j`` encodes ``r_j``). One chain only."""
+        self._single_chain("encode")
+        return super().encode(x, backend)
+
+    def decode(self, codes: SparseCodes | torch.Tensor, backend: str | None = None) -> torch.Tensor:
+        """``x̂ = Σ_j α (W_dec_j·z_j + b_dec_j)`` ``[N, D]`` from codes (see the base class). One chain only."""
+        self._single_chain("decode")
+        return super().decode(codes, backend)
+
     def reconstruct(self, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
-        """Bagging ``(1/J)·Σ_j x̂_j(x)``; boosting ``Σ_j x̂_j(r_j) = x − r_J``. ``[N, D]``."""
+        """Bagging ``(1/J)·Σ_j x̂_j(x)``; boosting ``Σ_j x̂_j(r_j) = x − r_J``. ``[N, D]``. One chain only."""
+        self._single_chain("reconstruct")
         if self.combine == "bagging":
             return super().reconstruct(x, backend)
         x = self._check(x)
@@ -107,6 +178,7 @@ class Ensemble(SparseDictionary):
 
     def member(self, j: int) -> SAE:
         """Member ``j`` as a standalone :class:`SAE` (a copy). A boosting stage expects its residual as input."""
+        self._single_chain("member(j)")
         if not isinstance(j, int) or not -self.members <= j < self.members:
             raise IndexError(f"member index {j!r} out of range for {self.members} members")
         j %= self.members
@@ -128,11 +200,34 @@ class Ensemble(SparseDictionary):
         """
         if not isinstance(members, int) or isinstance(members, bool) or not 1 <= members <= self.members:
             raise ValueError(f"head needs 1 <= members <= {self.members}, got {members!r}")
-        head = Ensemble(self.cfg, members, self.combine, seed=self.seed)
+        head = Ensemble(self.cfg, members, self.combine, seed=self.seed, chains=self.chains)
+        head.chain_seeds = self.chain_seeds  # each chain keeps its own seed
         for name, tensor in head.state_dict().items():
-            tensor.copy_(getattr(self, name)[:members])  # every parameter and buffer is stacked on the member axis
+            # every parameter and buffer is stacked on the member axis, stage-major: the first j stages of
+            # every chain are the first j·C entries
+            tensor.copy_(getattr(self, name)[:members * self.chains])
         head.train(self.training)
         return head.to(self.W_dec.device)
+
+    @torch.no_grad()
+    def chain(self, c: int) -> Ensemble:
+        """Boosting chain ``c`` as a standalone boosting ensemble of :attr:`members` stages (a copy).
+
+        Its stage ``j`` is stacked member ``j·C + c`` (stage-major storage: ``tensor[c::C]``); it is seeded
+        ``chain_seeds[c]``, so it equals ``Ensemble.boosting(cfg, J, seed=chain_seeds[c])`` trained alone on the
+        same batches (to float rounding: the stacked steps batch the chains' GEMMs). On a one-chain model,
+        ``chain(0)`` is a copy of it."""
+        if self.combine != "boosting":
+            raise ValueError("chain(c) applies to boosting ensembles")
+        C = self.chains
+        if isinstance(c, bool) or not isinstance(c, int) or not -C <= c < C:
+            raise IndexError(f"chain index {c!r} out of range for {C} chain(s)")
+        c %= C
+        alone = Ensemble(self.cfg, self.members, "boosting", seed=self.chain_seeds[c])
+        for name, tensor in alone.state_dict().items():
+            tensor.copy_(getattr(self, name)[c::C])
+        alone.train(self.training)
+        return alone.to(self.W_dec.device)
 
     @torch.no_grad()
     def as_sae(self) -> SAE:
@@ -150,6 +245,7 @@ class Ensemble(SparseDictionary):
         (a non-linear function of ``x``), so no single affine encoder followed by a per-group top-k gives
         the same codes. The returned SAE is marked ``decode_only`` and refuses to encode.
         """
+        self._single_chain("as_sae")
         cfg, J, M = self.cfg, self.members, self.cfg.n_latents
         alpha = self.alpha
         big = SAE(cfg.replace(n_latents=J * M, groups=J), seed=self.seed)
@@ -170,7 +266,8 @@ class Ensemble(SparseDictionary):
 
     def extra_repr(self) -> str:
         cfg = self.cfg
+        chains = f", chains={self.chains}" if self.chains > 1 else ""
         return (
-            f"{self.combine}, members={self.members}, d_in={cfg.d_in}, n_latents={cfg.n_latents}, "
+            f"{self.combine}, members={self.members}{chains}, d_in={cfg.d_in}, n_latents={cfg.n_latents}, "
             f"k={cfg.k}, activation={cfg.activation!r}"
         )

@@ -548,6 +548,46 @@ def _jumprelu_dense(x, W_enc, b_enc, b_dec, theta, bandwidth) -> tuple[SparseCod
                                                                                    bandwidth)
 
 
+def per_member_inputs(encode, x: torch.Tensor, *args, **kwargs):
+    """Run the encode op ``encode`` (:func:`topk_encode`, :func:`batchtopk_encode`, :func:`threshold_encode` or
+    :func:`jumprelu_encode`) on a shared input ``x [N, D]`` — one call, as is — or on one input per member,
+    ``x [N, J, D]`` (bootstrap resamples, the residuals of boosting chains).
+
+    Per-member inputs run member by member: ``encode(x[:, j], *args_j, **kwargs_j)`` for ``j = 0 .. J−1``, where
+    every tensor argument stacked on the member axis (leading size ``J``: ``W_enc [J, M, D]``, ``b_enc``, ``b_dec``,
+    ``dead``, ``threshold``, ``log_threshold``) is sliced to ``[j : j+1]`` and everything else (a shared ``[1, D]``
+    ``b_dec``, ints, floats, None, ``backend``) passes unchanged. The results are concatenated on the member axis:
+    :class:`SparseCodes` by :meth:`SparseCodes.cat` (``K`` padded to the largest), per-member ``[J]`` tensors
+    (``smallest_kept``, ``l0``) by ``torch.cat``; AuxK codes are None when every member's are.
+    Each call reads its member's input ``x[:, j]``, so ``pre[n, j] = W_enc[j](x[n, j] − b_dec[j]) + b_enc[j]``.
+    """
+    if x.dim() == 2:
+        return encode(x, *args, **kwargs)
+    J = x.shape[1]
+
+    def part(value, j):
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == J:
+            return value[j:j + 1]
+        return value
+
+    results = [encode(x[:, j], *(part(a, j) for a in args), **{k: part(v, j) for k, v in kwargs.items()})
+               for j in range(J)]
+
+    def join(parts):
+        given = [p for p in parts if p is not None]
+        if not given:
+            return None
+        if isinstance(given[0], SparseCodes):  # a member without AuxK codes gets one empty (value-0) slot
+            empty = x.new_zeros((x.shape[0], 1, 1), dtype=torch.float32)
+            return SparseCodes.cat([SparseCodes(empty, empty.long(), given[0].n_latents) if p is None else p
+                                    for p in parts])
+        return torch.cat(parts, 0)
+
+    if isinstance(results[0], tuple):
+        return tuple(join([r[i] for r in results]) for i in range(len(results[0])))
+    return join(results)
+
+
 def decode_members(codes: SparseCodes, W_dec: torch.Tensor, backend: str = "triton") -> torch.Tensor:
     """Per-member decoder output (no bias) ``y[n, j] = Σ_s values[n,j,s]·W_dec[j, indices[n,j,s]]``, ``[N, J, D]``."""
     if backend == "torch":

@@ -3,11 +3,18 @@
 Bagging ensembles train all members in one stacked forward/backward per step (each on its own loss, so
 the update of each member equals training it alone). Boosting ensembles train stage after stage: stage
 ``j`` reads ``r_j = x − Σ_{i<j} x̂_i`` computed by the frozen earlier stages, with a fresh Adam whose
-state for every other member stays zero, so their weights do not move at all.
+state for every other member stays zero, so their weights do not move at all. A multi-chain boosting
+ensemble (``chains=C``) trains stage ``j`` of all ``C`` chains in one stacked step, chain ``c`` on its own
+residual ``r_j^c`` (an ``[N, C, D]`` stage input).
+
+With ``bootstrap=True`` (bootstrap bagging) the step of member ``j`` reads its own resample
+``x[idx_j]``, ``idx_j = bootstrap_indices(N, seed_j, t, seed)`` with ``seed_j`` its init seed, ``t`` the
+0-based optimizer step and ``seed`` :attr:`TrainConfig.seed`: an ``[N, J, D]`` input, one row set per member.
 """
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -69,10 +76,41 @@ def _prepare(x: torch.Tensor, model: SparseDictionary, where: str) -> torch.Tens
     return x.to(device=device, dtype=torch.float32, non_blocking=non_blocking)
 
 
+def bootstrap_indices(n_tokens: int, member_seed: int, step: int, train_seed: int) -> torch.Tensor:
+    """Rows of one bootstrap resample: ``n_tokens`` indices drawn uniformly with replacement from
+    ``0 .. n_tokens−1``, int64 on the CPU, a pure function of ``(member_seed, step, train_seed)``.
+
+    The generator is seeded with the first 63 bits of BLAKE2b(``"train_seed:member_seed:step"``), so the resample
+    of a member depends on nothing else (not on the other members, the device or the process), is the same
+    after resuming from a checkpoint, and differs between members, steps and runs."""
+    key = f"{int(train_seed)}:{int(member_seed)}:{int(step)}".encode()
+    seed = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") & (2**63 - 1)
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(n_tokens, (n_tokens,), generator=generator)
+
+
+def _member_seeds(model: SparseDictionary) -> list[int]:
+    """Init seed of every stacked member (an SAE's groups share its one seed: it is one model)."""
+    seeds = getattr(model, "_member_seeds", None)
+    return seeds() if seeds is not None else [model.seed]
+
+
+def _resample(model: SparseDictionary, x: torch.Tensor, members: slice, step: int, train_seed: int) -> torch.Tensor:
+    """Bootstrap input of ``members`` at ``step``: ``[N, J, D]`` with ``x_in[:, j] = x[idx_j]`` (an SAE: ``[N, D]``)."""
+    seeds = _member_seeds(model)
+    if model._joint:
+        idx = bootstrap_indices(x.shape[0], seeds[0], step, train_seed)
+        return x[idx.to(x.device)]
+    idx = torch.stack([bootstrap_indices(x.shape[0], s, step, train_seed) for s in seeds[members]], dim=1)  # [N, J]
+    return x[idx.to(x.device)]
+
+
 def _signature(model: SparseDictionary) -> dict[str, Any]:
-    """What must match for a checkpoint to resume into ``model``."""
+    """What must match for a checkpoint to resume into ``model`` (the member seeds included: they fix the
+    bootstrap resamples)."""
     return {"kind": type(model).__name__, "config": model.cfg.to_dict(),
-            "members": getattr(model, "members", 1), "combine": getattr(model, "combine", None)}
+            "members": getattr(model, "members", 1), "combine": getattr(model, "combine", None),
+            "chains": getattr(model, "chains", 1), "seeds": _member_seeds(model)}
 
 
 def _b_dec_ready(model: SparseDictionary, members: slice) -> bool:
@@ -92,9 +130,9 @@ def train(
 
     Loss per member: ``fvu + aux_coef·AuxK + sparsity`` (see ``SAEConfig``). ``steps`` counts optimizer
     steps (per stage for boosting); any other :class:`TrainConfig` field can be passed by name, or a whole
-    ``config``. ``b_dec`` is initialised from the first batch a stage sees (its own residual for boosting).
-    Returns the history: one dict of metrics every ``log_every`` steps and at the end of each stage.
-    The model is left in eval mode.
+    ``config``. ``b_dec`` is initialised from the first batch a stage sees (its own residual for boosting,
+    its own resample with ``bootstrap=True``). Returns the history: one dict of metrics every ``log_every``
+    steps and at the end of each stage. The model is left in eval mode.
     """
     if config is None:
         if steps is not None:
@@ -108,6 +146,9 @@ def train(
         raise TypeError(f"model must be an SAE or Ensemble, got {type(model).__name__}")
     if getattr(model, "decode_only", False):
         raise ValueError("a decode-only SAE (boosting as_sae) cannot be trained")
+    if config.bootstrap and getattr(model, "combine", None) == "boosting":
+        raise ValueError("bootstrap=True applies to single SAEs and bagging ensembles: a boosting stage reads the "
+                         "residual of the earlier stages, not a resample of the batch")
     return _Trainer(model, config).run(BatchStream(batches))
 
 
@@ -133,6 +174,12 @@ class _Trainer:
                 f"the checkpoint in {cfg.checkpoint_dir} is for a different model configuration: "
                 f"{_signature(saved)} vs {_signature(self.model)}"
             )
+        if state and bool(state.get("bootstrap", False)) != cfg.bootstrap:
+            raise ValueError(f"the checkpoint in {cfg.checkpoint_dir} was trained with bootstrap="
+                             f"{bool(state.get('bootstrap', False))}; resume it with the same option")
+        if state and cfg.bootstrap and state.get("seed") != cfg.seed:
+            raise ValueError(f"the checkpoint in {cfg.checkpoint_dir} was trained with seed={state.get('seed')}: "
+                             f"the bootstrap resamples depend on it; resume with the same seed")
         self.model.load_state_dict(saved.state_dict())
         if state:
             self.start_stage, self.start_step = state["stage"], state["step"]
@@ -143,7 +190,7 @@ class _Trainer:
 
     def _save(self, optimizer: torch.optim.Optimizer, stage: int, step: int, tokens: int, stream: BatchStream) -> None:
         state = {"stage": stage, "step": step, "stage_tokens": tokens, "batches_consumed": stream.consumed,
-                 "history": self.history}
+                 "bootstrap": self.config.bootstrap, "seed": self.config.seed, "history": self.history}
         save_checkpoint(self.config.checkpoint_dir, self.model, optimizer.state_dict(), state)
 
     def run(self, stream: BatchStream) -> list[dict[str, Any]]:
@@ -183,6 +230,8 @@ class _Trainer:
                 return False
             x = _prepare(raw, model, where=f"batch {stream.consumed - 1}")
             x_in = model._stage_input(x, stage, cfg.backend)
+            if cfg.bootstrap:  # [N, J, D]: member j reads x[bootstrap_indices(N, seed_j, step, cfg.seed)]
+                x_in = _resample(model, x_in, members, step, cfg.seed)
             if not _b_dec_ready(model, members):
                 model._init_b_dec(x_in, members)
             for group in optimizer.param_groups:
