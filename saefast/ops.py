@@ -553,7 +553,9 @@ def per_member_inputs(encode, x: torch.Tensor, *args, **kwargs):
     :func:`jumprelu_encode`) on a shared input ``x [N, D]`` — one call, as is — or on one input per member,
     ``x [N, J, D]`` (bootstrap resamples, the residuals of boosting chains).
 
-    Per-member inputs run member by member: ``encode(x[:, j], *args_j, **kwargs_j)`` for ``j = 0 .. J−1``, where
+    On ``native``, per-member inputs are one call: its encoder is a grouped GEMM (member ``j`` multiplies its own
+    ``x[:, j]``). Elsewhere they run member by member: ``encode(x[:, j], *args_j, **kwargs_j)`` for
+    ``j = 0 .. J−1``, where
     every tensor argument stacked on the member axis (leading size ``J``: ``W_enc [J, M, D]``, ``b_enc``, ``b_dec``,
     ``dead``, ``threshold``, ``log_threshold``) is sliced to ``[j : j+1]`` and everything else (a shared ``[1, D]``
     ``b_dec``, ints, floats, None, ``backend``) passes unchanged. The results are concatenated on the member axis:
@@ -561,7 +563,7 @@ def per_member_inputs(encode, x: torch.Tensor, *args, **kwargs):
     (``smallest_kept``, ``l0``) by ``torch.cat``; AuxK codes are None when every member's are.
     Each call reads its member's input ``x[:, j]``, so ``pre[n, j] = W_enc[j](x[n, j] − b_dec[j]) + b_enc[j]``.
     """
-    if x.dim() == 2:
+    if x.dim() == 2 or kwargs.get("backend") == "native":  # the native ops take [N, J, D] in one grouped call
         return encode(x, *args, **kwargs)
     J = x.shape[1]
 

@@ -79,26 +79,28 @@ def record_inputs(model) -> list[torch.Tensor]:
 # ------------------------------------------------------------------------------------------------------
 
 
-def test_per_member_inputs_of_the_fused_ops_equal_the_batched_reference():
-    """Triton, one call per member on x[:, j], equals the torch reference on the whole [N, J, D] input."""
+@pytest.mark.parametrize("backend", ["triton", "native"])
+def test_per_member_inputs_of_the_fused_ops_equal_the_batched_reference(backend):
+    """Triton (one call per member on x[:, j]) and native (one grouped call on the whole [N, J, D] input) equal the
+    torch reference on the whole [N, J, D] input."""
     J, M, D, N = 3, 32, 16, 24
     g = torch.Generator().manual_seed(0)
     x = torch.randn(N, J, D, generator=g)
     W_enc = torch.randn(J, M, D, generator=g) / 4
     b_enc, b_dec = 0.1 * torch.randn(J, M, generator=g), 0.2 * torch.randn(J, D, generator=g)
     dead = torch.rand(J, M, generator=g) < 0.3
-    got, got_aux = ops.per_member_inputs(ops.topk_encode, x, W_enc, b_enc, b_dec, 3, dead, 4, backend="triton")
+    got, got_aux = ops.per_member_inputs(ops.topk_encode, x, W_enc, b_enc, b_dec, 3, dead, 4, backend=backend)
     ref, ref_aux = ops.topk_encode(x, W_enc, b_enc, b_dec, 3, dead, 4, backend="torch")  # einsum over [N, J, D]
     assert got.members == J and got_aux.members == J
     assert_close(got.to_dense(), ref.to_dense(), atol=1e-5)
     assert_close(got_aux.to_dense(), ref_aux.to_dense(), atol=1e-5)
-    codes, smallest, _ = ops.per_member_inputs(ops.batchtopk_encode, x, W_enc, b_enc, b_dec, 2, backend="triton")
+    codes, smallest, _ = ops.per_member_inputs(ops.batchtopk_encode, x, W_enc, b_enc, b_dec, 2, backend=backend)
     ref_codes, ref_smallest, _ = ops.batchtopk_encode(x, W_enc, b_enc, b_dec, 2, backend="torch")
     assert_close(codes.to_dense(), ref_codes.to_dense(), atol=1e-5)
     assert_close(smallest, ref_smallest, atol=1e-6)
     log_threshold = torch.log(0.2 + 0.3 * torch.rand(J, M, generator=g))
     codes, l0 = ops.per_member_inputs(ops.jumprelu_encode, x, W_enc, b_enc, b_dec, log_threshold, 0.05,
-                                      backend="triton")
+                                      backend=backend)
     ref_codes, ref_l0 = ops.jumprelu_encode(x, W_enc, b_enc, b_dec, log_threshold, 0.05, backend="torch")
     assert_close(codes.to_dense(), ref_codes.to_dense(), atol=1e-5)
     assert_close(l0, ref_l0, atol=1e-6)
@@ -161,17 +163,18 @@ def test_bootstrap_member_equals_lone_sae_trained_with_bootstrap(activation):
     assert (plain.b_dec - bag.b_dec).abs().max() > 1e-2
 
 
-def test_bootstrap_triton_member_equals_lone_sae():
-    """TopK on the Triton backend (CPU interpreter): the per-member encode loop equals the lone SAE, and the
-    torch backend's batched einsum."""
+@pytest.mark.parametrize("backend", ["triton", "native"])
+def test_bootstrap_fused_member_equals_lone_sae(backend):
+    """TopK on the Triton backend (CPU interpreter: the per-member encode loop) and on native (one grouped encode of
+    the [N, J, D] resamples): each member equals the lone SAE, and the torch backend's batched einsum."""
     cfg = sf.SAEConfig(d_in=16, n_latents=32, k=3, dead_after_tokens=30)
     batches = [data(24, 16, seed=20 + s) for s in range(3)]
     bag = sf.Ensemble.bagging(cfg, members=2, seed=1)
-    history = sf.train(bag, batches, steps=3, lr=1e-2, bootstrap=True, backend="triton", log_every=1, **quiet())
+    history = sf.train(bag, batches, steps=3, lr=1e-2, bootstrap=True, backend=backend, log_every=1, **quiet())
     assert history[-1]["aux"] > 0, "test setup: AuxK should be active"
     for j in range(2):
         lone = sf.SAE(cfg, seed=1 + j)
-        sf.train(lone, batches, steps=3, lr=1e-2, bootstrap=True, backend="triton", **quiet())
+        sf.train(lone, batches, steps=3, lr=1e-2, bootstrap=True, backend=backend, **quiet())
         state_close(bag.member(j).state_dict(), lone.state_dict())
     eager = sf.Ensemble.bagging(cfg, members=2, seed=1)
     sf.train(eager, batches, steps=3, lr=1e-2, bootstrap=True, backend="torch", **quiet())
