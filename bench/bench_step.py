@@ -14,7 +14,7 @@ Backends, all on identical data, timed in one run so that the ratios compare lik
 
 Before timing, the native step's loss, codes and gradients are compared with the eager stacked step on the same
 batch; a mismatch is an error and gets no number. Timing: median of ``--repeats`` steps after ``--warmup``,
-rotating input batches.
+rotating input batches, the backends interleaved round by round.
 """
 
 from __future__ import annotations
@@ -40,17 +40,6 @@ def _one_step(model: SparseDictionary, optimizer: torch.optim.Optimizer, x: torc
     optimizer.zero_grad(set_to_none=True)
     model._normalize_decoder(slice(None))
     model._record_firing(z, slice(None))
-
-
-def _time(step, batches: list[torch.Tensor], warmup: int, repeats: int) -> float:
-    for i in range(warmup):
-        step(batches[i % len(batches)])
-    times = []
-    for i in range(repeats):
-        start = time.perf_counter()
-        step(batches[i % len(batches)])
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _commit() -> str:
@@ -96,29 +85,26 @@ def main() -> None:
     cfg = sf.SAEConfig(d_in=D, n_latents=M, k=args.k)
     batches = [torch.randn(N, D, generator=torch.Generator().manual_seed(i)) for i in range(3)]
     results = []
-    timings: dict[str, float] = {}
 
-    def time_gemm() -> float:
-        W_flat = torch.randn(J * M, D) / D**0.5
-        bias = torch.zeros(J * M)
-        return _time(lambda x: torch.addmm(bias, x, W_flat.T), batches, args.warmup, args.repeats)
+    steps = {}
+    W_flat = torch.randn(J * M, D) / D**0.5
+    bias = torch.zeros(J * M)
+    steps["encoder_gemm"] = lambda x: torch.addmm(bias, x, W_flat.T)
 
-    def time_stacked(backend: str) -> float:
+    def stacked_step(backend: str):
         model = sf.Ensemble.bagging(cfg, J)
         model.b_dec_initialized.fill_(True)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-        return _time(lambda x: _one_step(model, optimizer, x, backend), batches, args.warmup, args.repeats)
+        return lambda x: _one_step(model, optimizer, x, backend)
 
-    timings["encoder_gemm"] = time_gemm()
-    timings["eager_stacked"] = time_stacked("torch")
+    steps["eager_stacked"] = stacked_step("torch")
     error = None
     if sf.native.available():
         error = _check_native(cfg, J, batches[0][:512])
         if error is None:
-            timings["native"] = time_stacked("native")
+            steps["native"] = stacked_step("native")
     else:
         error = f"extension not built: {sf.native.why_unavailable()}"
-
     if not args.skip_loop:
         members = [sf.SAE(cfg, seed=j) for j in range(J)]
         for m in members:
@@ -129,7 +115,17 @@ def main() -> None:
             for model, optimizer in zip(members, member_opts):
                 _one_step(model, optimizer, x, "torch")
 
-        timings["eager_loop"] = _time(loop_step, batches, args.warmup, args.repeats)
+        steps["eager_loop"] = loop_step
+    # Round robin (one step of each backend per round), so that a slow phase of this shared machine hits every
+    # backend alike; the median over rounds is reported.
+    samples = {name: [] for name in steps}
+    for i in range(args.warmup + args.repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step(batches[i % len(batches)])
+            if i >= args.warmup:
+                samples[name].append(time.perf_counter() - start)
+    timings = {name: statistics.median(times) for name, times in samples.items()}
 
     base = timings.get("eager_loop")
     for backend in ("eager_loop", "eager_stacked", "native", "encoder_gemm"):

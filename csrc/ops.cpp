@@ -16,6 +16,8 @@ TORCH_LIBRARY(saefast, m) {
         "Tensor? mask) -> Tensor");
   m.def("native_sparse_decode_grad_weight(Tensor grad_out, Tensor values, Tensor indices, int n_latents, "
         "Tensor alpha, Tensor? mask, bool deterministic) -> Tensor");
+  m.def("native_sparse_decode_backward(Tensor grad_out, Tensor values, Tensor indices, Tensor W_dec, Tensor alpha, "
+        "Tensor? mask) -> (Tensor, Tensor)");
   m.def("native_topk_encode(Tensor x, Tensor W_enc, Tensor bias, int k, Tensor? dead, int aux_k) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("native_threshold_encode(Tensor x, Tensor W_enc, Tensor bias, Tensor lower, int capacity) "

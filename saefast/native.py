@@ -74,6 +74,11 @@ if _C is not None:
     def _(grad_out, values, indices, n_latents, alpha, mask, deterministic):
         return values.new_empty((values.shape[1], n_latents, grad_out.shape[-1]), dtype=torch.float32)
 
+    @torch.library.register_fake("saefast::native_sparse_decode_backward")
+    def _(grad_out, values, indices, W_dec, alpha, mask):
+        return (indices.new_empty(indices.shape, dtype=torch.float32),
+                W_dec.new_empty(W_dec.shape, dtype=torch.float32))
+
     @torch.library.register_fake("saefast::native_topk_encode")
     def _(x, W_enc, bias, k, dead, aux_k):
         N, J = x.shape[0], W_enc.shape[0]

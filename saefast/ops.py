@@ -193,6 +193,8 @@ class _Kernels(NamedTuple):
     grad_weight: Any
     topk_encode: Any
     threshold_encode: Any
+    fused_backward: Any = None
+    """``(grad_values, grad_weight)`` in one pass, where the backend has it (native on the CPU)."""
 
 
 def _kernels(backend: str) -> _Kernels:
@@ -212,9 +214,13 @@ def _decode_backward(kernels: _Kernels, ctx, grad):
     values, indices, W_dec, alpha, mask = ctx.saved_tensors
     grad = grad.float().contiguous()
     grad_values = grad_W = grad_bias = None
-    if ctx.needs_input_grad[0]:
+    if (ctx.needs_input_grad[0] and ctx.needs_input_grad[2] and kernels.fused_backward is not None
+            and grad.device.type == "cpu"):
+        grad_values, grad_W = kernels.fused_backward(grad, values, indices, W_dec, alpha, mask)
+        grad_values, grad_W = grad_values.to(values.dtype), grad_W.to(W_dec.dtype)
+    elif ctx.needs_input_grad[0]:
         grad_values = kernels.grad_values(grad, indices, W_dec, alpha, mask).to(values.dtype)
-    if ctx.needs_input_grad[2]:
+    if ctx.needs_input_grad[2] and grad_W is None:
         grad_W = kernels.grad_weight(grad, values, indices, W_dec.shape[1], alpha, mask,
                                      torch.are_deterministic_algorithms_enabled()).to(W_dec.dtype)
     if ctx.has_bias and ctx.needs_input_grad[4]:
@@ -344,7 +350,7 @@ if native.available():
     _native_ops = torch.ops.saefast
     _NATIVE = _Kernels(_native_ops.native_sparse_decode, _native_ops.native_sparse_decode_grad_values,
                        _native_ops.native_sparse_decode_grad_weight, _native_ops.native_topk_encode,
-                       _native_ops.native_threshold_encode)
+                       _native_ops.native_threshold_encode, _native_ops.native_sparse_decode_backward)
     _register_autograd(_NATIVE, ("saefast::native_sparse_decode", "saefast::native_topk_encode",
                                  "saefast::native_threshold_encode"))
 

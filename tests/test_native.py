@@ -134,6 +134,21 @@ def test_sparse_decode_low_precision_weights(dtype):
     assert_close(out, want, atol=2e-2, rtol=1e-2)  # fp32 sums, one rounding to the storage type
 
 
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_fused_backward_equals_the_two_gradient_ops(with_mask):
+    N, J, K, M, D = 37, 3, 6, 23, 19
+    _, _, W_dec, _ = random_stack(J, M, D, seed=4)
+    values, indices = rand(N, J, K), torch.randint(0, M, (N, J, K), generator=torch.Generator().manual_seed(2))
+    mask = rand(N, J, K, kind="rand") > 0.4 if with_mask else None
+    alpha = torch.linspace(0.3, 1.0, J)
+    for g in (rand(N, D), rand(N, J, D)):
+        dv, dW = OPS.native_sparse_decode_backward(g, values, indices, W_dec, alpha, mask)
+        assert_close(dv, OPS.native_sparse_decode_grad_values(g, indices, W_dec, alpha, mask), atol=1e-5, rtol=1e-5)
+        assert torch.equal(dW, OPS.native_sparse_decode_grad_weight(g, values, indices, M, alpha, mask, False))
+        if mask is not None:
+            assert bool((dv[~mask] == 0).all())
+
+
 def test_grad_weight_gives_unselected_rows_exact_zeros_and_handles_collisions():
     N, J, K, M, D = 60, 2, 4, 50, 7
     values = rand(N, J, K)
@@ -154,7 +169,7 @@ def test_grad_weight_gives_unselected_rows_exact_zeros_and_handles_collisions():
 
 
 @pytest.mark.parametrize(("N", "J", "M", "D", "k"), [(1, 1, 8, 5, 1), (13, 3, 37, 24, 8), (150, 2, 2100, 33, 32),
-                                                    (20, 1, 64, 16, 64)])
+                                                    (20, 1, 64, 16, 64), (300, 2, 700, 20, 100)])  # k > 64: buffer
 @pytest.mark.parametrize("per_member_input", [False, True])
 def test_topk_encode_matches_reference_forward_and_backward(N, J, M, D, k, per_member_input):
     W_enc, b_enc, _, b_dec = random_stack(J, M, D, seed=N + M)
@@ -191,8 +206,18 @@ def test_topk_encode_ties_go_to_the_lower_latent_and_aux_pads_with_minus_inf():
     assert bool(torch.isinf(aux_v[:, 1]).all())  # member 1 has no dead latent
 
 
-def test_auxk_codes_match_reference():
-    N, J, M, D, k, aux_k = 33, 3, 2300, 16, 4, 6  # M spans two column tiles
+def test_topk_encode_ties_with_more_than_64_slots():
+    J, M, D = 2, 300, 4
+    bias = torch.zeros(J, M)
+    bias[:, 50:250] = 1.0  # 200 tied maxima for 100 slots: the append-buffer path keeps the lowest latents
+    values, indices, _, _ = OPS.native_topk_encode(rand(5, D), torch.zeros(J, M, D), bias, 100, None, 0)
+    assert torch.equal(indices, torch.arange(50, 150).expand(5, J, 100))
+    assert bool((values == 1).all())
+
+
+@pytest.mark.parametrize("aux_k", [6, 80])  # 80: the append-buffer top-k (more than 64 slots)
+def test_auxk_codes_match_reference(aux_k):
+    N, J, M, D, k = 33, 3, 2300, 16, 4  # M spans two column tiles
     W_enc, b_enc, _, b_dec = random_stack(J, M, D, seed=5)
     x = rand(N, D)
     dead = torch.zeros(J, M, dtype=torch.bool)
@@ -298,7 +323,8 @@ def test_results_are_bit_identical_for_any_thread_count():
         dv = OPS.native_sparse_decode_grad_values(g, indices, W_dec, torch.ones(J), None)
         dW = OPS.native_sparse_decode_grad_weight(g, values, indices, M, torch.ones(J), None, False)
         thr = OPS.native_threshold_encode(x, W_enc, bias, torch.full((J, M), 0.2), 64)
-        return [values, indices, aux_v, aux_i, out, dv, dW, *thr, *OPS.grouped_mm(a, b, False, False)]
+        fused = OPS.native_sparse_decode_backward(g, values, indices, W_dec, torch.ones(J), None)
+        return [values, indices, aux_v, aux_i, out, dv, dW, *thr, *fused, *OPS.grouped_mm(a, b, False, False)]
 
     with threads(1):
         one = run()
@@ -352,6 +378,8 @@ def test_opcheck_and_torch_compile():
                           (values, indices, W_dec.clone().requires_grad_(True), alpha, b_dec[0], None, False))
     torch.library.opcheck(OPS.native_sparse_decode.default,
                           (values, indices, W_dec, alpha, b_dec, rand(N, J, K, kind="rand") > 0.5, True))
+    torch.library.opcheck(OPS.native_sparse_decode_backward.default,
+                          (rand(N, J, D), values.detach(), indices, W_dec, alpha, rand(N, J, K, kind="rand") > 0.5))
     bias = ops.folded_bias(W_enc, b_enc, b_dec).detach()
     dead = torch.zeros(J, M, dtype=torch.bool)
     dead[:, :4] = True

@@ -25,15 +25,25 @@
 #include "common.h"
 
 #include <algorithm>
+#include <functional>
+#include <cstring>
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
 #include <limits>
 #include <vector>
 
 namespace saefast {
 namespace {
 
-constexpr int64_t kRows = 128;
+constexpr int64_t kRows = 256;
 constexpr int64_t kCols = 2048;
 constexpr int64_t kChunk = 16;
+// Up to this many slots a running top-k is a sorted array (insertion); beyond, an append buffer of
+// kBufferFactor·cap entries, cut back to cap by nth_element when full.
+constexpr int64_t kInsertionCap = 64;
+constexpr int64_t kBufferFactor = 4;
 
 struct EncodeArgs {
   int64_t N, D, J, M;
@@ -67,8 +77,24 @@ void check_latent_mask(const char* op, const char* name, const at::Tensor& t, at
                 " must be a ", dtype, " tensor [J, M] = [", J, ", ", M, "]; got ", t.scalar_type(), " ", shape_of(t));
 }
 
+// Bit e of the result is set when p[e] > floor, for the kChunk = 16 values at p (one compare on AVX-512).
+inline uint32_t above_mask(const float* p, float floor) {
+#if defined(__AVX512F__)
+  return static_cast<uint32_t>(_mm512_cmp_ps_mask(_mm512_loadu_ps(p), _mm512_set1_ps(floor), _CMP_GT_OQ));
+#elif defined(__AVX2__)
+  const __m256 f = _mm256_set1_ps(floor);
+  const uint32_t lo = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(p), f, _CMP_GT_OQ)));
+  const uint32_t hi = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(p + 8), f, _CMP_GT_OQ)));
+  return lo | (hi << 8);
+#else
+  uint32_t bits = 0;
+  for (int e = 0; e < 16; ++e) bits |= static_cast<uint32_t>(p[e] > floor) << e;
+  return bits;
+#endif
+}
+
 // A running top-`cap` of (value, latent) pairs, ranked by value descending then latent ascending. Entries above
-// the current floor are appended to a buffer of 2·cap; a full buffer is cut back to its top `cap` with
+// the current floor are appended to a buffer of kBufferFactor·cap; a full buffer is cut back to its top `cap` with
 // nth_element, and the floor rises to the cap-th value. Latents arrive in ascending order, so an entry equal to the
 // floor ranks below the one that set it and is rejected by the strict `>`. Each entry costs O(1) amortised (no
 // sorted insertion), and `finish` sorts the survivors once.
@@ -79,7 +105,7 @@ struct RunningTopK {
   int64_t size = 0;
   float floor_value = -std::numeric_limits<float>::infinity();
 
-  explicit RunningTopK(int64_t cap_) : cap(cap_), v(2 * cap_), i(2 * cap_) {}
+  explicit RunningTopK(int64_t cap_) : cap(cap_), v(kBufferFactor * cap_), i(kBufferFactor * cap_) {}
 
   void reset() {
     size = 0;
@@ -90,25 +116,48 @@ struct RunningTopK {
 
   void offer(float value, int64_t latent) {
     if (!(value > floor_value)) return;
+    if (cap <= kInsertionCap) {  // small cap: keep the first `cap` slots sorted by insertion
+      int64_t pos = size < cap ? size++ : cap - 1;
+      while (pos > 0 && v[pos - 1] < value) {  // strict: equal earlier entries (lower latents) stay ahead
+        v[pos] = v[pos - 1];
+        i[pos] = i[pos - 1];
+        --pos;
+      }
+      v[pos] = value;
+      i[pos] = latent;
+      if (size == cap) floor_value = v[cap - 1];
+      return;
+    }
     v[size] = value;
     i[size] = latent;
-    if (++size == 2 * cap) cut();
+    if (++size == kBufferFactor * cap) cut();
   }
 
-  // Keeps the top `cap` (unordered) and raises the floor to the smallest of them.
+  // Keeps the top `cap` and raises the floor to the smallest of them: nth_element on a copy of the values finds
+  // the cap-th largest t, then a stable compaction keeps every entry > t and the earliest (lowest-latent) entries
+  // equal to t. Stability keeps the buffer in ascending latent order, which the tie rule relies on.
   void cut() {
-    std::vector<int64_t>& order = scratch();
-    order.resize(size);
-    for (int64_t e = 0; e < size; ++e) order[e] = e;
-    const auto ranks_above = [this](int64_t a, int64_t b) { return v[a] > v[b] || (v[a] == v[b] && i[a] < i[b]); };
-    std::nth_element(order.begin(), order.begin() + (cap - 1), order.end(), ranks_above);
-    gather(order, cap);
-    floor_value = v[0];
-    for (int64_t e = 1; e < cap; ++e) floor_value = std::min(floor_value, v[e]);
+    thread_local std::vector<float> copy;
+    copy.assign(v.begin(), v.begin() + size);
+    std::nth_element(copy.begin(), copy.begin() + (cap - 1), copy.end(), std::greater<float>());
+    const float t = copy[cap - 1];
+    int64_t need_equal = cap;
+    for (int64_t e = 0; e < size; ++e) need_equal -= v[e] > t;
+    int64_t kept = 0;
+    for (int64_t e = 0; e < size; ++e) {
+      if (v[e] > t || (v[e] == t && need_equal-- > 0)) {
+        v[kept] = v[e];
+        i[kept] = i[e];
+        ++kept;
+      }
+    }
+    size = kept;
+    floor_value = t;
   }
 
   // Writes the top min(size, cap) sorted into out_v / out_i; returns how many.
   int64_t finish(float* out_v, int64_t* out_i) {
+    if (size > cap) cut();  // sort cap entries, not the whole buffer
     std::vector<int64_t>& order = scratch();
     order.resize(size);
     for (int64_t e = 0; e < size; ++e) order[e] = e;
@@ -126,20 +175,6 @@ struct RunningTopK {
   static std::vector<int64_t>& scratch() {
     thread_local std::vector<int64_t> order;
     return order;
-  }
-
-  void gather(const std::vector<int64_t>& order, int64_t n) {
-    thread_local std::vector<float> tv;
-    thread_local std::vector<int64_t> ti;
-    tv.resize(n);
-    ti.resize(n);
-    for (int64_t e = 0; e < n; ++e) {
-      tv[e] = v[order[e]];
-      ti[e] = i[order[e]];
-    }
-    std::copy(tv.begin(), tv.end(), v.begin());
-    std::copy(ti.begin(), ti.end(), i.begin());
-    size = n;
   }
 };
 
@@ -227,11 +262,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(
           RunningTopK& t = top[r];
           int64_t c = 0;
           for (; c + kChunk <= cols; c += kChunk) {
-            const float floor = t.floor();
-            int above = 0;  // an integer count vectorises where a bool "any" does not
-            for (int64_t e = 0; e < kChunk; ++e) above += p[c + e] > floor;
-            if (above == 0) continue;
-            for (int64_t e = 0; e < kChunk; ++e) t.offer(p[c + e], m0 + c + e);
+            // Bit e set: p[c + e] is above the floor. Most chunks have none once the floor has risen; the rest
+            // offer only their set bits, in ascending latent order.
+            for (uint32_t bits = above_mask(p + c, t.floor()); bits != 0; bits &= bits - 1) {
+              const int e = __builtin_ctz(bits);
+              t.offer(p[c + e], m0 + c + e);
+            }
           }
           for (; c < cols; ++c) t.offer(p[c], m0 + c);
           if (ak > 0)

@@ -6,6 +6,8 @@
 //                         per_member=True:   out[n,j]  = bias[j] +     α_j Σ_k mask·v[n,j,k]·W[j, idx[n,j,k]]   [N, J, D]
 //   native_sparse_decode_grad_values:        dv[n,j,k] = α_j·mask·⟨g[n] (or g[n,j]), W[j, idx[n,j,k]]⟩          [N, J, K] fp32
 //   native_sparse_decode_grad_weight:        dW[j,m]   = α_j Σ_{idx[n,j,k]=m} mask·v[n,j,k]·g[n] (or g[n,j])     [J, M, D] fp32
+//   native_sparse_decode_backward:           (dv, dW) of the two above in one latent-ordered pass (the training path:
+//                                            each decoder row is read once, sequentially, instead of once per slot)
 //
 // No dense [N, J·M] code exists anywhere: the work is O(N·J·K·D). Products and sums are fp32; W_dec, bias and the
 // decode output are fp32, bf16 or fp16 (the output in W_dec's dtype). A masked-out slot is never read.
@@ -200,37 +202,16 @@ at::Tensor sparse_decode_grad_values_cpu(const at::Tensor& grad_out, const at::T
   return dv;
 }
 
-at::Tensor sparse_decode_grad_weight_cpu(const at::Tensor& grad_out, const at::Tensor& values, const at::Tensor& indices,
-                                         int64_t n_latents, const at::Tensor& alpha,
-                                         const c10::optional<at::Tensor>& mask, bool deterministic) {
-  (void)deterministic;  // always deterministic on the CPU (see the file comment)
-  // Kernels run below autograd: the ATen calls inside must not record a graph.
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const char* op = "native_sparse_decode_grad_weight";
-  SAEFAST_CHECK(n_latents >= 1, op, ": n_latents must be >= 1; got ", n_latents);
-  SAEFAST_CHECK(grad_out.dim() >= 2, op, ": grad_out must be [N, D] or [N, J, D]; got shape ", shape_of(grad_out));
-  const int64_t D = grad_out.size(-1);
-  // A [J, M, D] stand-in for W_dec lets check_slots validate the index range against n_latents.
-  SAEFAST_CHECK(indices.dim() == 3, op, ": indices must be [N, J, K]; got shape ", shape_of(indices));
-  const at::Tensor shape_probe = at::empty({indices.size(1), n_latents, 0}, grad_out.options());
-  SlotArgs s = check_slots(op, &values, indices, shape_probe, alpha, mask);
-  s.D = D;
-  const bool per_member = check_grad_out(op, grad_out, s.N, s.J, D).second;
-  at::Tensor dW = new_output({s.J, s.M, D}, grad_out.options());
-  if (dW.numel() == 0) return dW;
-  const at::Tensor g = grad_out.contiguous();
-  const at::Tensor v = values.to(at::kFloat).contiguous();
-  const at::Tensor idx = indices.contiguous();
-  const at::Tensor a = alpha.to(at::kFloat).contiguous();
-  const at::Tensor m = mask.has_value() ? mask->contiguous() : at::Tensor();
-  const int64_t N = s.N, J = s.J, K = s.K, M = s.M;
-  const float* gp = g.data_ptr<float>();
-  const float* vp = v.data_ptr<float>();
-  const int64_t* ip = idx.data_ptr<int64_t>();
-  const bool* mp = m.defined() ? m.data_ptr<bool>() : nullptr;
-  const float* ap = a.data_ptr<float>();
+namespace {
 
-  // 1. Bucket the live slots of each member by latent: row_ptr [J, M + 1] into slot ids (n·K + k), stable in n, k.
+// The latent-ordered backward: bucket the live slots of each member by latent (row_ptr [J, M + 1] into slot ids
+// n·K + k, a stable counting sort in (n, k) order), then give each decoder row (j, m) to one task, which sums
+//     dW[j, m] = α_j Σ_{slots of m} v·g[n]        and, when W is given, writes for the same slots
+//     dv[n, j, k] = α_j ⟨g[n], W[j, m]⟩         (W's row read once, sequentially, instead of one gather per slot).
+template <typename w_t>
+void bucketed_backward(const float* gp, bool per_member, const float* vp, const int64_t* ip, const bool* mp,
+                       const float* ap, const w_t* W, float* dv, float* dWp, int64_t N, int64_t J, int64_t K, int64_t M,
+                       int64_t D) {
   std::vector<int64_t> row_ptr(J * (M + 1), 0);
   std::vector<int64_t> member_ptr(J + 1, 0);
   at::parallel_for(0, J, 1, [&](int64_t j0, int64_t j1) {
@@ -241,7 +222,7 @@ at::Tensor sparse_decode_grad_weight_cpu(const at::Tensor& grad_out, const at::T
           const int64_t slot = (n * J + j) * K + k;
           if (mp == nullptr || mp[slot]) ++rp[ip[slot] + 1];
         }
-      for (int64_t mm = 0; mm < M; ++mm) rp[mm + 1] += rp[mm];
+      for (int64_t m = 0; m < M; ++m) rp[m + 1] += rp[m];
     }
   });
   for (int64_t j = 0; j < J; ++j) member_ptr[j + 1] = member_ptr[j] + row_ptr[j * (M + 1) + M];
@@ -258,32 +239,87 @@ at::Tensor sparse_decode_grad_weight_cpu(const at::Tensor& grad_out, const at::T
         }
     }
   });
-
-  // 2. Each decoder row sums its slots in bucket order: dW[j, m] = α_j Σ v·g[n].
-  float* dWp = dW.data_ptr<float>();
   at::parallel_for(0, J * M, 64, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const int64_t j = r / M, mm = r % M;
+      const int64_t j = r / M, m = r % M;
       const int64_t* rp = row_ptr.data() + j * (M + 1);
       const int64_t* bucket = slots.data() + member_ptr[j];
+      const w_t* w_row = W == nullptr ? nullptr : W + r * D;
       float* acc = dWp + r * D;
       for (int64_t d = 0; d < D; ++d) acc[d] = 0.0f;
-      for (int64_t e = rp[mm]; e < rp[mm + 1]; ++e) {
+      for (int64_t e = rp[m]; e < rp[m + 1]; ++e) {
         const int64_t n = bucket[e] / K, k = bucket[e] % K;
-        const float c = vp[(n * J + j) * K + k];
+        const int64_t slot = (n * J + j) * K + k;
         const float* gr = gp + (per_member ? (n * J + j) * D : n * D);
-        for (int64_t d = 0; d < D; ++d) acc[d] += c * gr[d];
+        if (w_row != nullptr) dv[slot] = ap[j] * dot_row(gr, w_row, D);
+        axpy_row(acc, vp[slot], gr, D);
       }
       for (int64_t d = 0; d < D; ++d) acc[d] *= ap[j];
     }
   });
+}
+
+}  // namespace
+
+at::Tensor sparse_decode_grad_weight_cpu(const at::Tensor& grad_out, const at::Tensor& values, const at::Tensor& indices,
+                                         int64_t n_latents, const at::Tensor& alpha,
+                                         const c10::optional<at::Tensor>& mask, bool deterministic) {
+  (void)deterministic;  // always deterministic on the CPU (see the file comment)
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const char* op = "native_sparse_decode_grad_weight";
+  SAEFAST_CHECK(n_latents >= 1, op, ": n_latents must be >= 1; got ", n_latents);
+  SAEFAST_CHECK(grad_out.dim() >= 2, op, ": grad_out must be [N, D] or [N, J, D]; got shape ", shape_of(grad_out));
+  const int64_t D = grad_out.size(-1);
+  // A [J, M, 0] stand-in for W_dec lets check_slots validate the index range against n_latents.
+  SAEFAST_CHECK(indices.dim() == 3, op, ": indices must be [N, J, K]; got shape ", shape_of(indices));
+  const at::Tensor shape_probe = at::empty({indices.size(1), n_latents, 0}, grad_out.options());
+  const SlotArgs s = check_slots(op, &values, indices, shape_probe, alpha, mask);
+  const bool per_member = check_grad_out(op, grad_out, s.N, s.J, D).second;
+  at::Tensor dW = new_output({s.J, s.M, D}, grad_out.options());
+  if (dW.numel() == 0) return dW;
+  const at::Tensor g = grad_out.contiguous(), v = values.to(at::kFloat).contiguous(), idx = indices.contiguous();
+  const at::Tensor a = alpha.to(at::kFloat).contiguous();
+  const at::Tensor m = mask.has_value() ? mask->contiguous() : at::Tensor();
+  bucketed_backward<float>(g.data_ptr<float>(), per_member, v.data_ptr<float>(), idx.data_ptr<int64_t>(),
+                           m.defined() ? m.data_ptr<bool>() : nullptr, a.data_ptr<float>(), nullptr, nullptr,
+                           dW.data_ptr<float>(), s.N, s.J, s.K, s.M, D);
   return dW;
+}
+
+std::tuple<at::Tensor, at::Tensor> sparse_decode_backward_cpu(const at::Tensor& grad_out, const at::Tensor& values,
+                                                              const at::Tensor& indices, const at::Tensor& W_dec,
+                                                              const at::Tensor& alpha,
+                                                              const c10::optional<at::Tensor>& mask) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const char* op = "native_sparse_decode_backward";
+  const SlotArgs s = check_slots(op, &values, indices, W_dec, alpha, mask);
+  const bool per_member = check_grad_out(op, grad_out, s.N, s.J, s.D).second;
+  // Masked-out slots are in no bucket: their dv is written here, every other one by its row's task.
+  at::Tensor dv = mask.has_value() ? at::zeros({s.N, s.J, s.K}, indices.options().dtype(at::kFloat))
+                                   : new_output({s.N, s.J, s.K}, indices.options().dtype(at::kFloat));
+  at::Tensor dW = new_output({s.J, s.M, s.D}, grad_out.options());
+  if (dW.numel() == 0 || dv.numel() == 0) {
+    if (dv.numel() == 0) dW.zero_();
+    else dv.zero_();
+    return {dv, dW};
+  }
+  const at::Tensor g = grad_out.contiguous(), v = values.to(at::kFloat).contiguous(), idx = indices.contiguous();
+  const at::Tensor a = alpha.to(at::kFloat).contiguous();
+  const at::Tensor m = mask.has_value() ? mask->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, W_dec.scalar_type(), "native_sparse_decode_backward", [&] {
+    bucketed_backward<scalar_t>(g.data_ptr<float>(), per_member, v.data_ptr<float>(), idx.data_ptr<int64_t>(),
+                                m.defined() ? m.data_ptr<bool>() : nullptr, a.data_ptr<float>(),
+                                W_dec.data_ptr<scalar_t>(), dv.data_ptr<float>(), dW.data_ptr<float>(), s.N, s.J, s.K,
+                                s.M, s.D);
+  });
+  return {dv, dW};
 }
 
 TORCH_LIBRARY_IMPL(saefast, CPU, m) {
   m.impl("native_sparse_decode", &sparse_decode_cpu);
   m.impl("native_sparse_decode_grad_values", &sparse_decode_grad_values_cpu);
   m.impl("native_sparse_decode_grad_weight", &sparse_decode_grad_weight_cpu);
+  m.impl("native_sparse_decode_backward", &sparse_decode_backward_cpu);
 }
 
 }  // namespace saefast
