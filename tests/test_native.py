@@ -3,7 +3,8 @@
 Every op on random ragged shapes (non-power-of-two N, J, K, M, D), forward and backward, with outputs poisoned
 (NaN / -1) before the kernels write them; results bit-identical for 1 and 2 threads; bad input rejected with a
 ValueError naming the problem; the native backend trains models that match the torch backend; and saefast still
-imports (with one warning) when the extension is missing.
+imports (with one warning) when the extension is missing. Training on the native backend against the torch one,
+and ``torch.compile`` through the ops, are in ``tests/test_ops.py`` beside the same tests for Triton.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import pytest
 import torch
 from conftest import assert_close
 
-import saefast as sf
 from saefast import native, ops, ref
 from saefast.codes import SparseCodes
 
@@ -368,7 +368,7 @@ def test_bad_input_is_rejected_before_compute():
         OPS.native_threshold_encode(x, W, bias, torch.zeros(J, M + 1), 3)
 
 
-def test_opcheck_and_torch_compile():
+def test_opcheck_of_the_native_ops():  # torch.compile through them: tests/test_ops.py
     N, J, M, D, K = 6, 2, 10, 8, 3
     W_enc, b_enc, W_dec, b_dec = random_stack(J, M, D, seed=2)
     values = rand(N, J, K, kind="rand").requires_grad_(True)
@@ -391,49 +391,10 @@ def test_opcheck_and_torch_compile():
     torch.library.opcheck(OPS.grouped_mm.default, ([rand(3, 4).requires_grad_(True), rand(5, 4)],
                                                    [rand(2, 4), rand(7, 4).requires_grad_(True)], False, True))
 
-    def step(x):
-        codes, _ = ops.topk_encode(x, W_enc, b_enc, b_dec, K, backend="native")
-        return ops.decode(codes, W_dec, b_dec, 0.5, backend="native")
-
-    x = rand(N, D)
-    compiled = torch.compile(step, backend="eager", fullgraph=True)
-    assert_close(compiled(x), step(x), atol=1e-6)
-
 
 # ------------------------------------------------------------------------------------------------------
-# Models on the native backend
+# Without the extension (models on the native backend: tests/test_ops.py, with the Triton ones)
 # ------------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(("activation", "kind"), [("topk", "single"), ("topk", "bagging"), ("topk", "boosting"),
-                                                  ("batchtopk", "bagging"), ("jumprelu", "single"),
-                                                  ("jumprelu", "bagging")])
-def test_training_on_native_matches_the_torch_backend(activation, kind):
-    extra = dict(jumprelu_init_threshold=0.3, jumprelu_bandwidth=0.2, l0_coef=0.05) if activation == "jumprelu" else {}
-    cfg = sf.SAEConfig(d_in=12, n_latents=24, k=3, activation=activation, dead_after_tokens=20, **extra)
-    g = torch.Generator().manual_seed(0)
-    batches = [torch.randn(32, 12, generator=g) for _ in range(3)]
-
-    def build():
-        return sf.SAE(cfg, seed=1) if kind == "single" else sf.Ensemble(cfg, 2, kind, seed=1)
-
-    models, histories = [], []
-    for backend in ("torch", "native"):
-        model = build()
-        histories.append(sf.train(model, batches, steps=4, lr=1e-2, log_every=1, progress=False, backend=backend))
-        models.append(model)
-    if activation == "topk":
-        assert any(h["aux"] > 0 for h in histories[1])  # AuxK ran on the native path
-    for a, b in zip(*histories):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
-    for name, tensor in models[0].state_dict().items():
-        other = models[1].state_dict()[name]
-        if tensor.is_floating_point():
-            assert_close(other, tensor, atol=1e-4, rtol=1e-3, msg=name)
-        else:
-            assert torch.equal(other, tensor), name
-    x = rand(10, 12)
-    assert_close(models[0].reconstruct(x, backend="native"), models[0].reconstruct(x, backend="torch"), atol=1e-5)
 
 
 def test_import_without_the_extension_warns_once_and_falls_back():

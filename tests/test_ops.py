@@ -16,6 +16,10 @@ TRITON_OK = torch.cuda.is_available() or __import__("os").environ.get("TRITON_IN
 needs_triton = pytest.mark.skipif(not TRITON_OK, reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
 # Where the kernels run: the GPU when there is one, else the CPU under Triton's interpreter (fp32 throughout).
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# The fused backends, each skipped where it cannot run on DEVICE.
+FUSED_BACKENDS = [pytest.param("triton", marks=needs_triton),
+                  pytest.param("native", marks=pytest.mark.skipif(not sf.native.supports(DEVICE),
+                                                                   reason="native extension not built for DEVICE"))]
 
 
 def rand(*shape: int, kind: str = "randn") -> torch.Tensor:
@@ -202,14 +206,14 @@ def test_opcheck_of_the_custom_ops():
                           (rand(N, D).requires_grad_(True), W_enc.requires_grad_(True), bias, lower, 6))
 
 
-@needs_triton
-def test_torch_compile_traces_through_the_ops_without_graph_breaks():
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_torch_compile_traces_through_the_ops_without_graph_breaks(backend):
     N, J, M, D, K = 8, 2, 16, 12, 4
     W_enc, b_enc, W_dec, b_dec = random_stack(J, M, D, seed=3)
 
     def step(x):
-        codes, _ = ops.topk_encode(x, W_enc, b_enc, b_dec, K, backend="triton")
-        return ops.decode(codes, W_dec, b_dec, 0.5, backend="triton")
+        codes, _ = ops.topk_encode(x, W_enc, b_enc, b_dec, K, backend=backend)
+        return ops.decode(codes, W_dec, b_dec, 0.5, backend=backend)
 
     x = rand(N, D)
     compiled = torch.compile(step, backend="eager", fullgraph=True)
@@ -221,11 +225,11 @@ def test_torch_compile_traces_through_the_ops_without_graph_breaks():
 # ------------------------------------------------------------------------------------------------------
 
 
-@needs_triton
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @pytest.mark.parametrize(("activation", "kind"), [("topk", "single"), ("topk", "bagging"), ("topk", "boosting"),
                                                   ("batchtopk", "single"), ("batchtopk", "bagging"),
                                                   ("jumprelu", "single"), ("jumprelu", "bagging")])
-def test_training_on_triton_matches_the_torch_backend(activation, kind):
+def test_training_on_a_fused_backend_matches_the_torch_backend(activation, kind, backend):
     # Latents die fast, so AuxK runs too. JumpReLU: thresholds and a bandwidth on the scale of the pre-activations,
     # so that the straight-through gradients (of the codes and of the L0 penalty) reach log_threshold.
     extra = dict(jumprelu_init_threshold=0.3, jumprelu_bandwidth=0.2, l0_coef=0.05) if activation == "jumprelu" else {}
@@ -237,9 +241,9 @@ def test_training_on_triton_matches_the_torch_backend(activation, kind):
         return (sf.SAE(cfg, seed=1) if kind == "single" else sf.Ensemble(cfg, 2, kind, seed=1)).to(DEVICE)
 
     models, histories = [], []
-    for backend in ("torch", "triton"):
+    for which in ("torch", backend):
         model = build()
-        histories.append(sf.train(model, batches, steps=4, lr=1e-2, log_every=1, progress=False, backend=backend))
+        histories.append(sf.train(model, batches, steps=4, lr=1e-2, log_every=1, progress=False, backend=which))
         models.append(model)
     if activation == "topk":
         assert any(h["aux"] > 0 for h in histories[0])  # the AuxK path was exercised
@@ -258,11 +262,11 @@ def test_training_on_triton_matches_the_torch_backend(activation, kind):
         else:
             assert torch.equal(other, tensor), name
     x = rand(10, 12)  # eval mode (train leaves it there): BatchTopK uses its threshold
-    with sf.use_backend("triton"):
+    with sf.use_backend(backend):
         assert_close(models[0].reconstruct(x), models[0].reconstruct(x, backend="torch"), atol=1e-5)
         codes = models[0].encode(x)
     assert_close(codes.to_dense(), models[0].encode(x, backend="torch").to_dense(), atol=1e-5)
-    assert_close(models[0].decode(codes, backend="triton"), models[0].decode(codes, backend="torch"), atol=1e-5)
+    assert_close(models[0].decode(codes, backend=backend), models[0].decode(codes, backend="torch"), atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------------
