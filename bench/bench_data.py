@@ -19,24 +19,16 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from report import commit, write_json
 
 import saefast as sf
 from saefast.harvest import Capture
 from saefast.text import token_windows
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True, cwd=Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _median_seconds(fn, repeats: int) -> float:
@@ -96,7 +88,7 @@ def main() -> None:
     report = {
         "device": f"cpu ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads",
         "torch": torch.__version__,
-        "commit": _commit(),
+        "commit": commit(),
         "model": "smollm2 (SmolLM2-135M, GGUF Q4_1 dequantized to fp32)",
         "hook": hook,
         "forward_batch": {"windows": args.batch_size, "context": args.context, "tokens": tokens_per_batch},
@@ -110,8 +102,7 @@ def main() -> None:
                    "rows_per_s_verify_lazy_first_epoch": read_lazy},
     }
     print(json.dumps(report, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    write_json(report, args.json)
 
 
 if __name__ == "__main__":

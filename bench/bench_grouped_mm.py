@@ -20,20 +20,12 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import time
 
 import torch
+from report import commit, write_json
 
 from saefast import native, ops
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _cases(g: torch.Generator) -> dict[str, tuple[list[torch.Tensor], list[torch.Tensor], bool]]:
@@ -97,11 +89,9 @@ def main() -> None:
                 entry |= {"ms": ms, "gflop_per_s": flops / ms / 1e6, "speedup_vs_torch_loop": base * 1e3 / ms}
             results.append(entry)
     report = {"device": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-              "torch": torch.__version__, "commit": _commit(), "results": results}
+              "torch": torch.__version__, "commit": commit(), "results": results}
     print(json.dumps(report, indent=2))
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(report, handle, indent=2)
+    write_json(report, args.json)
 
 
 if __name__ == "__main__":

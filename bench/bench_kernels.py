@@ -24,11 +24,10 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import time
-from pathlib import Path
 
 import torch
+from report import commit, write_json
 
 from saefast import ops
 from saefast.codes import SparseCodes
@@ -41,14 +40,6 @@ PRESETS = {
     # Runs anywhere (the CPU under TRITON_INTERPRET=1): checks the script, not the speed.
     "tiny": dict(N=64, D=48, J=2, M=96, K=8, dtype="float32"),
 }
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _inputs(N, D, J, M, dtype, device, seed=0):
@@ -190,10 +181,10 @@ def main() -> None:
     import triton
 
     report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (Triton interpreter)",
-              "torch": torch.__version__, "triton": triton.__version__, "commit": _commit(),
+              "torch": torch.__version__, "triton": triton.__version__, "commit": commit(),
               "preset": args.preset, "results": results}
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        write_json(report, args.json)
         print(f"wrote {args.json}")
 
 

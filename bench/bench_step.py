@@ -23,10 +23,10 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import time
 
 import torch
+from report import commit, write_json
 
 import saefast as sf
 from saefast.dictionary import SparseDictionary
@@ -40,14 +40,6 @@ def _one_step(model: SparseDictionary, optimizer: torch.optim.Optimizer, x: torc
     optimizer.zero_grad(set_to_none=True)
     model._normalize_decoder(slice(None))
     model._record_firing(z, slice(None))
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _check_native(cfg: sf.SAEConfig, members: int, x: torch.Tensor) -> str | None:
@@ -143,15 +135,13 @@ def main() -> None:
         "device": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "commit": _commit(),
+        "commit": commit(),
         "shape": {"members": J, "d_in": D, "latents": M, "k": args.k, "tokens": N, "dtype": "float32"},
         "encoder_gemm_gflop": 2 * N * D * J * M / 1e9,
         "results": results,
     }
     print(json.dumps(report, indent=2))
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(report, handle, indent=2)
+    write_json(report, args.json)
 
 
 if __name__ == "__main__":
