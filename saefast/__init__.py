@@ -12,9 +12,12 @@ Public API::
     model, tokenizer = load_model("smollm2")              # embedded SmolLM2-135M, offline
     store = harvest(model, "acts/", "model.layers.15", tokens=100_000, tokenizer=tokenizer, texts=pydoc_topics())
     train(bag, store.batches(1024, epochs=None), steps=1000)
+
+    stats = sharpen.class_stats(bag, labelled_batches)          # SAE-ception: (x, labels) batches
+    t = sharpen.targets(bag, x, labels, sharpen.class_masks(stats, top_n=25))   # sharpened targets [N, d]
 """
 
-from . import cpu, metrics, native, ops, ref
+from . import cpu, metrics, native, ops, ref, sharpen
 from .checkpoint import CheckpointError, load, save
 from .codes import SparseCodes
 from .config import ACTIVATIONS, SAEConfig, TrainConfig
@@ -55,6 +58,7 @@ __all__ = [
     "ref",
     "resolve_hooks",
     "save",
+    "sharpen",
     "text_source",
     "train",
     "use_backend",

@@ -1,4 +1,4 @@
-"""The ``saefast`` command line: ``harvest``, ``train``, ``eval``, ``demo``.
+"""The ``saefast`` command line: ``harvest``, ``train``, ``eval``, ``demo``, ``sharpen``.
 
 Every subcommand has ``--help`` and sensible defaults; bad input exits with status 2 and a one-line error.
 """
@@ -239,6 +239,32 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------
+# sharpen
+# ------------------------------------------------------------------------------------------------------
+
+
+def _sharpen(args: argparse.Namespace) -> int:
+    from .sharpen_tasks import format_history, run_task
+
+    overrides = {key: getattr(args, key) for key in ("cycles", "top_n", "top_percent", "aux_coef", "target", "members",
+                                                    "combine", "epochs", "finetune_epochs", "sae_steps", "backend")
+                 if getattr(args, key) is not None}
+    if args.top_percent is not None:
+        overrides["top_n"] = None
+    overrides["progress"] = not args.no_progress
+    print(f"saefast sharpen — task {args.task}, {overrides.get('cycles', 2)} cycle(s) after the baseline", flush=True)
+
+    def log(row: dict[str, Any]) -> None:
+        print(f"cycle {row['cycle']}: test accuracy {row['test_accuracy']:.4f}, ARI {row['ari']:.3f}, "
+              f"U {row['uncertainty']:.3f} bits, silhouette {row['silhouette_labels']:.3f}", flush=True)
+
+    report = run_task(args.task, out=args.out, seed=args.seed, log=log, **overrides)
+    print(format_history(report["history"]))
+    print(f"wrote {args.out}/results.json, {args.out}/history.png and each cycle's SAE and masks")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------
 # parser
 # ------------------------------------------------------------------------------------------------------
 
@@ -327,6 +353,32 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-stability", action="store_true", help="skip the second-seed runs (halves training time)")
     d.add_argument("--no-progress", action="store_true", help="hide progress bars")
     d.set_defaults(run=_demo)
+
+    s = commands.add_parser("sharpen", help="SAE-ception: sharpen a classifier's layer with its SAE, in cycles",
+                            description="Train the task's classifier (baseline), then for each cycle: train an SAE on "
+                            "the hooked layer, pick each class's top-N latents, fine-tune with the cosine loss to the "
+                            "sharpened targets. Prints accuracy and class-structure metrics per cycle.")
+    s.add_argument("--task", choices=("digits", "fortunes"), default="digits",
+                   help="digits: MLP 64-16-16-10 on scikit-learn's 8x8 digits (default); fortunes: SmolLM2-135M on "
+                   "Debian fortunes categories (apt-get install fortunes)")
+    s.add_argument("--out", default="sharpen_out", help="output directory (default: sharpen_out)")
+    s.add_argument("--cycles", type=int, help="sharpening cycles after the baseline (default: 2)")
+    s.add_argument("--target", choices=("class", "complement", "example", "random"),
+                   help="class (SAE-ception, default) or a control: complement mask, per-example top-N, random unit "
+                   "vectors")
+    picks = s.add_mutually_exclusive_group()
+    picks.add_argument("--top-n", type=int, help="latents kept per class (default: 25)")
+    picks.add_argument("--top-percent", type=float, help="instead: this percentage of the latents per class")
+    s.add_argument("--aux-coef", type=float, help="weight λ of the cosine loss (task default)")
+    s.add_argument("--members", type=int, help="SAEs per cycle (an ensemble when > 1; default: 1)")
+    s.add_argument("--combine", choices=("bagging", "boosting"), help="how ensemble members combine")
+    s.add_argument("--epochs", type=int, help="baseline task epochs")
+    s.add_argument("--finetune-epochs", type=int, help="task epochs per cycle")
+    s.add_argument("--sae-steps", type=int, help="SAE optimizer steps per cycle")
+    s.add_argument("--backend", choices=("auto", "torch", "triton", "native"), help="op backend of the SAE work")
+    s.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    s.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    s.set_defaults(run=_sharpen)
     return parser
 
 

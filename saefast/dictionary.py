@@ -471,19 +471,30 @@ class SparseDictionary(nn.Module):
             raise ValueError("codes are an empty batch (0 tokens)")
         return codes.view(-1, J, M)
 
-    def decode(self, codes: SparseCodes | torch.Tensor, backend: str | None = None) -> torch.Tensor:
+    def decode(self, codes: SparseCodes | torch.Tensor, backend: str | None = None,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
         """Reconstruction ``x̂ [N, D]`` from codes (:class:`SparseCodes` or dense ``[N, J·M]``, member-major).
 
-        SAE: ``x̂ = W_dec·z + b_dec``; ensemble: ``x̂ = Σ_j α (W_dec_j·z_j + b_dec_j)``.
+        SAE: ``x̂ = W_dec·z + b_dec``; ensemble: ``x̂ = Σ_j α (W_dec_j·z_j + b_dec_j)``. ``mask`` (sparse codes
+        only): ``[N, J, K]`` bool, False drops that slot's coefficient — ``z̃ = mask ⊙ z`` decoded in the same
+        launch on the fused backends (feature sharpening, :mod:`saefast.sharpen`).
         """
         if isinstance(codes, SparseCodes):
             self._check_codes(codes)
+            if mask is not None and (mask.dtype != torch.bool or mask.shape != codes.values.shape
+                                     or mask.device != codes.values.device):
+                raise ValueError(f"mask must be a bool tensor shaped like the codes {tuple(codes.values.shape)} on "
+                                 f"{codes.values.device}; got {mask.dtype} {tuple(mask.shape)} on {mask.device}")
             P = self.stacked()
             chosen = ops.resolve_backend(backend, codes.values.device)  # decoding is activation-agnostic
             if chosen != "torch":
                 b_dec = P.b_dec if not self._shared_b_dec else P.b_dec[:1]
-                return ops.decode(codes, P.W_dec, b_dec, self.alpha, backend=chosen)
+                return ops.decode(codes, P.W_dec, b_dec, self.alpha, mask=mask, backend=chosen)
+            if mask is not None:
+                codes = SparseCodes(codes.values * mask, codes.indices, codes.n_latents)
             return self._combine(ref.decode_codes(codes, P.W_dec), P)
+        if mask is not None:
+            raise ValueError("mask applies to SparseCodes; multiply dense codes by the mask instead")
         codes = self._dense_codes(codes)
         P = self.stacked()
         return self._combine(ref.decode_codes(codes, P.W_dec), P)

@@ -163,10 +163,11 @@ class Ensemble(SparseDictionary):
         self._single_chain("encode")
         return super().encode(x, backend)
 
-    def decode(self, codes: SparseCodes | torch.Tensor, backend: str | None = None) -> torch.Tensor:
+    def decode(self, codes: SparseCodes | torch.Tensor, backend: str | None = None,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
         """``x̂ = Σ_j α (W_dec_j·z_j + b_dec_j)`` ``[N, D]`` from codes (see the base class). One chain only."""
         self._single_chain("decode")
-        return super().decode(codes, backend)
+        return super().decode(codes, backend, mask)
 
     def reconstruct(self, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
         """Bagging ``(1/J)·Σ_j x̂_j(x)``; boosting ``Σ_j x̂_j(r_j) = x − r_J``. ``[N, D]``. One chain only."""

@@ -1,0 +1,752 @@
+"""SAE-ception: class-level feature sharpening with an SAE (or ensemble) in the training loop.
+
+For each class ``y``: ``μ_y`` = mean SAE code over the training examples of class ``y`` (:func:`class_stats`),
+``T_y`` = the latents of its top-N means (:func:`class_masks`). An example's code ``z`` is *sharpened* by zeroing
+every latent outside ``T_{y(x)}`` (it keeps its own values on ``T_y``) and decoded into the target
+``t(x) = W_dec·z̃ + b_dec`` (:func:`targets`; for an ensemble, the ensemble decode of the concatenated
+dictionary). The model is fine-tuned with ``L = task loss + λ·mean(1 − cos(h(x), t(x)))`` at the hooked layer
+(:class:`AuxiliaryLoss`), then a fresh SAE is trained on the new model's activations, and the cycle repeats
+(:class:`SAECeption`).
+
+Controls of the paper: the per-example top-k (:func:`example_targets`: keep each example's own top-N latents,
+no labels), the complement ("mask") control (``targets(..., complement=True)``: zero the class's latents, keep
+the rest) and random unit vectors (:func:`random_targets`).
+
+On the fused backends (``native`` on CPU, ``triton`` on CUDA) a target batch is one pass: fused encode →
+top-k (the ``N × M`` pre-activations never exist), a gather of the class mask at the ``[N, J, K]`` slots, and
+the sparse decode with that slot mask — no dense ``N × J·M`` code is ever built. :func:`targets_reference` is
+the eager oracle (dense codes, dense mask, dense decode) and the baseline of ``bench/bench_sharpen.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save as safetensors_bytes
+from torch import nn
+from tqdm.auto import tqdm
+
+from .checkpoint import atomic_write_bytes
+from .config import SAEConfig
+from .dictionary import SparseDictionary
+from .ensemble import Ensemble
+from .evaluate import evaluate
+from .harvest import _hidden_state, _module_names, abbreviate_names
+from .sae import SAE
+from .store import ActivationStore
+from .train import train as train_sae
+
+Target = Literal["class", "complement", "example", "random"]
+TARGETS: tuple[str, ...] = get_args(Target)
+
+# ------------------------------------------------------------------------------------------------ statistics
+
+
+@dataclass(frozen=True)
+class ClassStats:
+    """Streaming per-class statistics of SAE codes over ``L = J·M`` latents (the concatenated dictionary,
+    member-major: latent ``i`` of member ``j`` is column ``j·M + i``)."""
+
+    sums: torch.Tensor
+    """``[C, L]`` float64: ``Σ_{n: y_n = c} z_n``."""
+    fires: torch.Tensor
+    """``[C, L]`` int64: examples of class ``c`` on which the latent is non-zero."""
+    counts: torch.Tensor
+    """``[C]`` int64: examples of class ``c``."""
+    members: int
+    """``J`` (1 for a single SAE)."""
+    n_latents: int
+    """Latents per member ``M``."""
+
+    @property
+    def n_classes(self) -> int:
+        """``C``: one more than the largest label seen (or the ``n_classes`` asked for)."""
+        return self.counts.shape[0]
+
+    @property
+    def n_latents_total(self) -> int:
+        """``L = J·M``."""
+        return self.members * self.n_latents
+
+    def means(self) -> torch.Tensor:
+        """``μ [C, L]`` float64: ``μ_c = sums_c / counts_c`` (a class with no example: all zero)."""
+        return self.sums / self.counts.clamp_min(1).unsqueeze(1).to(self.sums.dtype)
+
+    def firing_rates(self) -> torch.Tensor:
+        """``[C, L]`` float64: fraction of the examples of class ``c`` on which the latent fires."""
+        return self.fires / self.counts.clamp_min(1).unsqueeze(1).to(torch.float64)
+
+    def merge(self, other: ClassStats) -> ClassStats:
+        """Statistics of the union of both streams (e.g. two shards of the token axis); classes padded to the larger."""
+        if (self.members, self.n_latents) != (other.members, other.n_latents):
+            raise ValueError(f"cannot merge statistics of {self.members}×{self.n_latents} and "
+                             f"{other.members}×{other.n_latents} latents")
+        C = max(self.n_classes, other.n_classes)
+        a, b = self._padded(C), other._padded(C)
+        return ClassStats(a.sums + b.sums.to(a.sums.device), a.fires + b.fires.to(a.fires.device),
+                          a.counts + b.counts.to(a.counts.device), self.members, self.n_latents)
+
+    def _padded(self, n_classes: int) -> ClassStats:
+        extra = n_classes - self.n_classes
+        if extra <= 0:
+            return self
+        return ClassStats(F.pad(self.sums, (0, 0, 0, extra)), F.pad(self.fires, (0, 0, 0, extra)),
+                          F.pad(self.counts, (0, extra)), self.members, self.n_latents)
+
+
+@contextlib.contextmanager
+def _inference(module: nn.Module) -> Iterator[None]:
+    """Eval mode (BatchTopK: its learned threshold, so codes do not depend on the batch) and no grad, restored."""
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        module.train(was_training)
+
+
+def _check_model(model: Any) -> SparseDictionary:
+    if not isinstance(model, SparseDictionary):
+        raise TypeError(f"model must be an SAE or Ensemble, got {type(model).__name__}")
+    return model
+
+
+def _check_labels(labels: Any, n: int, n_classes: int | None = None, name: str = "labels") -> torch.Tensor:
+    """Labels ``[n]`` of non-negative class ids (below ``n_classes`` when given), as int64."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of int class ids, got {type(labels).__name__}")
+    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
+        raise TypeError(f"{name} must have an integer dtype, got {labels.dtype}")
+    if labels.dim() != 1 or labels.shape[0] != n:
+        raise ValueError(f"{name} must be 1-D with one entry per example ({n}), got shape {tuple(labels.shape)}")
+    if n and int(labels.min()) < 0:
+        raise ValueError(f"{name} must be >= 0 (class ids), got {int(labels.min())}")
+    if n_classes is not None and n and int(labels.max()) >= n_classes:
+        raise ValueError(f"{name} has class {int(labels.max())} but there are only {n_classes} classes "
+                         f"(mask rows); compute the statistics on data that holds every class")
+    return labels.long()
+
+
+def _labelled_batches(batches: Any, batch_size: int) -> Iterable:
+    if isinstance(batches, ActivationStore):
+        if "labels" not in batches.extras:
+            raise ValueError(f"store {batches.path} has no 'labels' column (its extras: {sorted(batches.extras)}); "
+                             f"write the labels with StoreWriter(..., extras={{'labels': torch.int64}})")
+        return batches.batches(batch_size, shuffle=False, extras=("labels",))
+    if isinstance(batches, torch.Tensor):
+        raise TypeError("batches must yield (x, labels) pairs, not be one tensor")
+    return batches
+
+
+def class_stats(model: SparseDictionary, batches: Iterable | ActivationStore, n_classes: int | None = None,
+                backend: str | None = None, batch_size: int = 4096) -> ClassStats:
+    """Per-class sums, firing counts and example counts of ``model``'s codes, streamed over ``batches``.
+
+    ``batches`` yields ``(x [N, d_in], labels [N])`` pairs (any order, any number of classes: the statistics grow
+    to the largest label seen), or is an :class:`~saefast.ActivationStore` with a ``labels`` column (read in
+    order, ``batch_size`` rows at a time; the label of a row stays with that row). Codes are the inference codes
+    (eval mode, no grad), sparse throughout: ``sums[y_n, j·M + i] += z_n[j, i]`` by index-add at the active slots.
+    """
+    model = _check_model(model)
+    J, M = model._n_stacked, model._latents
+    L = J * M
+    if n_classes is not None and (isinstance(n_classes, bool) or not isinstance(n_classes, int) or n_classes < 1):
+        raise ValueError(f"n_classes must be a positive int, got {n_classes!r}")
+    device = model.W_enc.device
+    C = n_classes or 0
+    sums = torch.zeros(C, L, dtype=torch.float64, device=device)
+    fires = torch.zeros(C, L, dtype=torch.int64, device=device)
+    counts = torch.zeros(C, dtype=torch.int64, device=device)
+    seen = 0
+    with _inference(model):
+        for index, batch in enumerate(_labelled_batches(batches, batch_size)):
+            if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+                raise TypeError(f"batch {index} must be an (x, labels) pair, got {type(batch).__name__}")
+            x, labels = batch
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"batch {index}: x must be a torch.Tensor, got {type(x).__name__}")
+            labels = _check_labels(labels, x.shape[0] if x.dim() else -1, n_classes, f"batch {index} labels")
+            x = x.to(device=device, dtype=torch.float32)
+            labels = labels.to(device)
+            codes = model.encode(x, backend=backend)
+            needed = int(labels.max()) + 1
+            if needed > C:  # an unseen class: grow the tables
+                sums, fires = F.pad(sums, (0, 0, 0, needed - C)), F.pad(fires, (0, 0, 0, needed - C))
+                counts, C = F.pad(counts, (0, needed - C)), needed
+            flat = (labels.view(-1, 1, 1) * L + codes.global_indices()).reshape(-1)
+            values = codes.values.reshape(-1)
+            sums.view(-1).index_add_(0, flat, values.to(torch.float64))
+            fires.view(-1).index_add_(0, flat, (values != 0).to(torch.int64))
+            counts += torch.bincount(labels, minlength=C)
+            seen += 1
+    if not seen:
+        raise ValueError("batches is empty: no examples to compute class statistics on")
+    return ClassStats(sums, fires, counts, J, M)
+
+
+def class_masks(stats: ClassStats, top_n: int | None = None, top_percent: float | None = None) -> torch.Tensor:
+    """``[C, L]`` bool: ``T_y`` = the latents of class ``y``'s ``top_n`` largest mean codes ``μ_y`` (or of its
+    ``⌈top_percent/100 · L⌉`` largest). Only latents with ``μ_y > 0`` qualify — a latent that never fires on the
+    class is none of its features — so a class with fewer active latents keeps fewer (a class never seen keeps
+    none). Ties go to the lower latent index."""
+    if not isinstance(stats, ClassStats):
+        raise TypeError(f"stats must be ClassStats (from class_stats), got {type(stats).__name__}")
+    L = stats.n_latents_total
+    if (top_n is None) == (top_percent is None):
+        raise ValueError("pass exactly one of top_n and top_percent")
+    if top_n is not None:
+        if isinstance(top_n, bool) or not isinstance(top_n, int) or not 1 <= top_n <= L:
+            raise ValueError(f"top_n must be an int in [1, {L}] (the latents), got {top_n!r}")
+        keep = top_n
+    else:
+        if not 0 < top_percent <= 100:
+            raise ValueError(f"top_percent must be in (0, 100], got {top_percent!r}")
+        keep = max(1, math.ceil(top_percent / 100 * L))
+    means = stats.means()
+    order = torch.sort(means, dim=1, descending=True, stable=True).indices[:, :keep]
+    chosen = means.gather(1, order) > 0
+    masks = torch.zeros(stats.n_classes, L, dtype=torch.bool, device=means.device)
+    return masks.scatter_(1, order, chosen)
+
+
+# ------------------------------------------------------------------------------------------------ targets
+
+
+def _check_masks(model: SparseDictionary, masks: Any) -> torch.Tensor:
+    L = model.n_latents_total
+    if not isinstance(masks, torch.Tensor) or masks.dtype != torch.bool or masks.dim() != 2 or masks.shape[1] != L:
+        got = (f"{masks.dtype} {tuple(masks.shape)}" if isinstance(masks, torch.Tensor) else type(masks).__name__)
+        raise ValueError(f"masks must be a bool tensor [n_classes, {L}] (class_masks of this model); got {got}")
+    return masks
+
+
+def _check_x(model: SparseDictionary, x: Any) -> torch.Tensor:
+    return model._check(x)
+
+
+def targets(model: SparseDictionary, x: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor, *,
+            complement: bool = False, backend: str | None = None) -> torch.Tensor:
+    """Sharpened targets ``t(x) = decode(z̃)``, ``z̃ = z ⊙ masks[y]`` (``complement``: ``z ⊙ ¬masks[y]``), ``[N, D]``.
+
+    SAE: ``t = W_dec·z̃ + b_dec``; ensemble: ``t = Σ_j α (W_dec_j·z̃_j + b_dec_j)`` (boosting stages encode their
+    residuals unmasked, as in ``reconstruct``; only the decode is masked). Inference codes, no grad: a target
+    is a fixed point to pull the model's layer towards. One fused pass on ``native``/``triton``: encode →
+    top-k → gather ``masks[y, slot latent]`` at the ``[N, J, K]`` slots → masked sparse decode.
+    """
+    model = _check_model(model)
+    x = _check_x(model, x)
+    masks = _check_masks(model, masks)
+    labels = _check_labels(labels, x.shape[0], masks.shape[0]).to(x.device)
+    with _inference(model):
+        codes = model.encode(x, backend=backend)
+        keep = masks.to(x.device)[labels.view(-1, 1, 1), codes.global_indices()]
+        if complement:
+            keep = ~keep
+        return model.decode(codes, backend=backend, mask=keep)
+
+
+def targets_reference(model: SparseDictionary, x: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor, *,
+                      complement: bool = False) -> torch.Tensor:
+    """Eager oracle of :func:`targets`: dense codes ``Z [N, L]`` (torch backend), ``Z ⊙ masks[y]``, dense decode."""
+    model = _check_model(model)
+    x = _check_x(model, x)
+    masks = _check_masks(model, masks)
+    labels = _check_labels(labels, x.shape[0], masks.shape[0]).to(x.device)
+    with _inference(model):
+        dense = model.encode(x, backend="torch").to_dense()
+        keep = masks.to(x.device)[labels]
+        return model.decode(dense * (~keep if complement else keep), backend="torch")
+
+
+def example_targets(model: SparseDictionary, x: torch.Tensor, top_n: int, backend: str | None = None) -> torch.Tensor:
+    """Per-example top-k control: ``t = decode(z̃)`` with ``z̃`` keeping each example's own ``top_n`` largest
+    coefficients over the concatenated dictionary (no labels), ``[N, D]``."""
+    model = _check_model(model)
+    x = _check_x(model, x)
+    L = model.n_latents_total
+    if isinstance(top_n, bool) or not isinstance(top_n, int) or not 1 <= top_n <= L:
+        raise ValueError(f"top_n must be an int in [1, {L}] (the latents), got {top_n!r}")
+    with _inference(model):
+        codes = model.encode(x, backend=backend)
+        values = codes.values.reshape(codes.n_tokens, -1)
+        keep = torch.ones_like(values, dtype=torch.bool)
+        if top_n < values.shape[1]:
+            keep = torch.zeros_like(keep).scatter_(1, values.topk(top_n, dim=1).indices, True)
+        return model.decode(codes, backend=backend, mask=keep.view_as(codes.values))
+
+
+def random_targets(n: int, d_in: int, seed: int = 0, device: str | torch.device | None = None) -> torch.Tensor:
+    """Random-unit-vector baseline: ``[n, d_in]`` rows ``u / ‖u‖``, ``u ~ N(0, I)`` from a generator seeded ``seed``."""
+    if n < 1 or d_in < 1:
+        raise ValueError(f"random_targets needs n >= 1 and d_in >= 1, got {n} and {d_in}")
+    u = torch.randn(n, d_in, generator=torch.Generator().manual_seed(int(seed)))
+    return F.normalize(u, dim=1).to(device)
+
+
+# ------------------------------------------------------------------------------------------------ auxiliary loss
+
+
+def cosine_loss(h: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``mean(1 − cos(h, t))`` over the positions (``h, t [..., D]``; ``mask [...]`` bool picks the ones counted)."""
+    if h.shape != t.shape:
+        raise ValueError(f"the hooked activation {tuple(h.shape)} and its targets {tuple(t.shape)} differ in shape")
+    loss = 1 - F.cosine_similarity(h, t.to(h.dtype), dim=-1)
+    if mask is None:
+        return loss.mean()
+    if mask.shape != loss.shape:
+        raise ValueError(f"mask {tuple(mask.shape)} must match the positions {tuple(loss.shape)}")
+    mask = mask.to(device=loss.device, dtype=torch.bool)
+    if not bool(mask.any()):
+        raise ValueError("mask selects no position")
+    return loss[mask].mean()
+
+
+class AuxiliaryLoss:
+    """``λ·mean(1 − cos(h(x), t(x)))`` on the output ``h`` of any module of any model, through a forward hook.
+
+    ``with AuxiliaryLoss(model, "fc1", coef=λ) as aux: logits = model(x); loss = task + aux(t)``. The hook keeps
+    the module's output (the tensor, or the first element of a tuple) **in the graph** — not detached — so the
+    loss's gradient reaches the weights of that module and of every trainable module before it. The last forward's
+    output is the one used.
+    """
+
+    def __init__(self, model: nn.Module, layer: str, coef: float = 1.0):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        modules = dict(model.named_modules())
+        if not layer or layer not in modules:
+            raise ValueError(f"model has no module {layer!r}; valid names: {abbreviate_names(_module_names(model))}")
+        if not coef >= 0:
+            raise ValueError(f"coef must be >= 0, got {coef}")
+        self.layer, self.coef = layer, float(coef)
+        self.activation: torch.Tensor | None = None
+        self._handle = modules[layer].register_forward_hook(self._keep)
+
+    def _keep(self, module: nn.Module, args: Any, output: Any) -> None:
+        self.activation = _hidden_state(self.layer, output)
+
+    def __call__(self, targets: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``coef · cosine_loss(h, targets, mask)`` for the last forward's activation ``h``."""
+        if self.activation is None:
+            raise RuntimeError(f"no forward has run through {self.layer!r} since the hook was attached")
+        return self.coef * cosine_loss(self.activation, targets.to(self.activation.device), mask)
+
+    def remove(self) -> None:
+        """Detach the hook (idempotent)."""
+        self._handle.remove()
+        self.activation = None
+
+    def __enter__(self) -> AuxiliaryLoss:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+
+# ------------------------------------------------------------------------------------------------ cycle runner
+
+
+@dataclass
+class Split:
+    """Examples of a classification task: ``inputs`` (a tensor ``[N, ...]``, or a dict of them such as
+    ``{"input_ids", "attention_mask"}``, passed as ``model(**inputs)``) and ``labels [N]`` int class ids.
+
+    Batches are always drawn by indexing every field with the same index tensor, so labels, inputs and
+    per-example targets stay aligned through every shuffle."""
+
+    inputs: torch.Tensor | dict[str, torch.Tensor]
+    labels: torch.Tensor
+
+    def __post_init__(self) -> None:
+        fields = self.inputs.items() if isinstance(self.inputs, Mapping) else [("inputs", self.inputs)]
+        for name, tensor in fields:
+            if not isinstance(tensor, torch.Tensor) or tensor.dim() == 0:
+                raise TypeError(f"{name} must be a tensor with a leading example axis")
+        n = {tensor.shape[0] for _, tensor in fields}
+        if len(n) != 1:
+            raise ValueError(f"inputs disagree on the number of examples: {sorted(n)}")
+        self.labels = _check_labels(self.labels, n.pop())
+        if len(self) == 0:
+            raise ValueError("a split needs at least one example")
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def take(self, index: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+        """``inputs`` of the examples ``index``."""
+        if isinstance(self.inputs, Mapping):
+            return {name: tensor[index] for name, tensor in self.inputs.items()}
+        return self.inputs[index]
+
+    def position_mask(self, index: torch.Tensor) -> torch.Tensor | None:
+        """``attention_mask`` of the examples ``index`` as bool (the positions that count), or None."""
+        if isinstance(self.inputs, Mapping) and "attention_mask" in self.inputs:
+            return self.inputs["attention_mask"][index].bool()
+        return None
+
+
+def _as_split(split: Split | tuple, name: str) -> Split:
+    if isinstance(split, Split):
+        return split
+    if isinstance(split, (tuple, list)) and len(split) == 2:
+        return Split(*split)
+    raise TypeError(f"{name} must be a Split or an (inputs, labels) pair, got {type(split).__name__}")
+
+
+def _forward(model: nn.Module, inputs: torch.Tensor | dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+    if isinstance(inputs, Mapping):
+        return model(**{name: tensor.to(device) for name, tensor in inputs.items()})
+    return model(inputs.to(device))
+
+
+def _chunks(n: int, size: int, generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    yield from order.split(size)
+
+
+class _ShuffledRows:
+    """Re-iterable batches of rows of ``x``: a fresh seeded permutation every epoch (for SAE training)."""
+
+    def __init__(self, x: torch.Tensor, batch_size: int, seed: int):
+        self.x, self.batch_size, self.epoch, self.seed = x, batch_size, 0, seed
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        self.epoch += 1
+        for index in _chunks(self.x.shape[0], self.batch_size, generator):
+            yield self.x[index]
+
+
+@dataclass
+class SharpenConfig:
+    """One SAE-ception run: the task training, the SAE of every cycle and the sharpening."""
+
+    cycles: int = 2
+    """Fine-tuning cycles after the baseline (the history has ``cycles + 1`` rows)."""
+    layer: str | None = None
+    """Module whose output is sharpened (``model.named_modules()`` name); default ``model.hook_layer``."""
+    epochs: int = 30
+    """Task epochs of the baseline (cycle 0); 0 for a model that is already trained."""
+    finetune_epochs: int = 10
+    """Task epochs of every later cycle, with the auxiliary loss."""
+    lr: float = 1e-3
+    """Adam learning rate of the task model."""
+    batch_size: int = 64
+    """Task batch size."""
+    aux_coef: float = 1.0
+    """``λ``: weight of ``mean(1 − cos(h, t))``."""
+    target: Target = "class"
+    """``class`` (SAE-ception), ``complement``, ``example`` (per-example top-N), ``random`` (unit vectors)."""
+    top_n: int | None = 25
+    """Latents kept per class (or per example, for ``target="example"``)."""
+    top_percent: float | None = None
+    """Instead of ``top_n``: this percentage of the latents per class."""
+    members: int = 1
+    """SAEs per cycle: 1 is a single SAE; more make an ensemble (statistics over the concatenated dictionary)."""
+    combine: Literal["bagging", "boosting"] = "bagging"
+    """How an ensemble's members combine."""
+    sae_steps: int = 2000
+    """Optimizer steps of each cycle's SAE."""
+    sae_lr: float = 1e-3
+    """Learning rate of each cycle's SAE."""
+    sae_batch_size: int = 256
+    """Activation rows per SAE step."""
+    eval_batch_size: int = 256
+    """Examples per forward when collecting activations and accuracy."""
+    metric_sample_size: int = 2000
+    """Examples the silhouette scores subsample (seeded)."""
+    seed: int = 0
+    """Seeds the task data order, the SAEs (cycle ``c``: ``seed + 1000·c``) and the random targets."""
+    backend: str | None = None
+    """Op backend of the SAE work (see :mod:`saefast.ops`)."""
+    progress: bool = False
+    """tqdm bars."""
+
+    def __post_init__(self) -> None:
+        for name in ("cycles", "epochs", "finetune_epochs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"SharpenConfig.{name} must be an int >= 0, got {value!r}")
+        for name in ("batch_size", "members", "sae_steps", "sae_batch_size", "eval_batch_size", "metric_sample_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"SharpenConfig.{name} must be a positive int, got {value!r}")
+        if self.target not in TARGETS:
+            raise ValueError(f"unknown target {self.target!r}; choose one of {', '.join(TARGETS)}")
+        if self.combine not in ("bagging", "boosting"):
+            raise ValueError(f"unknown combine {self.combine!r}; choose 'bagging' or 'boosting'")
+        if self.target != "random" and (self.top_n is None) == (self.top_percent is None):
+            raise ValueError("set exactly one of top_n and top_percent")
+        if self.target == "example" and self.top_n is None:
+            raise ValueError("target='example' keeps each example's top_n latents: set top_n")
+        for name in ("lr", "sae_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"SharpenConfig.{name} must be > 0")
+        if not self.aux_coef >= 0:
+            raise ValueError("SharpenConfig.aux_coef must be >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form."""
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class _Layer:
+    """Activations of the hooked layer over a split: ``[N, D]`` or ``[N, T, D]`` with the counted positions."""
+
+    acts: torch.Tensor
+    positions: torch.Tensor | None  # [N, T] bool, or None for [N, D]
+
+    def rows(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One row per counted position: ``(x [n, D], labels [n], example [n])`` (a sequence's label on every token)."""
+        if self.acts.dim() == 2:
+            return self.acts, labels, torch.arange(labels.shape[0])
+        positions = (self.positions if self.positions is not None
+                     else torch.ones(self.acts.shape[:2], dtype=torch.bool))
+        example = torch.arange(labels.shape[0]).view(-1, 1).expand_as(positions)[positions]
+        return self.acts[positions], labels[example], example
+
+
+def _mean_cosine(layer: _Layer, table: torch.Tensor) -> float:
+    """Mean ``cos(h, t)`` over the counted positions: how close the layer is to its targets."""
+    return float(1 - cosine_loss(layer.acts, table, layer.positions))
+
+
+class SAECeption:
+    """The SAE-ception cycle on a classifier ``model``: logits ``[B, C]`` from ``model(inputs)`` (``model(**inputs)``
+    for a dict of inputs).
+
+    ``run()``: cycle 0 trains the task (``epochs``, cross-entropy) — the baseline; every cycle then collects the
+    hooked layer's activations on the training split, trains a fresh SAE (or ensemble) on them, computes the class
+    statistics and masks, and logs the test accuracy and the class structure of the SAE codes; cycles ``1..C``
+    first fine-tune the model for ``finetune_epochs`` with ``cross-entropy + λ·mean(1 − cos(h, t))``, the targets
+    ``t`` computed once at the start of the cycle from the previous cycle's SAE and masks on the training split
+    (fixed during the cycle, aligned to the examples by index).
+
+    A hooked output ``[B, T, D]`` (a transformer block) is handled per token: the SAE trains on the tokens the
+    split's ``attention_mask`` counts, each labelled with its sequence's class; the auxiliary loss averages over
+    those tokens; class-structure metrics use each example's mean code over its tokens.
+
+    With ``out``: after every cycle ``out/cycle_<c>/sae`` (checkpoint), ``out/cycle_<c>/masks.safetensors`` and
+    ``out/history.json`` are written atomically.
+    """
+
+    def __init__(self, model: nn.Module, sae: SAEConfig, train: Split | tuple, test: Split | tuple,
+                 config: SharpenConfig | None = None, out: str | Path | None = None, log: Callable | None = None,
+                 **options: Any):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if not isinstance(sae, SAEConfig):
+            raise TypeError(f"sae must be an SAEConfig, got {type(sae).__name__}")
+        if config is None:
+            config = SharpenConfig(**options)
+        elif options:
+            raise ValueError("pass either config=SharpenConfig(...) or keyword options, not both")
+        self.model, self.sae_config, self.config = model, sae, config
+        self.train_split, self.test_split = _as_split(train, "train"), _as_split(test, "test")
+        layer = config.layer or getattr(model, "hook_layer", None)
+        if not layer:
+            raise ValueError("name the layer to sharpen: SharpenConfig(layer=...) (or give the model a hook_layer)")
+        if layer not in dict(model.named_modules()):
+            raise ValueError(f"model has no module {layer!r}; valid names: {abbreviate_names(_module_names(model))}")
+        self.layer = layer
+        self.n_classes = int(max(self.train_split.labels.max(), self.test_split.labels.max())) + 1
+        self.device = next(model.parameters()).device
+        self.out = Path(out) if out is not None else None
+        self.log = log
+        self.history: list[dict[str, Any]] = []
+        self.saes: list[SparseDictionary] = []
+        self.masks: list[torch.Tensor] = []
+
+    # --- pieces ------------------------------------------------------------------------------------------
+
+    def _fit(self, epochs: int, cycle: int, targets: torch.Tensor | None) -> dict[str, float]:
+        """Train the task model; with ``targets`` ([N, D] or [N, T, D] per training example) add the aux loss."""
+        cfg, split = self.config, self.train_split
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the model has no trainable parameter")
+        optimizer = torch.optim.Adam(params, lr=cfg.lr)
+        generator = torch.Generator().manual_seed(cfg.seed * 7919 + cycle)
+        aux = AuxiliaryLoss(self.model, self.layer, cfg.aux_coef) if targets is not None else None
+        totals = {"task_loss": 0.0, "aux_loss": 0.0}
+        self.model.train()
+        try:
+            for _ in tqdm(range(epochs), desc=f"cycle {cycle} task", disable=not cfg.progress, leave=False):
+                totals = {"task_loss": 0.0, "aux_loss": 0.0}
+                for index in _chunks(len(split), cfg.batch_size, generator):
+                    logits = _forward(self.model, split.take(index), self.device)
+                    loss = F.cross_entropy(logits, split.labels[index].to(self.device))
+                    totals["task_loss"] += float(loss.detach()) * index.numel()
+                    if aux is not None:
+                        positions = split.position_mask(index)
+                        extra = aux(targets[index].to(self.device), positions if aux.activation.dim() == 3 else None)
+                        totals["aux_loss"] += float(extra.detach()) * index.numel()
+                        loss = loss + extra
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+        finally:
+            if aux is not None:
+                aux.remove()
+        return {name: value / len(split) for name, value in totals.items()}
+
+    @torch.no_grad()
+    def _accuracy(self, split: Split) -> float:
+        self.model.eval()
+        correct = 0
+        for index in _chunks(len(split), self.config.eval_batch_size):
+            logits = _forward(self.model, split.take(index), self.device)
+            correct += int((logits.argmax(-1).cpu() == split.labels[index]).sum())
+        return correct / len(split)
+
+    @torch.no_grad()
+    def _activations(self, split: Split) -> _Layer:
+        self.model.eval()
+        parts = []
+        with AuxiliaryLoss(self.model, self.layer) as hook:
+            for index in _chunks(len(split), self.config.eval_batch_size):
+                _forward(self.model, split.take(index), self.device)
+                parts.append(hook.activation.float().cpu())
+        acts = torch.cat(parts)
+        if acts.dim() not in (2, 3):
+            raise ValueError(f"layer {self.layer!r} outputs {tuple(acts.shape[1:])} per example; sharpening needs "
+                             f"[D] or [T, D]")
+        positions = None
+        if acts.dim() == 3:
+            positions = split.position_mask(torch.arange(len(split)))
+            if positions is not None and positions.shape != acts.shape[:2]:
+                raise ValueError(f"attention_mask {tuple(positions.shape)} does not match the layer's positions "
+                                 f"{tuple(acts.shape[:2])}")
+        return _Layer(acts, positions)
+
+    def _new_sae(self, cycle: int) -> SparseDictionary:
+        cfg, seed = self.config, self.config.seed + 1000 * cycle
+        if cfg.members == 1:
+            sae = SAE(self.sae_config, seed=seed)
+        else:
+            sae = Ensemble(self.sae_config, cfg.members, cfg.combine, seed=seed)
+        return sae.to(self.device)
+
+    def _targets(self, layer: _Layer, cycle: int) -> torch.Tensor:
+        """Fixed targets of every training example (per position for [N, T, D]) from the previous cycle's SAE."""
+        cfg, labels = self.config, self.train_split.labels
+        x, row_labels, _ = layer.rows(labels)
+        if cfg.target == "random":
+            rows = random_targets(x.shape[0], x.shape[1], seed=cfg.seed * 1009 + cycle)
+        else:
+            sae, masks = self.saes[-1], self.masks[-1]
+            parts = []
+            for index in _chunks(x.shape[0], 4096):
+                xb, yb = x[index].to(self.device), row_labels[index].to(self.device)
+                if cfg.target == "example":
+                    parts.append(example_targets(sae, xb, cfg.top_n, backend=cfg.backend).cpu())
+                else:
+                    parts.append(targets(sae, xb, yb, masks, complement=cfg.target == "complement",
+                                         backend=cfg.backend).cpu())
+            rows = torch.cat(parts)
+        if layer.acts.dim() == 2:
+            return rows
+        table = torch.zeros_like(layer.acts)
+        positions = layer.positions if layer.positions is not None else torch.ones(layer.acts.shape[:2], dtype=bool)
+        table[positions] = rows
+        return table
+
+    @torch.no_grad()
+    def _pooled_codes(self, sae: SparseDictionary, layer: _Layer, labels: torch.Tensor) -> torch.Tensor:
+        """Each example's mean code over its positions, ``[N, L]`` (index-add of the sparse slots, never N_tok × L)."""
+        x, _, example = layer.rows(labels)
+        N, L = labels.shape[0], sae.n_latents_total
+        pooled = torch.zeros(N * L, dtype=torch.float64)
+        with _inference(sae):
+            for index in _chunks(x.shape[0], 4096):
+                codes = sae.encode(x[index].to(self.device), backend=self.config.backend)
+                flat = (example[index].view(-1, 1, 1) * L + codes.global_indices().cpu()).reshape(-1)
+                pooled.index_add_(0, flat, codes.values.reshape(-1).double().cpu())
+        counts = torch.bincount(example, minlength=N).clamp_min(1).double()
+        return (pooled.view(N, L) / counts.view(-1, 1)).float()
+
+    def _metrics(self, sae: SparseDictionary, layer: _Layer) -> dict[str, Any]:
+        try:
+            from .class_metrics import class_structure, davies_bouldin, silhouette
+        except ImportError as err:
+            raise ImportError("the per-cycle metrics need scikit-learn: pip install 'saefast[sharpen]'") from err
+
+        labels = self.test_split.labels
+        x, _, example = layer.rows(labels)
+        quality = evaluate(sae, x.to(self.device))
+        codes = self._pooled_codes(sae, layer, labels)
+        structure = class_structure(codes, labels, sample_size=self.config.metric_sample_size, seed=self.config.seed)
+        pooled_acts = torch.zeros(labels.shape[0], x.shape[1], dtype=torch.float64).index_add_(0, example, x.double())
+        pooled_acts = (pooled_acts / torch.bincount(example, minlength=labels.shape[0]).clamp_min(1).view(-1, 1))
+        pooled_acts = pooled_acts.float()
+        return {
+            "sae_explained_variance": quality["explained_variance"],
+            "sae_l0": quality["l0"],
+            "sae_dead_fraction": quality["dead_fraction"],
+            **{key: value for key, value in structure.items() if key not in ("n", "classes")},
+            "layer_silhouette": silhouette(pooled_acts, labels, sample_size=self.config.metric_sample_size,
+                                           seed=self.config.seed),
+            "layer_davies_bouldin": davies_bouldin(pooled_acts, labels),
+        }
+
+    def _save(self, cycle: int, sae: SparseDictionary, masks: torch.Tensor) -> None:
+        if self.out is None:
+            return
+        directory = self.out / f"cycle_{cycle}"
+        directory.mkdir(parents=True, exist_ok=True)
+        sae.save(str(directory / "sae"))
+        atomic_write_bytes(directory / "masks.safetensors", safetensors_bytes({"masks": masks.cpu().contiguous()}))
+        report = {"config": self.config.to_dict(), "sae": self.sae_config.to_dict(), "layer": self.layer,
+                  "history": self.history}
+        atomic_write_bytes(self.out / "history.json", json.dumps(report, indent=2).encode())
+
+    # --- the cycle -------------------------------------------------------------------------------------------
+
+    def run(self) -> list[dict[str, Any]]:
+        """Run the baseline and ``cycles`` sharpening cycles; returns the history, one dict per cycle."""
+        cfg = self.config
+        train_layer: _Layer | None = None
+        for cycle in range(cfg.cycles + 1):
+            if cycle == 0:
+                losses = self._fit(cfg.epochs, cycle, None) if cfg.epochs else {"task_loss": float("nan")}
+                losses["aux_loss"] = None
+                cosines = {"target_cosine_start": None, "target_cosine_end": None}
+            else:
+                fixed = self._targets(train_layer, cycle)
+                cosines = {"target_cosine_start": _mean_cosine(train_layer, fixed)}
+                losses = self._fit(cfg.finetune_epochs, cycle, fixed)
+            record: dict[str, Any] = {"cycle": cycle, **losses,
+                                      "train_accuracy": self._accuracy(self.train_split),
+                                      "test_accuracy": self._accuracy(self.test_split)}
+            train_layer = self._activations(self.train_split)
+            if cycle:
+                cosines["target_cosine_end"] = _mean_cosine(train_layer, fixed)
+            record.update(cosines)
+            x, row_labels, _ = train_layer.rows(self.train_split.labels)
+            sae = self._new_sae(cycle)
+            train_sae(sae, _ShuffledRows(x, cfg.sae_batch_size, cfg.seed + cycle), steps=cfg.sae_steps,
+                      lr=cfg.sae_lr, backend=cfg.backend, progress=cfg.progress, seed=cfg.seed + cycle,
+                      log_every=cfg.sae_steps)
+            stats = class_stats(sae, ((x[i], row_labels[i]) for i in _chunks(x.shape[0], 4096)),
+                                n_classes=self.n_classes, backend=cfg.backend)
+            masks = (class_masks(stats, cfg.top_n, cfg.top_percent) if cfg.target != "random"
+                     else torch.zeros(self.n_classes, sae.n_latents_total, dtype=torch.bool))
+            record.update(self._metrics(sae, self._activations(self.test_split)))
+            self.saes.append(sae)
+            self.masks.append(masks)
+            self.history.append(record)
+            self._save(cycle, sae, masks)
+            if self.log is not None:
+                self.log(record)
+        return self.history
