@@ -29,7 +29,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 lint: setup
-	$(BIN)/ruff check saefast kernels tests bench
+	$(BIN)/ruff check saefast kernels tests bench experiments
 
 clean:
 	rm -rf $(VENV) build *.egg-info $(DEMO_OUT)

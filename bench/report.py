@@ -9,10 +9,15 @@ from typing import Any
 
 
 def commit() -> str:
-    """Short hash of the checkout holding this file (``unknown`` outside git)."""
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+    """Short hash of the checkout holding this file, ``+dirty`` when tracked files differ from it (``unknown``
+    outside git): a result measured on uncommitted code says so."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
                               cwd=Path(__file__).parent).stdout.strip()
+
+    try:
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+        return git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 

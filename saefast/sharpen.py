@@ -388,11 +388,19 @@ class Split:
             return {name: tensor[index] for name, tensor in self.inputs.items()}
         return self.inputs[index]
 
-    def position_mask(self, index: torch.Tensor) -> torch.Tensor | None:
-        """``attention_mask`` of the examples ``index`` as bool (the positions that count), or None."""
+    def position_mask(self, index: torch.Tensor, length: int, skip: int = 0) -> torch.Tensor:
+        """``[len(index), length]`` bool: the positions that count — the ``attention_mask`` (all, without one), less
+        the first ``skip`` of every sequence."""
         if isinstance(self.inputs, Mapping) and "attention_mask" in self.inputs:
-            return self.inputs["attention_mask"][index].bool()
-        return None
+            mask = self.inputs["attention_mask"][index].bool()
+            if mask.shape[1] != length:
+                raise ValueError(f"attention_mask has {mask.shape[1]} positions but the hooked layer {length}")
+        else:
+            mask = torch.ones(index.numel(), length, dtype=torch.bool)
+        if skip:
+            mask = mask.clone()
+            mask[:, :skip] = False
+        return mask
 
 
 def _as_split(split: Split | tuple, name: str) -> Split:
@@ -461,6 +469,9 @@ class SharpenConfig:
     """Learning rate of each cycle's SAE."""
     sae_batch_size: int = 256
     """Activation rows per SAE step."""
+    skip_positions: int = 0
+    """Per-token layers: the first positions of every sequence left out of the SAE, the targets and the auxiliary
+    loss — a causal LM's attention-sink position 0 has a residual norm ~100× the others' and would swamp the SAE."""
     eval_batch_size: int = 256
     """Examples per forward when collecting activations and accuracy."""
     metric_sample_size: int = 2000
@@ -473,7 +484,7 @@ class SharpenConfig:
     """tqdm bars."""
 
     def __post_init__(self) -> None:
-        for name in ("cycles", "epochs", "finetune_epochs"):
+        for name in ("cycles", "epochs", "finetune_epochs", "skip_positions"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"SharpenConfig.{name} must be an int >= 0, got {value!r}")
@@ -505,16 +516,14 @@ class _Layer:
     """Activations of the hooked layer over a split: ``[N, D]`` or ``[N, T, D]`` with the counted positions."""
 
     acts: torch.Tensor
-    positions: torch.Tensor | None  # [N, T] bool, or None for [N, D]
+    positions: torch.Tensor | None  # [N, T] bool (see Split.position_mask), or None for [N, D]
 
     def rows(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One row per counted position: ``(x [n, D], labels [n], example [n])`` (a sequence's label on every token)."""
         if self.acts.dim() == 2:
             return self.acts, labels, torch.arange(labels.shape[0])
-        positions = (self.positions if self.positions is not None
-                     else torch.ones(self.acts.shape[:2], dtype=torch.bool))
-        example = torch.arange(labels.shape[0]).view(-1, 1).expand_as(positions)[positions]
-        return self.acts[positions], labels[example], example
+        example = torch.arange(labels.shape[0]).view(-1, 1).expand_as(self.positions)[self.positions]
+        return self.acts[self.positions], labels[example], example
 
 
 def _mean_cosine(layer: _Layer, table: torch.Tensor) -> float:
@@ -534,8 +543,9 @@ class SAECeption:
     (fixed during the cycle, aligned to the examples by index).
 
     A hooked output ``[B, T, D]`` (a transformer block) is handled per token: the SAE trains on the tokens the
-    split's ``attention_mask`` counts, each labelled with its sequence's class; the auxiliary loss averages over
-    those tokens; class-structure metrics use each example's mean code over its tokens.
+    split's ``attention_mask`` counts (less the first ``skip_positions`` of each sequence), each labelled with its
+    sequence's class; the auxiliary loss averages over those tokens; class-structure metrics use each example's
+    mean code over its tokens.
 
     With ``out``: after every cycle ``out/cycle_<c>/sae`` (checkpoint), ``out/cycle_<c>/masks.safetensors`` and
     ``out/history.json`` are written atomically.
@@ -589,8 +599,10 @@ class SAECeption:
                     loss = F.cross_entropy(logits, split.labels[index].to(self.device))
                     totals["task_loss"] += float(loss.detach()) * index.numel()
                     if aux is not None:
-                        positions = split.position_mask(index)
-                        extra = aux(targets[index].to(self.device), positions if aux.activation.dim() == 3 else None)
+                        positions = None
+                        if aux.activation.dim() == 3:
+                            positions = split.position_mask(index, aux.activation.shape[1], cfg.skip_positions)
+                        extra = aux(targets[index].to(self.device), positions)
                         totals["aux_loss"] += float(extra.detach()) * index.numel()
                         loss = loss + extra
                     optimizer.zero_grad(set_to_none=True)
@@ -624,10 +636,11 @@ class SAECeption:
                              f"[D] or [T, D]")
         positions = None
         if acts.dim() == 3:
-            positions = split.position_mask(torch.arange(len(split)))
-            if positions is not None and positions.shape != acts.shape[:2]:
-                raise ValueError(f"attention_mask {tuple(positions.shape)} does not match the layer's positions "
-                                 f"{tuple(acts.shape[:2])}")
+            positions = split.position_mask(torch.arange(len(split)), acts.shape[1], self.config.skip_positions)
+            empty = int((~positions.any(1)).sum())
+            if empty:
+                raise ValueError(f"{empty} example(s) have no counted position (attention_mask, skip_positions="
+                                 f"{self.config.skip_positions}): give every sequence a token to sharpen")
         return _Layer(acts, positions)
 
     def _new_sae(self, cycle: int) -> SparseDictionary:
@@ -658,8 +671,7 @@ class SAECeption:
         if layer.acts.dim() == 2:
             return rows
         table = torch.zeros_like(layer.acts)
-        positions = layer.positions if layer.positions is not None else torch.ones(layer.acts.shape[:2], dtype=bool)
-        table[positions] = rows
+        table[layer.positions] = rows
         return table
 
     @torch.no_grad()

@@ -48,9 +48,9 @@ def digits_task(seed: int = 0, **overrides: Any) -> Task:
     (x_train, y_train), (x_test, y_test) = digits_splits(test_fraction=0.25, seed=seed)
     torch.manual_seed(seed)
     model = DigitsMLP(seed=seed)
-    sae = SAEConfig(d_in=16, n_latents=256, activation="relu", l1_coef=3e-3, b_dec_init="mean")
+    sae = SAEConfig(d_in=16, n_latents=256, activation="relu", l1_coef=3e-2, b_dec_init="mean")
     config = SharpenConfig(**{"cycles": 2, "epochs": 60, "finetune_epochs": 30, "lr": 3e-3, "batch_size": 64,
-                              "aux_coef": 0.5, "top_n": 25, "sae_steps": 3000, "sae_lr": 3e-3,
+                              "aux_coef": 1.0, "top_n": 25, "sae_steps": 3000, "sae_lr": 3e-3,
                               "sae_batch_size": 256, "seed": seed, **overrides})
     return Task("digits", model, Split(x_train, y_train), Split(x_test, y_test), sae, config,
                 {"data": "sklearn load_digits (8x8, 1,797 images)", "train": len(y_train), "test": len(y_test)})
@@ -73,7 +73,7 @@ def fortunes_task(seed: int = 0, categories: list[str] | None = None, per_class:
                               model=lm, tokenizer=tokenizer)
     sae = SAEConfig(d_in=576, n_latents=2304, k=16, activation="topk")
     config = SharpenConfig(**{"cycles": 2, "epochs": 3, "finetune_epochs": 2, "lr": 1e-4, "batch_size": 16,
-                              "aux_coef": 0.5, "top_n": 25, "sae_steps": 1500, "sae_lr": 1e-3,
+                              "aux_coef": 1.0, "top_n": 25, "sae_steps": 1500, "sae_lr": 1e-3, "skip_positions": 1,
                               "sae_batch_size": 512, "eval_batch_size": 32, "seed": seed, **overrides})
     return Task("fortunes", model, Split(train_inputs, y_train), Split(test_inputs, y_test), sae, config,
                 {"data": f"Debian fortunes: {', '.join(names)}", "classes": names, "train": len(y_train),

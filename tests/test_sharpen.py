@@ -380,16 +380,19 @@ def token_split(n: int, seed: int):
     return {"input_ids": ids * mask, "attention_mask": mask}, y
 
 
-def test_saeception_per_token_layer():
+@pytest.mark.parametrize("skip", [0, 1])
+def test_saeception_per_token_layer(skip):
     model = TinyTokenModel()
     train, test = token_split(64, 0), token_split(32, 1)
     runner = sharpen.SAECeption(model, sf.SAEConfig(d_in=8, n_latents=24, k=3), train=train, test=test, cycles=1,
-                                **{**SMALL, "top_n": 4})
+                                skip_positions=skip, **{**SMALL, "top_n": 4})
     history = runner.run()
     layer = runner._activations(runner.train_split)
-    assert layer.acts.shape == (64, 6, 8) and torch.equal(layer.positions, train[0]["attention_mask"].bool())
+    counted = train[0]["attention_mask"].bool().clone()
+    counted[:, :skip] = False  # every sequence has >= 2 tokens, so each keeps one at least
+    assert layer.acts.shape == (64, 6, 8) and torch.equal(layer.positions, counted)
     rows, row_labels, example = layer.rows(runner.train_split.labels)
-    assert rows.shape[0] == int(train[0]["attention_mask"].sum())
+    assert rows.shape[0] == int(counted.sum()) and torch.equal(rows, layer.acts[counted])
     assert torch.equal(row_labels, train[1][example])
     table = runner._targets(layer, cycle=2)
     assert float(table[~layer.positions].abs().sum()) == 0  # padding positions carry no target
@@ -406,5 +409,41 @@ def test_saeception_bad_configuration():
         sharpen.SharpenConfig(top_n=None)
     with pytest.raises(ValueError, match="disagree"):
         sharpen.Split({"input_ids": torch.zeros(4, 3), "attention_mask": torch.zeros(5, 3)}, torch.zeros(4).long())
+    runner = sharpen.SAECeption(TinyTokenModel(), sf.SAEConfig(d_in=8, n_latents=24, k=3), token_split(8, 0),
+                                token_split(8, 1), skip_positions=6)
+    with pytest.raises(ValueError, match="no counted position"):
+        runner._activations(runner.train_split)
     with pytest.raises(ValueError, match="either"):
         sharpen.SAECeption(MLP(), cfg, blobs(30), blobs(30), config=sharpen.SharpenConfig(), cycles=1)
+
+
+# --------------------------------------------------------------------------------------------- tasks and CLI
+
+
+def test_digits_task_is_the_papers_setting():
+    pytest.importorskip("sklearn")
+    from saefast.sharpen_tasks import digits_task
+
+    task = digits_task(seed=0)
+    shapes = [tuple(p.shape) for p in task.model.parameters()]
+    assert shapes == [(16, 64), (16,), (16, 16), (16,), (10, 16), (10,)]  # MLP 64-16-16-10
+    assert task.model.hook_layer == "act1" and len(task.train) + len(task.test) == 1797
+    assert (task.sae.d_in, task.sae.n_latents, task.sae.activation) == (16, 256, "relu")
+    assert task.config.top_n == 25 and task.config.cycles == 2
+
+
+def test_cli_sharpen_runs_the_digits_cycle(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    from saefast.cli import main
+
+    out = tmp_path / "run"
+    rc = main(["sharpen", "--out", str(out), "--cycles", "1", "--epochs", "3", "--finetune-epochs", "1",
+               "--sae-steps", "30", "--no-progress"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "| cycle | test acc |" in printed and "cycle 1: test accuracy" in printed
+    report = json.loads((out / "results.json").read_text())
+    assert [row["cycle"] for row in report["history"]] == [0, 1] and report["task"] == "digits"
+    assert (out / "history.png").stat().st_size > 0 and (out / "cycle_1" / "masks.safetensors").exists()
+    assert main(["sharpen", "--out", str(out), "--top-n", "0"]) == 2
+    assert "top_n" in capsys.readouterr().err
