@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
+    revision = commit()  # of the code that runs, before anything can change the checkout
     shape = PRESETS[args.preset]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -103,7 +104,7 @@ def main() -> None:
         results.append(entry)
     report = {"preset": args.preset, "shape": shape, "device": torch.cuda.get_device_name() if device.type == "cuda"
               else platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-              "torch": torch.__version__, "commit": commit(), "results": results}
+              "torch": torch.__version__, "commit": revision, "results": results}
     print(json.dumps(report, indent=2))
     write_json(report, args.json)
 

@@ -56,6 +56,7 @@ def main() -> None:
     parser.add_argument("--targets", nargs="+", choices=TARGETS, default=list(TARGETS))
     parser.add_argument("--json", help="write every run's history here")
     args = parser.parse_args()
+    revision = commit()  # of the code that runs, before anything can change the checkout
     runs = []
     for seed in args.seeds:
         for target in args.targets:
@@ -67,7 +68,7 @@ def main() -> None:
             print(f"{args.task} target={target} seed={seed}: {runs[-1]['seconds']:.0f} s", file=sys.stderr, flush=True)
     table = summary(runs)
     print(table)
-    write_json({"task": args.task, "commit": commit(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+    write_json({"task": args.task, "commit": revision, "torch": torch.__version__, "threads": torch.get_num_threads(),
                 "runs": runs, "table": table}, args.json)
 
 

@@ -230,10 +230,6 @@ def _check_masks(model: SparseDictionary, masks: Any) -> torch.Tensor:
     return masks
 
 
-def _check_x(model: SparseDictionary, x: Any) -> torch.Tensor:
-    return model._check(x)
-
-
 def targets(model: SparseDictionary, x: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor, *,
             complement: bool = False, backend: str | None = None) -> torch.Tensor:
     """Sharpened targets ``t(x) = decode(z̃)``, ``z̃ = z ⊙ masks[y]`` (``complement``: ``z ⊙ ¬masks[y]``), ``[N, D]``.
@@ -244,7 +240,7 @@ def targets(model: SparseDictionary, x: torch.Tensor, labels: torch.Tensor, mask
     top-k → gather ``masks[y, slot latent]`` at the ``[N, J, K]`` slots → masked sparse decode.
     """
     model = _check_model(model)
-    x = _check_x(model, x)
+    x = model._check(x)
     masks = _check_masks(model, masks)
     labels = _check_labels(labels, x.shape[0], masks.shape[0]).to(x.device)
     with _inference(model):
@@ -259,7 +255,7 @@ def targets_reference(model: SparseDictionary, x: torch.Tensor, labels: torch.Te
                       complement: bool = False) -> torch.Tensor:
     """Eager oracle of :func:`targets`: dense codes ``Z [N, L]`` (torch backend), ``Z ⊙ masks[y]``, dense decode."""
     model = _check_model(model)
-    x = _check_x(model, x)
+    x = model._check(x)
     masks = _check_masks(model, masks)
     labels = _check_labels(labels, x.shape[0], masks.shape[0]).to(x.device)
     with _inference(model):
@@ -272,7 +268,7 @@ def example_targets(model: SparseDictionary, x: torch.Tensor, top_n: int, backen
     """Per-example top-k control: ``t = decode(z̃)`` with ``z̃`` keeping each example's own ``top_n`` largest
     coefficients over the concatenated dictionary (no labels), ``[N, D]``."""
     model = _check_model(model)
-    x = _check_x(model, x)
+    x = model._check(x)
     L = model.n_latents_total
     if isinstance(top_n, bool) or not isinstance(top_n, int) or not 1 <= top_n <= L:
         raise ValueError(f"top_n must be an int in [1, {L}] (the latents), got {top_n!r}")

@@ -132,8 +132,11 @@ def run_task(name: str, out: str | Path | None = None, seed: int = 0, log: Calla
     task = BUILDERS[name](seed=seed, **overrides)
     runner = SAECeption(task.model, task.sae, task.train, task.test, config=task.config, out=out, log=log)
     history = runner.run()
-    report = {"task": name, "info": task.info, "config": task.config.to_dict(), "sae": task.sae.to_dict(),
-              "layer": runner.layer, "history": history}
+    from . import __version__
+
+    report = {"task": name, "saefast": __version__, "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "info": task.info, "config": task.config.to_dict(), "sae": task.sae.to_dict(), "layer": runner.layer,
+              "history": history}
     if out is not None:
         out = Path(out)
         atomic_write_bytes(out / "results.json", json.dumps(report, indent=2).encode())

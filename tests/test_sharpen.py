@@ -344,12 +344,15 @@ def test_saeception_auxiliary_loss_moves_the_layer_towards_its_targets():
     assert end_with > end_without + 0.01
 
 
-def test_saeception_targets_are_aligned_with_examples():
+@pytest.mark.parametrize("members, combine", [(1, "bagging"), (3, "bagging"), (2, "boosting")])
+def test_saeception_targets_are_aligned_with_examples(members, combine):
     """Each example's fixed target is the sharpened decode of its own activation under its own label."""
     model = MLP()
     runner = sharpen.SAECeption(model, sf.SAEConfig(d_in=16, n_latents=48, k=4), train=blobs(120),
-                                test=blobs(60, seed=1), cycles=0, **SMALL)
+                                test=blobs(60, seed=1), cycles=0, members=members, combine=combine, **SMALL)
     runner.run()
+    assert runner.masks[0].shape == (3, members * 48)
+    assert isinstance(runner.saes[0], sf.SAE if members == 1 else sf.Ensemble)
     layer = runner._activations(runner.train_split)
     table = runner._targets(layer, cycle=1)
     perm = torch.randperm(120)[:20]
