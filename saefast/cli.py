@@ -1,4 +1,4 @@
-"""The ``saefast`` command line: ``harvest``, ``train``, ``eval``, ``demo``, ``sharpen``.
+"""The ``saefast`` command line: ``harvest``, ``train``, ``eval``, ``demo``, ``sharpen``, ``bench``.
 
 Every subcommand has ``--help`` and sensible defaults; bad input exits with status 2 and a one-line error.
 """
@@ -265,6 +265,32 @@ def _sharpen(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------
+# bench
+# ------------------------------------------------------------------------------------------------------
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import BACKENDS, CASES, format_markdown, plot_report, run_benchmarks
+
+    def progress(what: str) -> None:
+        if not args.no_progress:
+            print(f"  {what}", file=sys.stderr, flush=True)
+
+    report = run_benchmarks(args.preset, cases=args.cases or CASES, backends=args.backends or BACKENDS,
+                            warmup=args.warmup, repeats=args.repeats, device=args.device, progress=progress)
+    table = format_markdown(report)
+    print(table)
+    for path, data in ((args.json, json.dumps(report, indent=2).encode()), (args.markdown, (table + "\n").encode())):
+        if path:
+            atomic_write_bytes(path, data)
+            print(f"wrote {path}")
+    if args.png:
+        plot_report(report, args.png)
+        print(f"wrote {args.png}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------
 # parser
 # ------------------------------------------------------------------------------------------------------
 
@@ -379,6 +405,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     s.add_argument("--no-progress", action="store_true", help="hide progress bars")
     s.set_defaults(run=_sharpen)
+
+    from .bench import BACKENDS, CASES, PRESETS
+
+    b = commands.add_parser("bench", help="benchmark the cases on every available backend against eager PyTorch",
+                            description="Cases forward / train_step / boosting_chain / sharpen on the backends "
+                            "eager_loop / eager_stacked / compile / triton / native; each backend is checked "
+                            "against eager before it is timed. Writes JSON, a markdown table and a PNG chart.")
+    b.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small", help="shapes (default: cpu-small)")
+    b.add_argument("--json", help="write the report (JSON) here")
+    b.add_argument("--markdown", help="write the markdown table here")
+    b.add_argument("--png", help="write the bar chart here")
+    b.add_argument("--cases", nargs="+", choices=CASES, help="default: all")
+    b.add_argument("--backends", nargs="+", choices=BACKENDS, help="default: all (unavailable ones report why)")
+    b.add_argument("--warmup", type=int, default=1, help="untimed calls per backend (default: 1)")
+    b.add_argument("--repeats", type=int, default=5, help="timed calls per backend (default: 5; the median counts)")
+    b.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    b.add_argument("--no-progress", action="store_true", help="do not print the case being run")
+    b.set_defaults(run=_bench)
     return parser
 
 

@@ -1,0 +1,488 @@
+"""Benchmark harness: every case on every available backend, checked against eager before it is timed.
+
+``saefast bench --preset cpu-small --json out.json`` (also ``run_benchmarks`` from Python). Cases:
+
+* ``forward`` — bagging ensemble reconstruction, encode → top-k → decode;
+* ``train_step`` — one bagging training step: forward + backward + Adam + decoder renormalisation;
+* ``boosting_chain`` — boosting inference: every stage encodes the residual of the stages before it;
+* ``sharpen`` — SAE-ception sharpened targets of a labelled batch (:func:`saefast.sharpen.targets`).
+
+Backends:
+
+* ``eager_loop`` — the way public trainers run an ensemble: a Python loop over members, each with a dense
+  pre-activation GEMM, ``torch.topk``, a scatter into a dense ``[N, M]`` code and a dense decode GEMM;
+* ``eager_stacked`` — saefast's eager reference (``backend="torch"``): the member axis stacked, one GEMM;
+* ``compile`` — ``torch.compile`` of ``eager_stacked`` (its compile time is left out: it runs in the warm-up);
+* ``triton`` — the Triton kernels (CUDA only: under the CPU interpreter timings mean nothing);
+* ``native`` — the C++ extension (CPU).
+
+Each result: median ms over ``repeats`` after ``warmup`` (inputs rotate over three batches; backends are
+interleaved round by round; CUDA is synchronised around each call), tokens/s, peak memory (CUDA:
+``max_memory_allocated``; CPU: the process's peak resident set, reset before each backend through
+``/proc/self/clear_refs``, less the RSS before the call), achieved FLOP/s and bytes/s of the case's nominal
+(dense-equivalent, the same for every backend) work, and the speedup over
+``eager_loop``. The device's peak FLOP/s and bytes/s are measured once per run (a large matmul and a large copy).
+A backend whose output differs from ``eager_stacked`` (or that fails) gets an error in the report, no number.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import native, ops, sharpen
+from .config import SAEConfig
+from .ensemble import Ensemble
+
+CASES = ("forward", "train_step", "boosting_chain", "sharpen")
+BACKENDS = ("eager_loop", "eager_stacked", "compile", "triton", "native")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One benchmarked size: ``J`` members of ``M`` latents on ``d``-dim activations, top-``K``, ``N`` tokens."""
+
+    name: str
+    members: int
+    d_in: int
+    latents: int
+    k: int
+    tokens: int
+    dtype: str = "float32"
+    classes: int = 10
+    top_n: int = 64
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+PRESETS: dict[str, list[Shape]] = {
+    "tiny": [Shape("tiny", 2, 32, 128, 8, 256, top_n=16)],
+    "cpu-small": [Shape("J4 d256 M1024 K16", 4, 256, 1024, 16, 1024)],
+    "cpu": [Shape("J8 d512 M4096 K32", 8, 512, 4096, 32, 4096, top_n=256)],
+    "gpu": [Shape("Gemma-2-2B-like", 8, 2304, 16384, 64, 8192, "bfloat16", top_n=1024),
+            Shape("Pythia-160M-like", 8, 768, 16128, 128, 8192, "bfloat16", top_n=1024)],
+}
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ------------------------------------------------------------------------------------------------ measurement
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_peaks(device: torch.device, dtype: torch.dtype) -> tuple[float, float]:
+    """Measured peak FLOP/s (a square matmul in ``dtype``) and bytes/s (a 256 MB copy) of ``device``."""
+    n = 4096 if device.type == "cuda" else 2048
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    src = torch.empty(64 * 2**20, device=device)  # 256 MB of fp32
+    dst = torch.empty_like(src)
+
+    def best(fn: Callable[[], Any], repeats: int = 3) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    flops = 2 * n**3 / best(lambda: a @ b)
+    bytes_per_s = 2 * src.numel() * src.element_size() / best(lambda: dst.copy_(src))
+    return flops, bytes_per_s
+
+
+def _status_bytes(field: str) -> int | None:
+    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in bytes, or None off Linux."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+class _PeakMemory:
+    """Peak memory of the block: CUDA's ``max_memory_allocated``; on the CPU the rise of the process's peak resident
+    set (``VmHWM``, reset to the current RSS first) over the RSS before the block — what the call itself needed."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak, self._before = device, None, None
+
+    def __enter__(self) -> _PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return self
+        try:  # "5" resets the peak RSS to the current RSS (Linux >= 4.0)
+            Path("/proc/self/clear_refs").write_text("5")
+            self._before = _status_bytes("VmRSS")
+        except OSError:
+            self._before = None
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.device.type == "cuda":
+            self.peak = int(torch.cuda.max_memory_allocated(self.device))
+            return
+        high = _status_bytes("VmHWM")
+        self.peak = max(high - self._before, 0) if high is not None and self._before is not None else None
+
+
+# ------------------------------------------------------------------------------------------------ cases
+
+
+@dataclass
+class _Case:
+    """Callables per backend (each ``fn(x) -> output`` to compare), the nominal FLOP and bytes of one call."""
+
+    fns: dict[str, Callable[[torch.Tensor], Any]]
+    flop: float
+    bytes: float
+    compare: Callable[[Any], Any] = lambda out: out
+    reference: Callable[[torch.Tensor], Any] | None = None
+    """The guard's eager output; default ``fns["eager_stacked"]`` (a stateful case needs its own instance)."""
+
+
+def _compiled(fn: Callable) -> Callable:
+    """``torch.compile(fn)``, built on the first call (importing the compiler only when the backend runs)."""
+    compiled: list[Callable] = []
+
+    def call(*args: Any) -> Any:
+        if not compiled:
+            compiled.append(torch.compile(fn, dynamic=False))
+        return compiled[0](*args)
+
+    return call
+
+
+def _loop_codes(x: torch.Tensor, model: Ensemble, j: int) -> torch.Tensor:
+    """Member ``j`` as public trainers write it: dense pre-activations, ``torch.topk``, scatter to a dense code."""
+    pre = (x - model.b_dec[j]) @ model.W_enc[j].T + model.b_enc[j]
+    values, indices = pre.topk(model.cfg.k, dim=-1)
+    return torch.zeros_like(pre).scatter_(-1, indices, torch.relu(values))
+
+
+def _forward_case(shape: Shape, device: torch.device, dtype: torch.dtype) -> _Case:
+    cfg = SAEConfig(d_in=shape.d_in, n_latents=shape.latents, k=shape.k)
+    model = Ensemble.bagging(cfg, shape.members, seed=0).to(device=device, dtype=dtype).eval()
+
+    @torch.no_grad()
+    def loop(x: torch.Tensor) -> torch.Tensor:
+        out = 0
+        for j in range(shape.members):
+            out = out + (_loop_codes(x, model, j) @ model.W_dec[j] + model.b_dec[j]) / shape.members
+        return out
+
+    def fused(backend: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        return torch.no_grad()(lambda x: model.reconstruct(x, backend=backend))
+
+    fns = {"eager_loop": loop, "eager_stacked": fused("torch"), "triton": fused("triton"), "native": fused("native"),
+           "compile": _compiled(fused("torch"))}
+    N, D, L, K = shape.tokens, shape.d_in, shape.members * shape.latents, shape.members * shape.k
+    element = torch.finfo(dtype).bits // 8
+    return _Case(fns, flop=2 * N * D * L + 2 * N * K * D, bytes=element * (2 * L * D + 2 * N * D))
+
+
+def _train_case(shape: Shape, device: torch.device, dtype: torch.dtype) -> _Case:
+    cfg = SAEConfig(d_in=shape.d_in, n_latents=shape.latents, k=shape.k)
+
+    def stacked(backend: str, compiled: bool = False) -> Callable[[torch.Tensor], Any]:
+        model = Ensemble.bagging(cfg, shape.members, seed=0).to(device)
+        model.b_dec_initialized.fill_(True)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+        def loss_of(x: torch.Tensor) -> torch.Tensor:
+            return model._terms(x, backend=backend)[0].loss
+
+        loss_fn = _compiled(loss_of) if compiled else loss_of
+
+        def step(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                loss = loss_fn(x)
+            loss.backward()
+            grad = model.W_enc.grad.clone()  # what the guard compares: the first step's encoder gradient
+            model._project_decoder_grad(slice(None))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            model._normalize_decoder(slice(None))
+            return loss.detach(), grad
+
+        return step
+
+    members = [Ensemble.bagging(cfg, shape.members, seed=0).to(device).member(j) for j in range(shape.members)]
+    for m in members:
+        m.b_dec_initialized.fill_(True)
+    optimizers = [torch.optim.Adam(m.parameters(), lr=1e-4) for m in members]
+
+    def loop(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        losses, grads = [], []
+        for model, optimizer in zip(members, optimizers):
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                loss = model._terms(x, backend="torch")[0].loss
+            loss.backward()
+            grads.append(model.W_enc.grad.clone())
+            model._project_decoder_grad(slice(None))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            model._normalize_decoder(slice(None))
+            losses.append(loss.detach())
+        return torch.stack(losses).sum(), torch.stack(grads)
+
+    fns = {"eager_loop": loop, "eager_stacked": stacked("torch"), "triton": stacked("triton"),
+           "native": stacked("native"), "compile": stacked("torch", compiled=True)}
+    N, D, L = shape.tokens, shape.d_in, shape.members * shape.latents
+    # nominal (dense-equivalent) work: the encoder GEMM and its two backward GEMMs — a sparse backward does less,
+    # so a fused backend can exceed 100 % of the peak on this count
+    return _Case(fns, flop=6 * N * D * L, bytes=4 * (6 * L * D + 2 * N * D),
+                 compare=lambda out: torch.cat([out[0].reshape(1), out[1].reshape(-1)]), reference=stacked("torch"))
+
+
+def _boosting_case(shape: Shape, device: torch.device, dtype: torch.dtype) -> _Case:
+    cfg = SAEConfig(d_in=shape.d_in, n_latents=shape.latents, k=shape.k)
+    model = Ensemble.boosting(cfg, shape.members, seed=0).to(device=device, dtype=dtype).eval()
+
+    @torch.no_grad()
+    def loop(x: torch.Tensor) -> torch.Tensor:
+        residual = x
+        for j in range(shape.members):
+            residual = residual - (_loop_codes(residual, model, j) @ model.W_dec[j] + model.b_dec[j])
+        return x - residual
+
+    def fused(backend: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        return torch.no_grad()(lambda x: model.reconstruct(x, backend=backend))
+
+    fns = {"eager_loop": loop, "eager_stacked": fused("torch"), "triton": fused("triton"), "native": fused("native"),
+           "compile": _compiled(fused("torch"))}
+    N, D, L, K = shape.tokens, shape.d_in, shape.members * shape.latents, shape.members * shape.k
+    element = torch.finfo(dtype).bits // 8
+    return _Case(fns, flop=2 * N * D * L + 2 * N * K * D, bytes=element * (2 * L * D + 2 * N * D * shape.members))
+
+
+def _sharpen_case(shape: Shape, device: torch.device, dtype: torch.dtype) -> _Case:
+    cfg = SAEConfig(d_in=shape.d_in, n_latents=shape.latents, k=shape.k)
+    model = Ensemble.bagging(cfg, shape.members, seed=0).to(device=device, dtype=dtype).eval()
+    generator = torch.Generator().manual_seed(1)
+    calibration = torch.randn(shape.tokens, shape.d_in, generator=generator).to(device=device, dtype=dtype)
+    labels = torch.randint(0, shape.classes, (shape.tokens,), generator=generator).to(device)
+    stats = sharpen.class_stats(model, [(calibration, labels)], backend="torch")
+    masks = sharpen.class_masks(stats, top_n=min(shape.top_n, model.n_latents_total))
+    M = shape.latents
+
+    @torch.no_grad()
+    def loop(x: torch.Tensor) -> torch.Tensor:
+        out = 0
+        for j in range(shape.members):
+            z = _loop_codes(x, model, j) * masks[labels, j * M:(j + 1) * M]
+            out = out + (z @ model.W_dec[j] + model.b_dec[j]) / shape.members
+        return out
+
+    def fused(backend: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda x: sharpen.targets(model, x, labels, masks, backend=backend)
+
+    fns = {"eager_loop": loop, "eager_stacked": lambda x: sharpen.targets_reference(model, x, labels, masks),
+           "triton": fused("triton"), "native": fused("native"),
+           "compile": _compiled(lambda x: sharpen.targets_reference(model, x, labels, masks))}
+    N, D, L, K = shape.tokens, shape.d_in, shape.members * shape.latents, shape.members * shape.k
+    element = torch.finfo(dtype).bits // 8
+    return _Case(fns, flop=2 * N * D * L + 2 * N * K * D, bytes=element * (2 * L * D + 2 * N * D))
+
+
+_BUILDERS = {"forward": _forward_case, "train_step": _train_case, "boosting_chain": _boosting_case,
+             "sharpen": _sharpen_case}
+
+
+def _unavailable(backend: str, device: torch.device) -> str | None:
+    """Why ``backend`` cannot run on ``device`` (None: it can)."""
+    if backend == "triton":
+        if device.type != "cuda":
+            return "triton is benchmarked on CUDA only (the CPU interpreter's timings mean nothing)"
+        if not ops.triton_available():
+            return "triton is not importable"
+    if backend == "native" and not native.supports(device):
+        return f"native extension unavailable on {device.type}: {native.why_unavailable() or 'no kernels'}"
+    return None
+
+
+def _max_error(got: Any, want: Any) -> float:
+    got, want = got.float(), want.float()
+    if got.shape != want.shape:
+        raise ValueError(f"output shape {tuple(got.shape)} != eager {tuple(want.shape)}")
+    scale = max(float(want.abs().max()), 1e-6)
+    return float((got - want).abs().max()) / scale
+
+
+# ------------------------------------------------------------------------------------------------ the run
+
+
+def run_benchmarks(preset: str = "cpu-small", cases: Sequence[str] = CASES, backends: Sequence[str] = BACKENDS,
+                   warmup: int = 1, repeats: int = 5, device: str | torch.device | None = None,
+                   progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run ``cases`` × ``backends`` for every shape of ``preset``; returns the report (see the module docstring).
+
+    Relative tolerance of the correctness guard: 1e-4 of the eager output's max (fp32), 5e-2 (bf16/fp16)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    for name, given, known in (("case", cases, CASES), ("backend", backends, BACKENDS)):
+        unknown = [c for c in given if c not in known]
+        if unknown or not given:
+            raise ValueError(f"unknown {name}(s) {unknown or 'none given'}; choose from {', '.join(known)}")
+    if warmup < 1 or repeats < 1:
+        raise ValueError("warmup and repeats must be >= 1 (the warm-up also compiles)")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    revision = _commit()
+    shapes = PRESETS[preset]
+    dtype = _DTYPES[shapes[0].dtype]
+    peak_flops, peak_bytes = device_peaks(device, dtype)
+    results = []
+    for shape in shapes:
+        dtype = _DTYPES[shape.dtype]
+        batches = [torch.randn(shape.tokens, shape.d_in, generator=torch.Generator().manual_seed(i)).to(
+            device=device, dtype=dtype) for i in range(3)]
+        for case_name in cases:
+            if progress:
+                progress(f"{shape.name}: {case_name}")
+            case = _BUILDERS[case_name](shape, device, dtype)
+            results.extend(_run_case(case_name, case, shape, backends, batches, device, dtype, warmup, repeats,
+                                     peak_flops, peak_bytes))
+    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda"
+            else platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "triton": _triton_version(),
+            "commit": revision, "preset": preset, "peak_flops": peak_flops, "peak_bytes_per_s": peak_bytes,
+            "results": results}
+
+
+def _run_case(name: str, case: _Case, shape: Shape, backends: Sequence[str], batches: list[torch.Tensor],
+              device: torch.device, dtype: torch.dtype, warmup: int, repeats: int, peak_flops: float,
+              peak_bytes: float) -> list[dict[str, Any]]:
+    tolerance = 1e-4 if dtype == torch.float32 else 5e-2
+    errors: dict[str, str] = {}
+    for backend in backends:
+        reason = _unavailable(backend, device)
+        if reason:
+            errors[backend] = reason
+    # The guard: every backend's first call, on the same batch, against eager_stacked's.
+    want = case.compare((case.reference or case.fns["eager_stacked"])(batches[0]))
+    memory: dict[str, int | None] = {}
+    for backend in backends:
+        if backend in errors:
+            continue
+        try:
+            with _PeakMemory(device) as peak:
+                got = case.compare(case.fns[backend](batches[0]))
+                _sync(device)
+            memory[backend] = peak.peak
+            err = _max_error(got, want)
+            if not err <= tolerance:
+                errors[backend] = f"differs from eager_stacked by {err:.3e} (relative to its largest magnitude)"
+        except Exception as exc:  # a backend that cannot run this case reports why instead of a number
+            errors[backend] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    timed = [b for b in backends if b not in errors]
+    samples: dict[str, list[float]] = {b: [] for b in timed}
+    for i in range(warmup + repeats):
+        for backend in timed:  # round robin: a slow phase of a shared machine hits every backend alike
+            x = batches[(i + 1) % len(batches)]
+            _sync(device)
+            start = time.perf_counter()
+            case.fns[backend](x)
+            _sync(device)
+            if i >= warmup:
+                samples[backend].append(time.perf_counter() - start)
+    base = statistics.median(samples["eager_loop"]) if "eager_loop" in samples else None
+    rows = []
+    for backend in backends:
+        row: dict[str, Any] = {"case": name, "backend": backend, "shape": shape.to_dict(), "ok": backend in samples,
+                               "ms": None, "tokens_per_s": None, "peak_mem_bytes": memory.get(backend),
+                               "speedup_vs_eager_loop": None, "flop_per_s": None, "bytes_per_s": None,
+                               "fraction_of_peak_flops": None, "error": errors.get(backend)}
+        if backend in samples:
+            seconds = statistics.median(samples[backend])
+            row.update(ms=seconds * 1e3, tokens_per_s=shape.tokens / seconds, flop_per_s=case.flop / seconds,
+                       bytes_per_s=case.bytes / seconds, fraction_of_peak_flops=case.flop / seconds / peak_flops,
+                       speedup_vs_eager_loop=base / seconds if base else None)
+        rows.append(row)
+    return rows
+
+
+def _commit() -> str:
+    """Short git hash of the saefast checkout (``+dirty`` with uncommitted tracked changes), else ``unknown``."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        run = lambda *args: subprocess.run(["git", *args], capture_output=True, text=True, check=True,  # noqa: E731
+                                           cwd=root).stdout.strip()
+        return run("rev-parse", "--short", "HEAD") + ("+dirty" if run("status", "--porcelain", "-uno") else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _triton_version() -> str | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
+# ------------------------------------------------------------------------------------------------ reports
+
+
+def format_markdown(report: dict[str, Any]) -> str:
+    """The report as a markdown table, one row per (shape, case, backend)."""
+    lines = [f"{report['device']}, torch {report['torch']}, commit {report['commit']}, preset {report['preset']}; "
+             f"measured peaks {report['peak_flops'] / 1e9:.0f} GFLOP/s, {report['peak_bytes_per_s'] / 1e9:.1f} GB/s",
+             "", "| shape | case | backend | ms | tokens/s | × eager loop | nominal % of peak FLOP/s | peak mem (MB) |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for row in report["results"]:
+        mem = f"{row['peak_mem_bytes'] / 2**20:,.0f}" if row["peak_mem_bytes"] else "–"
+        if row["ok"]:
+            speed = f"{row['speedup_vs_eager_loop']:.2f}" if row["speedup_vs_eager_loop"] else "–"
+            cells = [f"{row['ms']:,.1f}", f"{row['tokens_per_s']:,.0f}", speed,
+                     f"{100 * row['fraction_of_peak_flops']:.0f}", mem]
+        else:
+            cells = ["error: " + row["error"].replace("|", "\\|"), "", "", "", ""]
+        lines.append(f"| {row['shape']['name']} | {row['case']} | {row['backend']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_report(report: dict[str, Any], path: str | Path) -> None:
+    """Bar chart of the speedup over the eager loop, one group per (shape, case) (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = list(dict.fromkeys((r["shape"]["name"], r["case"]) for r in report["results"]))
+    backends = list(dict.fromkeys(r["backend"] for r in report["results"] if r["ok"]))  # the ones with a number
+    width = 0.8 / len(backends)
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 4), constrained_layout=True)
+    for b, backend in enumerate(backends):
+        values = []
+        for shape, case in groups:
+            row = next((r for r in report["results"] if (r["shape"]["name"], r["case"], r["backend"])
+                        == (shape, case, backend)), None)
+            values.append(row["speedup_vs_eager_loop"] if row and row["ok"] and row["speedup_vs_eager_loop"] else 0)
+        ax.bar([g + b * width for g in range(len(groups))], values, width, label=backend)
+    ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], [f"{c}\n{s}" for s, c in groups], fontsize=8)
+    ax.axhline(1, color="grey", linewidth=0.8)
+    ax.set_ylabel("speedup over the eager per-member loop")
+    ax.set_title(f"{report['device']} · preset {report['preset']} · commit {report['commit']}")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,84 @@
+"""saefast.bench: the report's schema, the correctness guard (a wrong or failing backend gets an error, no number)
+and the ``saefast bench`` command. Timings are never asserted."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import saefast as sf
+from saefast import bench
+
+ROW_KEYS = {"case", "backend", "shape", "ok", "ms", "tokens_per_s", "peak_mem_bytes", "speedup_vs_eager_loop",
+            "error"}
+
+
+def test_report_schema_and_unavailable_backends():
+    report = bench.run_benchmarks("tiny", cases=["forward", "train_step"],
+                                  backends=["eager_loop", "eager_stacked", "triton", "native"], repeats=1)
+    assert {"device", "torch", "triton", "commit", "peak_flops", "peak_bytes_per_s", "results"} <= set(report)
+    assert report["peak_flops"] > 0 and report["peak_bytes_per_s"] > 0
+    rows = {(row["case"], row["backend"]): row for row in report["results"]}
+    assert len(rows) == 8
+    for row in rows.values():
+        assert ROW_KEYS <= set(row)
+        assert row["shape"]["name"] == "tiny"
+        if row["ok"]:
+            assert row["error"] is None and row["ms"] > 0 and row["tokens_per_s"] > 0
+        else:
+            assert isinstance(row["error"], str) and row["ms"] is None and row["speedup_vs_eager_loop"] is None
+    for case in ("forward", "train_step"):
+        assert rows[case, "eager_loop"]["ok"] and rows[case, "eager_stacked"]["ok"]
+        assert rows[case, "eager_loop"]["speedup_vs_eager_loop"] == pytest.approx(1.0)
+        if not torch.cuda.is_available():
+            assert "CUDA only" in rows[case, "triton"]["error"]
+        assert rows[case, "native"]["ok"] == sf.native.supports(torch.device("cpu"))
+    table = bench.format_markdown(report)
+    assert table.count("\n| tiny |") == 8
+
+
+def test_guard_reports_a_wrong_or_failing_backend(monkeypatch):
+    build = bench._BUILDERS["forward"]
+
+    def broken(shape, device, dtype):
+        case = build(shape, device, dtype)
+        good = case.fns["eager_stacked"]
+        case.fns["native"] = lambda x: good(x) * 1.01
+        case.fns["compile"] = lambda x: (_ for _ in ()).throw(RuntimeError("kernel exploded"))
+        return case
+
+    monkeypatch.setitem(bench._BUILDERS, "forward", broken)
+    report = bench.run_benchmarks("tiny", cases=["forward"], backends=["eager_loop", "eager_stacked", "native",
+                                                                       "compile"], repeats=1)
+    rows = {row["backend"]: row for row in report["results"]}
+    assert rows["eager_loop"]["ok"] and rows["eager_stacked"]["ok"]
+    assert not rows["native"]["ok"] and "differs from eager_stacked" in rows["native"]["error"]
+    assert not rows["compile"]["ok"] and rows["compile"]["error"] == "RuntimeError: kernel exploded"
+    assert rows["native"]["ms"] is None and rows["compile"]["ms"] is None
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="unknown preset"):
+        bench.run_benchmarks("huge")
+    with pytest.raises(ValueError, match="unknown case"):
+        bench.run_benchmarks("tiny", cases=["backward"])
+    with pytest.raises(ValueError, match="repeats"):
+        bench.run_benchmarks("tiny", repeats=0)
+
+
+def test_cli_bench_writes_json_markdown_and_png(tmp_path, capsys):
+    from saefast.cli import main
+
+    paths = {kind: tmp_path / f"out.{kind}" for kind in ("json", "md", "png")}
+    rc = main(["bench", "--preset", "tiny", "--cases", "sharpen", "boosting_chain", "--backends", "eager_loop",
+               "eager_stacked", "native", "--repeats", "1", "--no-progress", "--json", str(paths["json"]),
+               "--markdown", str(paths["md"]), "--png", str(paths["png"])])
+    assert rc == 0
+    report = json.loads(paths["json"].read_text())
+    assert {row["case"] for row in report["results"]} == {"sharpen", "boosting_chain"}
+    assert all(row["ok"] for row in report["results"] if row["backend"] != "native" or sf.native.available())
+    assert "| tiny | sharpen | eager_loop |" in paths["md"].read_text()
+    assert paths["png"].stat().st_size > 0
+    assert "| shape | case | backend |" in capsys.readouterr().out
