@@ -17,9 +17,9 @@ Backends:
 * ``native`` — the C++ extension (CPU).
 
 Each result: median ms over ``repeats`` after ``warmup`` (inputs rotate over three batches; backends are
-interleaved round by round; CUDA is synchronised around each call), tokens/s, peak memory (CUDA:
-``max_memory_allocated``; CPU: the process's peak resident set, reset before each backend through
-``/proc/self/clear_refs``, less the RSS before the call), achieved FLOP/s and bytes/s of the case's nominal
+interleaved round by round; CUDA is synchronised around each call), tokens/s, peak memory of the guard call
+(CUDA: ``max_memory_allocated``; CPU: the peak of its allocations net of frees, from the PyTorch profiler),
+achieved FLOP/s and bytes/s of the case's nominal
 (dense-equivalent, the same for every backend) work, and the speedup over
 ``eager_loop``. The device's peak FLOP/s and bytes/s are measured once per run (a large matmul and a large copy).
 A backend whose output differs from ``eager_stacked`` (or that fails) gets an error in the report, no number.
@@ -107,41 +107,34 @@ def device_peaks(device: torch.device, dtype: torch.dtype) -> tuple[float, float
     return flops, bytes_per_s
 
 
-def _status_bytes(field: str) -> int | None:
-    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in bytes, or None off Linux."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 class _PeakMemory:
-    """Peak memory of the block: CUDA's ``max_memory_allocated``; on the CPU the rise of the process's peak resident
-    set (``VmHWM``, reset to the current RSS first) over the RSS before the block — what the call itself needed."""
+    """Peak memory the block needed: CUDA's ``max_memory_allocated``; on the CPU the peak of the running sum of
+    the block's allocations minus its frees, from the PyTorch profiler's memory events (peak RSS cannot be told
+    apart per call: the allocator keeps freed pages resident)."""
 
     def __init__(self, device: torch.device):
-        self.device, self.peak, self._before = device, None, None
+        self.device, self.peak, self._profiler = device, None, None
 
     def __enter__(self) -> _PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-            return self
-        try:  # "5" resets the peak RSS to the current RSS (Linux >= 4.0)
-            Path("/proc/self/clear_refs").write_text("5")
-            self._before = _status_bytes("VmRSS")
-        except OSError:
-            self._before = None
+        else:
+            from torch.profiler import ProfilerActivity, profile
+
+            self._profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+            self._profiler.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         if self.device.type == "cuda":
             self.peak = int(torch.cuda.max_memory_allocated(self.device))
             return
-        high = _status_bytes("VmHWM")
-        self.peak = max(high - self._before, 0) if high is not None and self._before is not None else None
+        self._profiler.__exit__(*exc)
+        running = peak = 0
+        for event in sorted(self._profiler.events(), key=lambda e: e.time_range.start):
+            running += event.self_cpu_memory_usage
+            peak = max(peak, running)
+        self.peak = int(peak)
 
 
 # ------------------------------------------------------------------------------------------------ cases

@@ -35,6 +35,9 @@ def test_report_schema_and_unavailable_backends():
         if not torch.cuda.is_available():
             assert "CUDA only" in rows[case, "triton"]["error"]
         assert rows[case, "native"]["ok"] == sf.native.supports(torch.device("cpu"))
+    # the per-member loop holds a dense [N, M] pre-activation and a dense [N, M] code at once
+    shape = bench.PRESETS["tiny"][0]
+    assert rows["forward", "eager_loop"]["peak_mem_bytes"] >= 2 * shape.tokens * shape.latents * 4
     table = bench.format_markdown(report)
     assert table.count("\n| tiny |") == 8
 
