@@ -3,23 +3,15 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 from typing import Any
 
+from saefast.bench import git_revision
+
 
 def commit() -> str:
-    """Short hash of the checkout holding this file, ``+dirty`` when tracked files differ from it (``unknown``
-    outside git): a result measured on uncommitted code says so."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).parent).stdout.strip()
-
-    try:
-        dirty = git("status", "--porcelain", "--untracked-files=no")
-        return git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    """The measured code's revision: :func:`saefast.bench.git_revision` (``+dirty`` for uncommitted changes)."""
+    return git_revision()
 
 
 def write_json(report: dict[str, Any], path: str | None) -> None:

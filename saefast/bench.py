@@ -165,6 +165,15 @@ def _compiled(fn: Callable) -> Callable:
     return call
 
 
+def _reconstruct_fns(model: Ensemble, loop: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, Callable]:
+    """``model.reconstruct`` under no grad on every backend (``compile``: the torch one compiled), plus ``loop``."""
+    def fused(backend: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        return torch.no_grad()(lambda x: model.reconstruct(x, backend=backend))
+
+    return {"eager_loop": loop, "eager_stacked": fused("torch"), "triton": fused("triton"), "native": fused("native"),
+            "compile": _compiled(fused("torch"))}
+
+
 def _loop_codes(x: torch.Tensor, model: Ensemble, j: int) -> torch.Tensor:
     """Member ``j`` as public trainers write it: dense pre-activations, ``torch.topk``, scatter to a dense code."""
     pre = (x - model.b_dec[j]) @ model.W_enc[j].T + model.b_enc[j]
@@ -183,11 +192,7 @@ def _forward_case(shape: Shape, device: torch.device, dtype: torch.dtype) -> _Ca
             out = out + (_loop_codes(x, model, j) @ model.W_dec[j] + model.b_dec[j]) / shape.members
         return out
 
-    def fused(backend: str) -> Callable[[torch.Tensor], torch.Tensor]:
-        return torch.no_grad()(lambda x: model.reconstruct(x, backend=backend))
-
-    fns = {"eager_loop": loop, "eager_stacked": fused("torch"), "triton": fused("triton"), "native": fused("native"),
-           "compile": _compiled(fused("torch"))}
+    fns = _reconstruct_fns(model, loop)
     N, D, L, K = shape.tokens, shape.d_in, shape.members * shape.latents, shape.members * shape.k
     element = torch.finfo(dtype).bits // 8
     return _Case(fns, flop=2 * N * D * L + 2 * N * K * D, bytes=element * (2 * L * D + 2 * N * D))
@@ -258,11 +263,7 @@ def _boosting_case(shape: Shape, device: torch.device, dtype: torch.dtype) -> _C
             residual = residual - (_loop_codes(residual, model, j) @ model.W_dec[j] + model.b_dec[j])
         return x - residual
 
-    def fused(backend: str) -> Callable[[torch.Tensor], torch.Tensor]:
-        return torch.no_grad()(lambda x: model.reconstruct(x, backend=backend))
-
-    fns = {"eager_loop": loop, "eager_stacked": fused("torch"), "triton": fused("triton"), "native": fused("native"),
-           "compile": _compiled(fused("torch"))}
+    fns = _reconstruct_fns(model, loop)
     N, D, L, K = shape.tokens, shape.d_in, shape.members * shape.latents, shape.members * shape.k
     element = torch.finfo(dtype).bits // 8
     return _Case(fns, flop=2 * N * D * L + 2 * N * K * D, bytes=element * (2 * L * D + 2 * N * D * shape.members))
@@ -339,7 +340,7 @@ def run_benchmarks(preset: str = "cpu-small", cases: Sequence[str] = CASES, back
     if warmup < 1 or repeats < 1:
         raise ValueError("warmup and repeats must be >= 1 (the warm-up also compiles)")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    revision = _commit()
+    revision = git_revision()
     shapes = PRESETS[preset]
     dtype = _DTYPES[shapes[0].dtype]
     peak_flops, peak_bytes = device_peaks(device, dtype)
@@ -414,8 +415,9 @@ def _run_case(name: str, case: _Case, shape: Shape, backends: Sequence[str], bat
     return rows
 
 
-def _commit() -> str:
-    """Short git hash of the saefast checkout (``+dirty`` with uncommitted tracked changes), else ``unknown``."""
+def git_revision() -> str:
+    """Short git hash of the saefast checkout, ``+dirty`` when tracked files differ from it (``unknown`` outside
+    git): a result measured on uncommitted code says so."""
     import subprocess
 
     root = Path(__file__).resolve().parents[1]

@@ -522,6 +522,12 @@ class _Layer:
         return self.acts[self.positions], labels[example], example
 
 
+def _example_means(sums: torch.Tensor, example: torch.Tensor) -> torch.Tensor:
+    """``[N, W]`` per-example sums over their positions → means (``example [n]``: each position's example), fp32."""
+    counts = torch.bincount(example, minlength=sums.shape[0]).clamp_min(1).to(sums.dtype)
+    return (sums / counts.view(-1, 1)).float()
+
+
 def _mean_cosine(layer: _Layer, table: torch.Tensor) -> float:
     """Mean ``cos(h, t)`` over the counted positions: how close the layer is to its targets."""
     return float(1 - cosine_loss(layer.acts, table, layer.positions))
@@ -681,8 +687,7 @@ class SAECeption:
                 codes = sae.encode(x[index].to(self.device), backend=self.config.backend)
                 flat = (example[index].view(-1, 1, 1) * L + codes.global_indices().cpu()).reshape(-1)
                 pooled.index_add_(0, flat, codes.values.reshape(-1).double().cpu())
-        counts = torch.bincount(example, minlength=N).clamp_min(1).double()
-        return (pooled.view(N, L) / counts.view(-1, 1)).float()
+        return _example_means(pooled.view(N, L), example)
 
     def _metrics(self, sae: SparseDictionary, layer: _Layer) -> dict[str, Any]:
         try:
@@ -695,9 +700,8 @@ class SAECeption:
         quality = evaluate(sae, x.to(self.device))
         codes = self._pooled_codes(sae, layer, labels)
         structure = class_structure(codes, labels, sample_size=self.config.metric_sample_size, seed=self.config.seed)
-        pooled_acts = torch.zeros(labels.shape[0], x.shape[1], dtype=torch.float64).index_add_(0, example, x.double())
-        pooled_acts = (pooled_acts / torch.bincount(example, minlength=labels.shape[0]).clamp_min(1).view(-1, 1))
-        pooled_acts = pooled_acts.float()
+        sums = torch.zeros(labels.shape[0], x.shape[1], dtype=torch.float64).index_add_(0, example, x.double())
+        pooled_acts = _example_means(sums, example)
         return {
             "sae_explained_variance": quality["explained_variance"],
             "sae_l0": quality["l0"],
