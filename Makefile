@@ -27,6 +27,8 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+	# the pytest-benchmark modules under bench/, on the tiny preset, each case once (its guard included)
+	SAEFAST_BENCH_PRESET=tiny $(BIN)/python -m pytest -q bench --benchmark-disable
 
 lint: setup
 	$(BIN)/ruff check saefast kernels tests bench experiments

@@ -27,18 +27,14 @@ import torch
 from report import commit, write_json
 
 import saefast as sf
+from saefast.bench import time_interleaved
 from saefast.harvest import Capture
 from saefast.text import token_windows
 
 
 def _median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """Median seconds of ``fn()`` over ``repeats`` calls after one warm-up (the harness's timer)."""
+    return statistics.median(time_interleaved({"call": lambda _: fn()}, [None], 1, repeats)["call"])
 
 
 def main() -> None:

@@ -20,12 +20,12 @@ import argparse
 import json
 import platform
 import statistics
-import time
 
 import torch
 from report import commit, write_json
 
 from saefast import native, ops
+from saefast.bench import time_interleaved
 
 
 def _cases(g: torch.Generator) -> dict[str, tuple[list[torch.Tensor], list[torch.Tensor], bool]]:
@@ -72,13 +72,8 @@ def main() -> None:
                     errors[name] = f"differs from the loop by {err:.3e}"
             except Exception as exc:  # a backend that cannot run this case gets an error, not a number
                 errors[name] = f"{type(exc).__name__}: {exc}"
-        samples = {name: [] for name in backends if name not in errors}
-        for i in range(args.warmup + args.repeats):
-            for name in samples:
-                start = time.perf_counter()
-                backends[name]()
-                if i >= args.warmup:
-                    samples[name].append(time.perf_counter() - start)
+        timed = {name: (lambda _, fn=fn: fn()) for name, fn in backends.items() if name not in errors}
+        samples = time_interleaved(timed, [None], args.warmup, args.repeats)
         flops = sum(2 * x.shape[0] * x.shape[1] * y.shape[1] for x, y in zip(a, b))
         base = statistics.median(samples["torch_loop"])
         for name in backends:

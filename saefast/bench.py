@@ -3,9 +3,15 @@
 ``saefast bench --preset cpu-small --json out.json`` (also ``run_benchmarks`` from Python). Cases:
 
 * ``forward`` — bagging ensemble reconstruction, encode → top-k → decode;
+* ``encode`` — the codes alone: per-member top-K values and indices ``[N, J, K]`` (checked as sets of latents
+  with their values: near-equal latents may swap places in bf16);
+* ``decode`` — the reconstruction alone, from given sparse codes;
 * ``train_step`` — one bagging training step: forward + backward + Adam + decoder renormalisation;
 * ``boosting_chain`` — boosting inference: every stage encodes the residual of the stages before it;
-* ``sharpen`` — SAE-ception sharpened targets of a labelled batch (:func:`saefast.sharpen.targets`).
+* ``sharpen`` — SAE-ception sharpened targets of a labelled batch (:func:`saefast.sharpen.targets`);
+* ``metrics`` — ensemble dictionary metrics: diversity and the ``[J, J]`` member-to-member relaxed stability
+  (:func:`saefast.metrics.member_similarity`, one pass over the cosines; ``eager_loop`` computes the dense
+  cosine matrix of every pair of members). Its input is a decoder, not tokens: no tokens/s.
 
 Backends:
 
@@ -17,7 +23,9 @@ Backends:
 * ``native`` — the C++ extension (CPU).
 
 Each result: median ms over ``repeats`` after ``warmup`` (inputs rotate over three batches; backends are
-interleaved round by round; CUDA is synchronised around each call), tokens/s, peak memory of the guard call
+interleaved round by round; CUDA is synchronised around each call), tokens/s, the same median for the case's
+floor where it has one (the dense encoder GEMM ``x·W_encᵀ``, ``[N, J·M]``, that any exact TopK path pays,
+timed in the same rounds: ``floor_ms``), peak memory of the guard call
 (CUDA: ``max_memory_allocated``; CPU: the peak of its allocations net of frees, from the PyTorch profiler — not
 for ``compile``, whose generated code allocates out of the profiler's sight),
 achieved FLOP/s and bytes/s of the case's nominal
@@ -39,11 +47,12 @@ from typing import Any
 
 import torch
 
-from . import native, ops, sharpen
+from . import metrics, native, ops, sharpen
+from .codes import SparseCodes
 from .config import SAEConfig
 from .ensemble import Ensemble
 
-CASES = ("forward", "train_step", "boosting_chain", "sharpen")
+CASES = ("forward", "encode", "decode", "train_step", "boosting_chain", "sharpen", "metrics")
 BACKENDS = ("eager_loop", "eager_stacked", "compile", "triton", "native")
 
 
@@ -142,15 +151,26 @@ class _PeakMemory:
 
 
 @dataclass
-class _Case:
-    """Callables per backend (each ``fn(x) -> output`` to compare), the nominal FLOP and bytes of one call."""
+class Case:
+    """Callables per backend (each ``fn(inputs) -> output`` to compare), the nominal FLOP and bytes of one call.
 
-    fns: dict[str, Callable[[torch.Tensor], Any]]
+    ``inputs`` is ``prepare(x, i)`` of the ``i``-th token batch ``x [N, D]`` (untimed: codes for ``decode``,
+    a decoder for ``metrics``; ``x`` itself by default)."""
+
+    fns: dict[str, Callable[[Any], Any]]
     flop: float
     bytes: float
     compare: Callable[[Any], Any] = lambda out: out
-    reference: Callable[[torch.Tensor], Any] | None = None
+    reference: Callable[[Any], Any] | None = None
     """The guard's eager output; default ``fns["eager_stacked"]`` (a stateful case needs its own instance)."""
+    prepare: Callable[[torch.Tensor, int], Any] = lambda x, i: x
+    check: Callable[[Any, Any, float], str | None] | None = None
+    """Why ``compare(output)`` disagrees with the reference's at relative tolerance ``tol`` (None: it agrees);
+    default: the largest difference relative to the reference's largest magnitude, against ``tol``."""
+    floor: Callable[[Any], Any] | None = None
+    """The case's unavoidable part, timed alongside the backends (the dense encoder GEMM), or None."""
+    tokens: bool = True
+    """False: the case reads no tokens (``metrics``), so it has no tokens/s."""
 
 
 def _compiled(fn: Callable) -> Callable:
@@ -181,7 +201,132 @@ def _loop_codes(x: torch.Tensor, model: Ensemble, j: int) -> torch.Tensor:
     return torch.zeros_like(pre).scatter_(-1, indices, torch.relu(values))
 
 
-def _forward_case(shape: Shape, device: torch.device, dtype: torch.dtype) -> _Case:
+def _encoder_gemm(model: Ensemble) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The floor of every exact TopK path: the dense pre-activation GEMM ``x·W_encᵀ`` over all ``J·M`` latents."""
+    W = model.W_enc.detach().reshape(-1, model.cfg.d_in)
+    return lambda x: x @ W.T
+
+
+def _codes_check(got: tuple[torch.Tensor, torch.Tensor], want: tuple[torch.Tensor, torch.Tensor],
+                 tolerance: float) -> str | None:
+    """Codes ``(values, indices) [N, J, K]`` agree: the same latents in ≥ 99.9 % of the slots (near-equal
+    latents may swap in low precision) and each row's sorted values within ``tolerance`` of the largest."""
+    (got_values, got_indices), (want_values, want_indices) = got, want
+    if got_indices.shape != want_indices.shape:
+        return f"codes shape {tuple(got_indices.shape)} != eager {tuple(want_indices.shape)}"
+    n_latents = int(max(got_indices.max(), want_indices.max())) + 1
+    chosen = torch.zeros(*want_indices.shape[:2], n_latents, dtype=torch.bool, device=want_indices.device)
+    chosen.scatter_(-1, want_indices, True)
+    same = float(chosen.gather(-1, got_indices).float().mean())
+    if same < 0.999:
+        return f"selected latents differ in {100 * (1 - same):.2f}% of the slots"
+    err = _max_error(got_values.float().sort(-1).values, want_values.float().sort(-1).values)
+    return None if err <= tolerance else f"code values differ by {err:.3e} (relative to their largest magnitude)"
+
+
+def _encode_case(shape: Shape, device: torch.device, dtype: torch.dtype) -> Case:
+    cfg = SAEConfig(d_in=shape.d_in, n_latents=shape.latents, k=shape.k)
+    model = Ensemble.bagging(cfg, shape.members, seed=0).to(device=device, dtype=dtype).eval()
+
+    @torch.no_grad()
+    def loop(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        values, indices = [], []
+        for j in range(shape.members):
+            pre = (x - model.b_dec[j]) @ model.W_enc[j].T + model.b_enc[j]
+            top = pre.topk(shape.k, dim=-1)
+            values.append(torch.relu(top.values))
+            indices.append(top.indices)
+        return torch.stack(values, 1), torch.stack(indices, 1)
+
+    def fused(backend: str) -> Callable[[torch.Tensor], Any]:
+        return torch.no_grad()(lambda x: model.encode(x, backend=backend))
+
+    fns = {"eager_loop": loop, "eager_stacked": fused("torch"), "triton": fused("triton"), "native": fused("native"),
+           "compile": _compiled(fused("torch"))}
+    N, D, L, K = shape.tokens, shape.d_in, shape.members * shape.latents, shape.members * shape.k
+    element = torch.finfo(dtype).bits // 8
+    return Case(fns, flop=2 * N * D * L, bytes=element * (L * D + N * D) + 2 * N * K * 8,
+                 compare=lambda out: out if isinstance(out, tuple) else (out.values, out.indices),
+                 check=_codes_check, floor=_encoder_gemm(model))
+
+
+def _decode_case(shape: Shape, device: torch.device, dtype: torch.dtype) -> Case:
+    cfg = SAEConfig(d_in=shape.d_in, n_latents=shape.latents, k=shape.k)
+    model = Ensemble.bagging(cfg, shape.members, seed=0).to(device=device, dtype=dtype).eval()
+    M = shape.latents
+
+    @torch.no_grad()
+    def loop(codes: SparseCodes) -> torch.Tensor:
+        out = 0
+        for j in range(shape.members):
+            dense = torch.zeros(codes.n_tokens, M, dtype=dtype, device=device)
+            dense.scatter_(-1, codes.indices[:, j], codes.values[:, j])
+            out = out + (dense @ model.W_dec[j] + model.b_dec[j]) / shape.members
+        return out
+
+    def fused(backend: str) -> Callable[[SparseCodes], torch.Tensor]:
+        return torch.no_grad()(lambda codes: model.decode(codes, backend=backend))
+
+    fns = {"eager_loop": loop, "eager_stacked": fused("torch"), "triton": fused("triton"), "native": fused("native"),
+           "compile": _compiled(fused("torch"))}
+    N, D, K = shape.tokens, shape.d_in, shape.members * shape.k
+    element = torch.finfo(dtype).bits // 8
+    # nominal work: the sparse decode itself (N·J·K rows of D gathered, scaled and summed)
+    return Case(fns, flop=2 * N * K * D, bytes=element * (N * K * D + N * D) + N * K * 8,
+                 prepare=lambda x, i: torch.no_grad()(model.encode)(x, backend="torch"))
+
+
+def _metrics_case(shape: Shape, device: torch.device, dtype: torch.dtype) -> Case:
+    J, M, D = shape.members, shape.latents, shape.d_in
+
+    def decoder(x: torch.Tensor, i: int) -> torch.Tensor:
+        """The ``i``-th batch's decoder ``[J, M, D]`` (rotating like the token batches), unit rows."""
+        w = torch.randn(J, M, D, generator=torch.Generator().manual_seed(100 + i)).to(device=device, dtype=dtype)
+        return w / w.norm(dim=-1, keepdim=True)
+
+    @torch.no_grad()
+    def loop(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """How it is usually written: the dense cosine matrix of every pair of members."""
+        unit = torch.nn.functional.normalize(w.float(), dim=-1)
+        stability = torch.zeros(J, J, dtype=torch.float64, device=w.device)
+        max_abs = []
+        for i in range(J):
+            own = torch.full((M,), -1.0, device=w.device)
+            for j in range(J):
+                cos = unit[i] @ unit[j].T
+                if i == j:
+                    cos.fill_diagonal_(float("-inf") if M > 1 else 0.0)
+                stability[i, j] = cos.amax(1).double().mean()
+                if i == j:
+                    cos.fill_diagonal_(0.0)
+                own = torch.maximum(own, cos.abs().amax(1))
+            max_abs.append(own)
+        return torch.cat(max_abs), stability
+
+    def stacked(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        result = metrics.member_similarity(w)
+        return result["max_abs_cosine"], result["stability"]
+
+    def separate(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The guard's reference: the single-pair metrics, one call per pair of members."""
+        stability = torch.tensor([[metrics.relaxed_stability(w[i], w[j]) if i != j else 0.0 for j in range(J)]
+                                  for i in range(J)], dtype=torch.float64, device=w.device)
+        diagonal = metrics.member_similarity(w)["stability"].diagonal()  # within a member: no single-pair form
+        return metrics.max_abs_cosine_to_others(w), stability + torch.diag(diagonal)
+
+    unsupported = "no kernel of its own: the metrics are GEMM-bound and run on torch's GEMM (see eager_stacked)"
+
+    def unavailable(w: torch.Tensor) -> Any:
+        raise NotImplementedError(unsupported)
+
+    fns = {"eager_loop": loop, "eager_stacked": stacked, "compile": _compiled(stacked), "triton": unavailable,
+           "native": unavailable}
+    m = J * M
+    return Case(fns, flop=2 * m * m * D, bytes=4 * m * D, prepare=decoder, reference=separate,
+                 compare=lambda out: torch.cat([out[0].double(), out[1].reshape(-1)]), tokens=False)
+
+
+def _forward_case(shape: Shape, device: torch.device, dtype: torch.dtype) -> Case:
     cfg = SAEConfig(d_in=shape.d_in, n_latents=shape.latents, k=shape.k)
     model = Ensemble.bagging(cfg, shape.members, seed=0).to(device=device, dtype=dtype).eval()
 
@@ -195,10 +340,11 @@ def _forward_case(shape: Shape, device: torch.device, dtype: torch.dtype) -> _Ca
     fns = _reconstruct_fns(model, loop)
     N, D, L, K = shape.tokens, shape.d_in, shape.members * shape.latents, shape.members * shape.k
     element = torch.finfo(dtype).bits // 8
-    return _Case(fns, flop=2 * N * D * L + 2 * N * K * D, bytes=element * (2 * L * D + 2 * N * D))
+    return Case(fns, flop=2 * N * D * L + 2 * N * K * D, bytes=element * (2 * L * D + 2 * N * D),
+                 floor=_encoder_gemm(model))
 
 
-def _train_case(shape: Shape, device: torch.device, dtype: torch.dtype) -> _Case:
+def _train_case(shape: Shape, device: torch.device, dtype: torch.dtype) -> Case:
     cfg = SAEConfig(d_in=shape.d_in, n_latents=shape.latents, k=shape.k)
 
     def stacked(backend: str, compiled: bool = False) -> Callable[[torch.Tensor], Any]:
@@ -248,11 +394,12 @@ def _train_case(shape: Shape, device: torch.device, dtype: torch.dtype) -> _Case
     N, D, L = shape.tokens, shape.d_in, shape.members * shape.latents
     # nominal (dense-equivalent) work: the encoder GEMM and its two backward GEMMs — a sparse backward does less,
     # so a fused backend can exceed 100 % of the peak on this count
-    return _Case(fns, flop=6 * N * D * L, bytes=4 * (6 * L * D + 2 * N * D),
-                 compare=lambda out: torch.cat([out[0].reshape(1), out[1].reshape(-1)]), reference=stacked("torch"))
+    return Case(fns, flop=6 * N * D * L, bytes=4 * (6 * L * D + 2 * N * D),
+                 compare=lambda out: torch.cat([out[0].reshape(1), out[1].reshape(-1)]), reference=stacked("torch"),
+                 floor=_encoder_gemm(Ensemble.bagging(cfg, shape.members, seed=0).to(device=device, dtype=dtype)))
 
 
-def _boosting_case(shape: Shape, device: torch.device, dtype: torch.dtype) -> _Case:
+def _boosting_case(shape: Shape, device: torch.device, dtype: torch.dtype) -> Case:
     cfg = SAEConfig(d_in=shape.d_in, n_latents=shape.latents, k=shape.k)
     model = Ensemble.boosting(cfg, shape.members, seed=0).to(device=device, dtype=dtype).eval()
 
@@ -266,10 +413,11 @@ def _boosting_case(shape: Shape, device: torch.device, dtype: torch.dtype) -> _C
     fns = _reconstruct_fns(model, loop)
     N, D, L, K = shape.tokens, shape.d_in, shape.members * shape.latents, shape.members * shape.k
     element = torch.finfo(dtype).bits // 8
-    return _Case(fns, flop=2 * N * D * L + 2 * N * K * D, bytes=element * (2 * L * D + 2 * N * D * shape.members))
+    return Case(fns, flop=2 * N * D * L + 2 * N * K * D, bytes=element * (2 * L * D + 2 * N * D * shape.members),
+                 floor=_encoder_gemm(model))
 
 
-def _sharpen_case(shape: Shape, device: torch.device, dtype: torch.dtype) -> _Case:
+def _sharpen_case(shape: Shape, device: torch.device, dtype: torch.dtype) -> Case:
     cfg = SAEConfig(d_in=shape.d_in, n_latents=shape.latents, k=shape.k)
     model = Ensemble.bagging(cfg, shape.members, seed=0).to(device=device, dtype=dtype).eval()
     generator = torch.Generator().manual_seed(1)
@@ -295,14 +443,15 @@ def _sharpen_case(shape: Shape, device: torch.device, dtype: torch.dtype) -> _Ca
            "compile": _compiled(lambda x: sharpen.targets_reference(model, x, labels, masks))}
     N, D, L, K = shape.tokens, shape.d_in, shape.members * shape.latents, shape.members * shape.k
     element = torch.finfo(dtype).bits // 8
-    return _Case(fns, flop=2 * N * D * L + 2 * N * K * D, bytes=element * (2 * L * D + 2 * N * D))
+    return Case(fns, flop=2 * N * D * L + 2 * N * K * D, bytes=element * (2 * L * D + 2 * N * D),
+                 floor=_encoder_gemm(model))
 
 
-_BUILDERS = {"forward": _forward_case, "train_step": _train_case, "boosting_chain": _boosting_case,
-             "sharpen": _sharpen_case}
+_BUILDERS = {"forward": _forward_case, "encode": _encode_case, "decode": _decode_case, "train_step": _train_case,
+             "boosting_chain": _boosting_case, "sharpen": _sharpen_case, "metrics": _metrics_case}
 
 
-def _unavailable(backend: str, device: torch.device) -> str | None:
+def unavailable(backend: str, device: torch.device) -> str | None:
     """Why ``backend`` cannot run on ``device`` (None: it can)."""
     if backend == "triton":
         if device.type != "cuda":
@@ -342,19 +491,16 @@ def run_benchmarks(preset: str = "cpu-small", cases: Sequence[str] = CASES, back
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     revision = git_revision()
     shapes = PRESETS[preset]
-    dtype = _DTYPES[shapes[0].dtype]
-    peak_flops, peak_bytes = device_peaks(device, dtype)
+    peak_flops, peak_bytes = device_peaks(device, _DTYPES[shapes[0].dtype])
     results = []
     for shape in shapes:
-        dtype = _DTYPES[shape.dtype]
-        batches = [torch.randn(shape.tokens, shape.d_in, generator=torch.Generator().manual_seed(i)).to(
-            device=device, dtype=dtype) for i in range(3)]
+        batches = token_batches(shape, device)
         for case_name in cases:
             if progress:
                 progress(f"{shape.name}: {case_name}")
-            case = _BUILDERS[case_name](shape, device, dtype)
-            results.extend(_run_case(case_name, case, shape, backends, batches, device, dtype, warmup, repeats,
-                                     peak_flops, peak_bytes))
+            case = make_case(case_name, shape, device)
+            results.extend(_run_case(case_name, case, shape, backends, batches, device, _DTYPES[shape.dtype], warmup,
+                                     repeats, peak_flops, peak_bytes))
     return {"device": torch.cuda.get_device_name(device) if device.type == "cuda"
             else platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "triton": _triton_version(),
@@ -362,57 +508,110 @@ def run_benchmarks(preset: str = "cpu-small", cases: Sequence[str] = CASES, back
             "results": results}
 
 
-def _run_case(name: str, case: _Case, shape: Shape, backends: Sequence[str], batches: list[torch.Tensor],
+def token_batches(shape: Shape, device: torch.device | str) -> list[torch.Tensor]:
+    """The three rotating token batches ``[N, D]`` of ``shape`` (seeds 0, 1, 2), in its dtype on ``device``."""
+    return [torch.randn(shape.tokens, shape.d_in, generator=torch.Generator().manual_seed(i)).to(
+        device=device, dtype=_DTYPES[shape.dtype]) for i in range(3)]
+
+
+def make_case(name: str, shape: Shape, device: torch.device | str) -> Case:
+    """Case ``name`` (one of :data:`CASES`) at ``shape`` on ``device``: its callables per backend and its work."""
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown case {name!r}; choose from {', '.join(CASES)}")
+    return _BUILDERS[name](shape, torch.device(device), _DTYPES[shape.dtype])
+
+
+def reference_output(case: Case, inputs: Any) -> Any:
+    """The eager reference's output on ``inputs``, as the guard compares it."""
+    return case.compare((case.reference or case.fns["eager_stacked"])(inputs))
+
+
+def guard(case: Case, backend: str, inputs: Any, want: Any, dtype: torch.dtype,
+          device: torch.device) -> tuple[str | None, int | None]:
+    """The correctness guard: run ``backend`` once on ``inputs`` and compare with the reference output ``want``
+    (relative tolerance 1e-4 in fp32, 5e-2 in bf16/fp16). Returns ``(why it is wrong or failed | None, peak
+    memory of the call in bytes | None)``."""
+    tolerance = 1e-4 if dtype == torch.float32 else 5e-2
+    try:
+        with _PeakMemory(device) as peak:
+            got = case.compare(case.fns[backend](inputs))
+            _sync(device)
+        # inductor's generated CPU code allocates beneath the dispatcher, out of the profiler's sight
+        memory = None if backend == "compile" and device.type == "cpu" else peak.peak
+        return (case.check or _check_max_error)(got, want, tolerance), memory
+    except Exception as exc:  # a backend that cannot run this case reports why instead of a number
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", None
+
+
+def _run_case(name: str, case: Case, shape: Shape, backends: Sequence[str], batches: list[torch.Tensor],
               device: torch.device, dtype: torch.dtype, warmup: int, repeats: int, peak_flops: float,
               peak_bytes: float) -> list[dict[str, Any]]:
-    tolerance = 1e-4 if dtype == torch.float32 else 5e-2
     errors: dict[str, str] = {}
     for backend in backends:
-        reason = _unavailable(backend, device)
+        reason = unavailable(backend, device)
         if reason:
             errors[backend] = reason
-    # The guard: every backend's first call, on the same batch, against eager_stacked's.
-    want = case.compare((case.reference or case.fns["eager_stacked"])(batches[0]))
+    inputs = [case.prepare(x, i) for i, x in enumerate(batches)]
+    # The guard: every backend's first call, on the same input, against the eager reference's.
+    want = reference_output(case, inputs[0])
     memory: dict[str, int | None] = {}
     for backend in backends:
         if backend in errors:
             continue
-        try:
-            with _PeakMemory(device) as peak:
-                got = case.compare(case.fns[backend](batches[0]))
-                _sync(device)
-            # inductor's generated CPU code allocates beneath the dispatcher, out of the profiler's sight
-            memory[backend] = None if backend == "compile" and device.type == "cpu" else peak.peak
-            err = _max_error(got, want)
-            if not err <= tolerance:
-                errors[backend] = f"differs from eager_stacked by {err:.3e} (relative to its largest magnitude)"
-        except Exception as exc:  # a backend that cannot run this case reports why instead of a number
-            errors[backend] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-    timed = [b for b in backends if b not in errors]
-    samples: dict[str, list[float]] = {b: [] for b in timed}
-    for i in range(warmup + repeats):
-        for backend in timed:  # round robin: a slow phase of a shared machine hits every backend alike
-            x = batches[(i + 1) % len(batches)]
-            _sync(device)
-            start = time.perf_counter()
-            case.fns[backend](x)
-            _sync(device)
-            if i >= warmup:
-                samples[backend].append(time.perf_counter() - start)
+        problem, memory[backend] = guard(case, backend, inputs[0], want, dtype, device)
+        if problem:
+            errors[backend] = problem
+    timed = {b: case.fns[b] for b in backends if b not in errors}
+    if case.floor is not None:
+        timed[_FLOOR] = case.floor
+    samples = time_interleaved(timed, inputs, warmup, repeats, device)
     base = statistics.median(samples["eager_loop"]) if "eager_loop" in samples else None
+    floor = statistics.median(samples[_FLOOR]) if _FLOOR in samples else None
     rows = []
     for backend in backends:
-        row: dict[str, Any] = {"case": name, "backend": backend, "shape": shape.to_dict(), "ok": backend in samples,
+        row: dict[str, Any] = {"case": name, "backend": backend, "shape": shape.to_dict(), "ok": backend not in errors,
                                "ms": None, "tokens_per_s": None, "peak_mem_bytes": memory.get(backend),
                                "speedup_vs_eager_loop": None, "flop_per_s": None, "bytes_per_s": None,
-                               "fraction_of_peak_flops": None, "error": errors.get(backend)}
-        if backend in samples:
+                               "fraction_of_peak_flops": None, "floor_ms": floor * 1e3 if floor else None,
+                               "error": errors.get(backend)}
+        if backend not in errors:
             seconds = statistics.median(samples[backend])
-            row.update(ms=seconds * 1e3, tokens_per_s=shape.tokens / seconds, flop_per_s=case.flop / seconds,
-                       bytes_per_s=case.bytes / seconds, fraction_of_peak_flops=case.flop / seconds / peak_flops,
+            row.update(ms=seconds * 1e3, tokens_per_s=shape.tokens / seconds if case.tokens else None,
+                       flop_per_s=case.flop / seconds, bytes_per_s=case.bytes / seconds,
+                       fraction_of_peak_flops=case.flop / seconds / peak_flops,
                        speedup_vs_eager_loop=base / seconds if base else None)
         rows.append(row)
     return rows
+
+
+_FLOOR = "floor"  # the key of a case's floor among the timed callables
+
+
+def _check_max_error(got: Any, want: Any, tolerance: float) -> str | None:
+    err = _max_error(got, want)
+    if err <= tolerance:
+        return None
+    return f"differs from the eager reference by {err:.3e} (relative to its largest magnitude)"
+
+
+def time_interleaved(fns: dict[str, Callable[[Any], Any]], inputs: Sequence[Any], warmup: int, repeats: int,
+                     device: torch.device | str = "cpu") -> dict[str, list[float]]:
+    """Seconds per call of every ``fns[name]``: ``warmup + repeats`` rounds, in each round every function once
+    (round robin: a slow phase of a shared machine hits every function alike) on the round's input (``inputs``
+    rotate, so no function meets the same data twice in a row and caches do not flatter); CUDA is synchronised
+    around each call. Returns the ``repeats`` samples after the warm-up, per name."""
+    device = torch.device(device)
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for i in range(warmup + repeats):
+        for name, fn in fns.items():
+            data = inputs[(i + 1) % len(inputs)]
+            _sync(device)
+            start = time.perf_counter()
+            fn(data)
+            _sync(device)
+            if i >= warmup:
+                samples[name].append(time.perf_counter() - start)
+    return samples
 
 
 def git_revision() -> str:
@@ -441,19 +640,21 @@ def _triton_version() -> str | None:
 
 
 def format_markdown(report: dict[str, Any]) -> str:
-    """The report as a markdown table, one row per (shape, case, backend)."""
+    """The report as a markdown table, one row per (shape, case, backend); "× encoder GEMM" is ``ms / floor_ms``
+    (how far above the dense encoder GEMM alone the backend is)."""
     lines = [f"{report['device']}, torch {report['torch']}, commit {report['commit']}, preset {report['preset']}; "
              f"measured peaks {report['peak_flops'] / 1e9:.0f} GFLOP/s, {report['peak_bytes_per_s'] / 1e9:.1f} GB/s",
-             "", "| shape | case | backend | ms | tokens/s | × eager loop | nominal % of peak FLOP/s | peak mem (MB) |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
+             "", "| shape | case | backend | ms | tokens/s | × eager loop | × encoder GEMM | nominal % of peak FLOP/s "
+             "| peak mem (MB) |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for row in report["results"]:
         mem = f"{row['peak_mem_bytes'] / 2**20:,.0f}" if row["peak_mem_bytes"] else "–"
         if row["ok"]:
             speed = f"{row['speedup_vs_eager_loop']:.2f}" if row["speedup_vs_eager_loop"] else "–"
-            cells = [f"{row['ms']:,.1f}", f"{row['tokens_per_s']:,.0f}", speed,
-                     f"{100 * row['fraction_of_peak_flops']:.0f}", mem]
+            tokens = f"{row['tokens_per_s']:,.0f}" if row["tokens_per_s"] else "–"
+            floor = f"{row['ms'] / row['floor_ms']:.2f}" if row.get("floor_ms") else "–"
+            cells = [f"{row['ms']:,.1f}", tokens, speed, floor, f"{100 * row['fraction_of_peak_flops']:.0f}", mem]
         else:
-            cells = ["error: " + row["error"].replace("|", "\\|"), "", "", "", ""]
+            cells = ["error: " + row["error"].replace("|", "\\|"), "", "", "", "", ""]
         lines.append(f"| {row['shape']['name']} | {row['case']} | {row['backend']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -8,7 +8,8 @@ Three families:
 * **Sparsity / liveness** — :func:`l0`, :func:`l0_total`, :class:`FiringWindow`,
   :func:`dead_latent_fraction`, on :class:`~saefast.codes.SparseCodes`.
 * **Ensemble dictionaries** — :func:`max_abs_cosine_to_others`, :func:`diversity`,
-  :func:`relaxed_stability`, :func:`connectivity`. None of them builds an ``m x m`` matrix: they work in
+  :func:`relaxed_stability`, :func:`member_similarity` (the first and second for every pair of
+  members of an ensemble, in one pass), :func:`connectivity`. None of them builds an ``m x m`` matrix: they work in
   blocks of ``block_size`` rows/columns, by default chosen so that one ``block_size x width`` block of
   scratch (float32 cosines, or booleans for :func:`connectivity`) is at most ~256 MB, ``width`` being the
   number of features compared against.
@@ -42,6 +43,7 @@ __all__ = [
     "l0",
     "l0_total",
     "max_abs_cosine_to_others",
+    "member_similarity",
     "mse",
     "relaxed_stability",
 ]
@@ -410,6 +412,53 @@ def relaxed_stability(
     if not symmetric:
         return forward
     return 0.5 * (forward + _mean_max_cosine(unit_b, unit_a, block_size))
+
+
+@torch.no_grad()
+def member_similarity(
+    dictionary: torch.Tensor, threshold: float = 0.7, block_size: int | None = None
+) -> dict[str, torch.Tensor | float]:
+    """Diversity and member-to-member stability of an ensemble's decoder ``[J, M, D]``, in one pass over the cosines.
+
+    With ``w_a`` the rows flattened member-major (``m = J·M``) and ``j(a)`` the member of row ``a``:
+
+    * ``max_abs_cosine[a] = max_{b ≠ a} |cos(w_a, w_b)|`` (``[m]``, as :func:`max_abs_cosine_to_others`);
+    * ``diversity = (1/m) #{a : max_abs_cosine[a] < threshold}`` (as :func:`diversity`);
+    * ``stability[i, j] = (1/M) Σ_{a ∈ i} max_{b ∈ j, b ≠ a} cos(w_a, w_b)`` (``[J, J]``, float64): off the
+      diagonal, :func:`relaxed_stability` of member ``i`` against member ``j`` (signed cosines); on it, how
+      close each latent comes to another latent of its own member (0 when ``M = 1``);
+    * ``cross_member_stability``: the mean of the off-diagonal entries (NaN for ``J = 1``).
+
+    Every block of rows ``[b, D]`` is multiplied once with all ``m`` rows; both the ``|cos|`` maximum and the
+    per-member signed maxima come from that one ``[b, m]`` block, so the whole costs ``2·m²·D`` FLOP where
+    :func:`diversity` plus the ``J(J−1)`` pairwise :func:`relaxed_stability` calls cost about twice that.
+    ``block_size`` rows at a time (default: a ~256 MB float32 block); never ``m x m``.
+    """
+    if dictionary.dim() != 3:
+        raise ValueError(f"dictionary must be member-stacked [J, M, D], got shape {tuple(dictionary.shape)}")
+    J, M, _ = dictionary.shape
+    unit = _unit_rows(dictionary)
+    m = unit.shape[0]
+    bs = _check_block_size(block_size, m, unit.element_size())
+    max_abs = torch.zeros(m, dtype=unit.dtype, device=unit.device)  # stays 0 for m = 1: no other feature
+    best_sums = torch.zeros(J, J, dtype=torch.float64, device=unit.device)  # Σ over rows of member i, best in j
+    for start in range(0, m, bs):
+        stop = min(start + bs, m)
+        sims = unit[start:stop] @ unit.T  # [b, m]: the one GEMM of this block
+        rows = torch.arange(stop - start, device=unit.device)
+        diagonal = (rows, rows + start)
+        sims[diagonal] = 0.0  # |cos| of the others is >= 0: a zero never wins the max unless every other is 0
+        max_abs[start:stop] = torch.maximum(sims.amax(dim=1), -sims.amin(dim=1))
+        sims[diagonal] = float("-inf")  # no latent is its own match
+        best = sims.view(stop - start, J, M).amax(dim=-1).to(torch.float64)  # [b, J]: best match in each member
+        best = best.masked_fill(torch.isinf(best), 0.0)  # M = 1: a member's only latent is the row itself
+        owner = torch.div(torch.arange(start, stop, device=unit.device), M, rounding_mode="floor")
+        best_sums.index_add_(0, owner, best)
+    stability = best_sums / M
+    off = ~torch.eye(J, dtype=torch.bool, device=unit.device)
+    cross = float(stability[off].mean()) if J > 1 else float("nan")
+    return {"max_abs_cosine": max_abs, "diversity": float((max_abs < threshold).to(torch.float64).mean()),
+            "stability": stability, "cross_member_stability": cross}
 
 
 @torch.no_grad()

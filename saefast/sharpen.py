@@ -15,7 +15,8 @@ the rest) and random unit vectors (:func:`random_targets`).
 On the fused backends (``native`` on CPU, ``triton`` on CUDA) a target batch is one pass: fused encode →
 top-k (the ``N × M`` pre-activations never exist), a gather of the class mask at the ``[N, J, K]`` slots, and
 the sparse decode with that slot mask — no dense ``N × J·M`` code is ever built. :func:`targets_reference` is
-the eager oracle (dense codes, dense mask, dense decode) and the baseline of ``bench/bench_sharpen.py``.
+the eager oracle (dense codes, dense mask, dense decode) and the ``eager_stacked`` baseline of the ``sharpen``
+case of ``saefast bench``.
 """
 
 from __future__ import annotations

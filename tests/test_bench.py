@@ -57,9 +57,63 @@ def test_guard_reports_a_wrong_or_failing_backend(monkeypatch):
                                                                        "compile"], repeats=1)
     rows = {row["backend"]: row for row in report["results"]}
     assert rows["eager_loop"]["ok"] and rows["eager_stacked"]["ok"]
-    assert not rows["native"]["ok"] and "differs from eager_stacked" in rows["native"]["error"]
+    assert not rows["native"]["ok"] and "differs from the eager reference" in rows["native"]["error"]
     assert not rows["compile"]["ok"] and rows["compile"]["error"] == "RuntimeError: kernel exploded"
     assert rows["native"]["ms"] is None and rows["compile"]["ms"] is None
+
+
+def test_encode_decode_and_metrics_cases():
+    report = bench.run_benchmarks("tiny", cases=["encode", "decode", "metrics"],
+                                  backends=["eager_loop", "eager_stacked", "native"], repeats=1)
+    rows = {(row["case"], row["backend"]): row for row in report["results"]}
+    native_ok = sf.native.supports(torch.device("cpu"))
+    for case in ("encode", "decode"):
+        assert rows[case, "eager_loop"]["ok"] and rows[case, "eager_stacked"]["ok"]
+        assert rows[case, "native"]["ok"] == native_ok, rows[case, "native"]["error"]
+    # the encoder GEMM floor is timed with the encode case; decode has none (the GEMM is not its floor)
+    assert rows["encode", "eager_stacked"]["floor_ms"] > 0
+    assert rows["decode", "eager_stacked"]["floor_ms"] is None
+    # metrics: the loop and the one-pass metric agree with the single-pair reference; no tokens, no native kernel
+    assert rows["metrics", "eager_loop"]["ok"] and rows["metrics", "eager_stacked"]["ok"]
+    assert rows["metrics", "eager_stacked"]["tokens_per_s"] is None
+    assert not rows["metrics", "native"]["ok"] and "GEMM-bound" in rows["metrics", "native"]["error"]
+    assert "| tiny | metrics | eager_stacked |" in bench.format_markdown(report)
+
+
+def test_codes_check_tolerates_a_rare_swap_but_not_wrong_codes():
+    gen = torch.Generator().manual_seed(0)
+    values = torch.rand(200, 2, 8, generator=gen).sort(-1, descending=True).values
+    indices = torch.stack([torch.randperm(50, generator=gen)[:8] for _ in range(400)]).view(200, 2, 8)
+    assert bench._codes_check((values, indices), (values, indices), 1e-4) is None
+    # codes in another slot order are the same codes
+    assert bench._codes_check((values.flip(-1), indices.flip(-1)), (values, indices), 1e-4) is None
+    one_swap = indices.clone()
+    one_swap[0, 0, -1] = next(i for i in range(50) if i not in indices[0, 0].tolist())  # 1 of 3200 slots
+    assert bench._codes_check((values, one_swap), (values, indices), 1e-4) is None
+    shuffled = indices[torch.randperm(200, generator=gen)]
+    assert "selected latents differ" in bench._codes_check((values, shuffled), (values, indices), 1e-4)
+    assert "code values differ" in bench._codes_check((values * 1.01, indices), (values, indices), 1e-4)
+
+
+def test_guard_on_the_encode_case_reports_wrong_codes(monkeypatch):
+    build = bench._BUILDERS["encode"]
+
+    def broken(shape, device, dtype):
+        case = build(shape, device, dtype)
+        good = case.fns["eager_stacked"]
+
+        def shifted(x):  # every latent index off by one: the right values on the wrong latents
+            codes = good(x)
+            return codes.values, (codes.indices + 1) % shape.latents
+
+        case.fns["native"] = shifted
+        return case
+
+    monkeypatch.setitem(bench._BUILDERS, "encode", broken)
+    report = bench.run_benchmarks("tiny", cases=["encode"], backends=["eager_stacked", "native"], repeats=1)
+    rows = {row["backend"]: row for row in report["results"]}
+    assert rows["eager_stacked"]["ok"]
+    assert not rows["native"]["ok"] and "selected latents differ" in rows["native"]["error"]
 
 
 def test_bad_arguments():

@@ -21,6 +21,7 @@ from saefast.metrics import (
     l0,
     l0_total,
     max_abs_cosine_to_others,
+    member_similarity,
     mse,
     relaxed_stability,
 )
@@ -352,6 +353,62 @@ def test_relaxed_stability_self_permuted_and_brute_force(block_size):
     assert relaxed_stability(a, b, symmetric=True, block_size=block_size) == pytest.approx(
         (ab + ba) / 2, abs=1e-6
     )
+
+
+def ref_member_similarity(w: torch.Tensor) -> torch.Tensor:
+    """``[J, J]`` brute force: dense cosines of every member pair, the row itself excluded."""
+    J, M, D = w.shape
+    u = unit(w.reshape(J * M, D).double())
+    cos = u @ u.T
+    cos.fill_diagonal_(float("-inf"))
+    best = cos.view(J * M, J, M).amax(-1)  # [m, J]
+    best = torch.where(torch.isinf(best), torch.zeros_like(best), best)
+    return best.view(J, M, J).mean(1)
+
+
+def test_member_similarity_hand_case():
+    # member 0: e1, e2; member 1: e1, (e1 + e2)/√2 direction
+    w = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[2.0, 0.0], [1.0, 1.0]]])
+    got = member_similarity(w, threshold=0.9)
+    c = 1 / math.sqrt(2)
+    expected = torch.tensor([[0.0, (1 + c) / 2], [(1 + c) / 2, c]], dtype=torch.float64)
+    torch.testing.assert_close(got["stability"], expected)
+    torch.testing.assert_close(got["max_abs_cosine"], torch.tensor([1.0, c, 1.0, c]))
+    assert got["diversity"] == pytest.approx(0.5)
+    assert got["cross_member_stability"] == pytest.approx((1 + c) / 2)
+
+
+@pytest.mark.parametrize("block_size", [1, 4, None])
+@pytest.mark.parametrize("J, M", [(1, 1), (1, 6), (3, 1), (3, 5), (2, 9)])
+def test_member_similarity_vs_pairwise_metrics(J, M, block_size):
+    gen = torch.Generator().manual_seed(J * 10 + M)
+    w = torch.randn(J, M, 3, generator=gen)  # D = 3: many large cosines, so maxima are contested
+    w[-1, 0] = 0.0  # a zero row has cosine 0 with everything
+    got = member_similarity(w, threshold=0.8, block_size=block_size)
+    torch.testing.assert_close(got["max_abs_cosine"], max_abs_cosine_to_others(w), atol=1e-6, rtol=0)
+    assert got["diversity"] == pytest.approx(diversity(w, threshold=0.8))
+    torch.testing.assert_close(got["stability"], ref_member_similarity(w), atol=1e-6, rtol=0)
+    for i in range(J):
+        for j in range(J):
+            if i != j:
+                assert float(got["stability"][i, j]) == pytest.approx(relaxed_stability(w[i], w[j]), abs=1e-6)
+    if J == 1:
+        assert math.isnan(got["cross_member_stability"])
+    else:
+        off = ~torch.eye(J, dtype=torch.bool)
+        assert got["cross_member_stability"] == pytest.approx(float(got["stability"][off].mean()))
+
+
+def test_member_similarity_identical_members_and_errors():
+    w = torch.randn(1, 7, 5).expand(3, 7, 5) * torch.tensor([1.0, 2.0, 0.5]).view(3, 1, 1)  # scaled copies
+    got = member_similarity(w)
+    off = ~torch.eye(3, dtype=torch.bool)
+    torch.testing.assert_close(got["stability"][off], torch.ones(6, dtype=torch.float64))
+    assert got["diversity"] == 0.0  # every latent has an exact copy in another member
+    with pytest.raises(ValueError, match=r"member-stacked \[J, M, D\]"):
+        member_similarity(torch.randn(6, 5))
+    with pytest.raises(ValueError, match="block_size"):
+        member_similarity(w, block_size=0)
 
 
 def test_connectivity_hand_case():
