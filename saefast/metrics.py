@@ -429,31 +429,35 @@ def member_similarity(
       close each latent comes to another latent of its own member (0 when ``M = 1``);
     * ``cross_member_stability``: the mean of the off-diagonal entries (NaN for ``J = 1``).
 
-    Every block of rows ``[b, D]`` is multiplied once with all ``m`` rows; both the ``|cos|`` maximum and the
-    per-member signed maxima come from that one ``[b, m]`` block, so the whole costs ``2·m²·D`` FLOP where
-    :func:`diversity` plus the ``J(J−1)`` pairwise :func:`relaxed_stability` calls cost about twice that.
-    ``block_size`` rows at a time (default: a ~256 MB float32 block); never ``m x m``.
+    Blocks of ``block_size`` rows of member ``i`` are multiplied with member ``j``'s rows, for every ``(i, j)``;
+    both the ``|cos|`` maximum and the signed best match come from that one ``[b, M]`` block, so the whole costs
+    ``2·m²·D`` FLOP where :func:`diversity` plus the ``J(J−1)`` pairwise :func:`relaxed_stability` calls cost
+    about twice that. Default ``block_size``: a ~256 MB float32 block; never ``m x m``.
     """
     if dictionary.dim() != 3:
         raise ValueError(f"dictionary must be member-stacked [J, M, D], got shape {tuple(dictionary.shape)}")
     J, M, _ = dictionary.shape
-    unit = _unit_rows(dictionary)
-    m = unit.shape[0]
-    bs = _check_block_size(block_size, m, unit.element_size())
-    max_abs = torch.zeros(m, dtype=unit.dtype, device=unit.device)  # stays 0 for m = 1: no other feature
+    unit = _unit_rows(dictionary).view(J, M, -1)
+    bs = _check_block_size(block_size, M, unit.element_size())
+    max_abs = torch.zeros(J, M, dtype=unit.dtype, device=unit.device)  # stays 0 for m = 1: no other feature
     best_sums = torch.zeros(J, J, dtype=torch.float64, device=unit.device)  # Σ over rows of member i, best in j
-    for start in range(0, m, bs):
-        stop = min(start + bs, m)
-        sims = unit[start:stop] @ unit.T  # [b, m]: the one GEMM of this block
-        rows = torch.arange(stop - start, device=unit.device)
-        diagonal = (rows, rows + start)
-        sims[diagonal] = 0.0  # |cos| of the others is >= 0: a zero never wins the max unless every other is 0
-        max_abs[start:stop] = torch.maximum(sims.amax(dim=1), -sims.amin(dim=1))
-        sims[diagonal] = float("-inf")  # no latent is its own match
-        best = sims.view(stop - start, J, M).amax(dim=-1).to(torch.float64)  # [b, J]: best match in each member
-        best = best.masked_fill(torch.isinf(best), 0.0)  # M = 1: a member's only latent is the row itself
-        owner = torch.div(torch.arange(start, stop, device=unit.device), M, rounding_mode="floor")
-        best_sums.index_add_(0, owner, best)
+    for i in range(J):
+        for start in range(0, M, bs):
+            rows = unit[i, start:start + bs]
+            diagonal = (torch.arange(rows.shape[0], device=unit.device),
+                        torch.arange(start, start + rows.shape[0], device=unit.device))
+            for j in range(J):
+                sims = rows @ unit[j].T  # [b, M]: one GEMM serves both maxima (cache-sized: a member at a time)
+                if i == j:
+                    sims[diagonal] = 0.0  # |cos| of the others is >= 0: a zero wins only if every other is 0
+                block_abs = max_abs[i, start:start + bs]
+                torch.maximum(block_abs, torch.maximum(sims.amax(dim=1), -sims.amin(dim=1)), out=block_abs)
+                if i == j:
+                    if M == 1:  # a member's only latent is the row itself: no match within the member
+                        continue
+                    sims[diagonal] = float("-inf")  # no latent is its own match
+                best_sums[i, j] += sims.amax(dim=1).sum(dtype=torch.float64)
+    max_abs = max_abs.view(-1)
     stability = best_sums / M
     off = ~torch.eye(J, dtype=torch.bool, device=unit.device)
     cross = float(stability[off].mean()) if J > 1 else float("nan")
