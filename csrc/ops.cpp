@@ -22,6 +22,7 @@ TORCH_LIBRARY(saefast, m) {
         "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("native_threshold_encode(Tensor x, Tensor W_enc, Tensor bias, Tensor lower, int capacity) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("native_remove_parallel_grad_(Tensor W, Tensor(a!) grad) -> ()");
 }
 
 namespace {

@@ -24,8 +24,9 @@ Backends:
 
 Each result: median ms over ``repeats`` after ``warmup`` (inputs rotate over three batches; backends are
 interleaved round by round; CUDA is synchronised around each call), tokens/s, the same median for the case's
-floor where it has one (the dense encoder GEMM ``x·W_encᵀ``, ``[N, J·M]``, that any exact TopK path pays,
-timed in the same rounds: ``floor_ms``), peak memory of the guard call
+floor where it has one (``floor_ms``: the dense encoder GEMM ``x·W_encᵀ`` writing the ``[N, J·M]``
+pre-activations, timed in the same rounds — every eager path pays it; a fused backend never writes them and can
+go below it), peak memory of the guard call
 (CUDA: ``max_memory_allocated``; CPU: the peak of its allocations net of frees, from the PyTorch profiler — not
 for ``compile``, whose generated code allocates out of the profiler's sight),
 achieved FLOP/s and bytes/s of the case's nominal
@@ -168,7 +169,7 @@ class Case:
     """Why ``compare(output)`` disagrees with the reference's at relative tolerance ``tol`` (None: it agrees);
     default: the largest difference relative to the reference's largest magnitude, against ``tol``."""
     floor: Callable[[Any], Any] | None = None
-    """The case's unavoidable part, timed alongside the backends (the dense encoder GEMM), or None."""
+    """What every eager path of the case pays, timed alongside the backends (the dense encoder GEMM), or None."""
     tokens: bool = True
     """False: the case reads no tokens (``metrics``), so it has no tokens/s."""
 
@@ -202,7 +203,7 @@ def _loop_codes(x: torch.Tensor, model: Ensemble, j: int) -> torch.Tensor:
 
 
 def _encoder_gemm(model: Ensemble) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The floor of every exact TopK path: the dense pre-activation GEMM ``x·W_encᵀ`` over all ``J·M`` latents."""
+    """The floor of every eager TopK path: the dense pre-activation GEMM ``x·W_encᵀ`` over all ``J·M`` latents."""
     W = model.W_enc.detach().reshape(-1, model.cfg.d_in)
     return lambda x: x @ W.T
 
@@ -362,7 +363,7 @@ def _train_case(shape: Shape, device: torch.device, dtype: torch.dtype) -> Case:
                 loss = loss_fn(x)
             loss.backward()
             grad = model.W_enc.grad.clone()  # what the guard compares: the first step's encoder gradient
-            model._project_decoder_grad(slice(None))
+            model._project_decoder_grad(slice(None), backend)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             model._normalize_decoder(slice(None))
@@ -382,7 +383,7 @@ def _train_case(shape: Shape, device: torch.device, dtype: torch.dtype) -> Case:
                 loss = model._terms(x, backend="torch")[0].loss
             loss.backward()
             grads.append(model.W_enc.grad.clone())
-            model._project_decoder_grad(slice(None))
+            model._project_decoder_grad(slice(None), "torch")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             model._normalize_decoder(slice(None))

@@ -341,10 +341,16 @@ class SparseDictionary(nn.Module):
         threshold.copy_(torch.where(unset, value, (1 - beta) * threshold + beta * value))
 
     @torch.no_grad()
-    def _project_decoder_grad(self, members: slice) -> None:
-        """Remove the gradient component parallel to each decoder row of ``members``."""
+    def _project_decoder_grad(self, members: slice, backend: str | None = None) -> None:
+        """Remove the gradient component parallel to each decoder row of ``members``
+        (:func:`saefast.ops.remove_parallel_grad_`, fused on the ``triton`` and ``native`` backends)."""
         if self.cfg.normalize_decoder and self.W_dec.grad is not None:
-            ref.remove_parallel_grad_(self._view(self.W_dec.data, members), self._view(self.W_dec.grad, members))
+            W, grad = self._view(self.W_dec.data, members), self._view(self.W_dec.grad, members)
+            # the projection is the same for every activation: resolve the backend as for a fused one
+            resolved = ops.resolve_backend(backend, W.device, "topk")
+            if resolved != "torch" and not grad.is_contiguous():
+                resolved = "torch"  # the fused passes update grad through a [rows, D] view
+            ops.remove_parallel_grad_(W, grad, backend=resolved)
 
     @torch.no_grad()
     def _clip_grad_norm(self, max_norm: float, members: slice) -> None:

@@ -625,6 +625,42 @@ def decode(codes: SparseCodes, W_dec: torch.Tensor, b_dec: torch.Tensor, alpha: 
 
 
 # ------------------------------------------------------------------------------------------------------
+# Decoder-norm gradient projection (between backward and the optimizer step)
+# ------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("saefast::remove_parallel_grad_", mutates_args=("grad",))
+def _remove_parallel_grad(W: torch.Tensor, grad: torch.Tensor) -> None:
+    from .kernels.decoder_grad_projection import remove_parallel_grad_ as fused
+
+    fused(W, grad)
+
+
+@_remove_parallel_grad.register_fake
+def _(W, grad):
+    return None
+
+
+def remove_parallel_grad_(W: torch.Tensor, grad: torch.Tensor, backend: str = "triton") -> torch.Tensor:
+    """In place ``g_r ← g_r − (g_r·ŵ_r) ŵ_r`` with ``ŵ_r = W_r / max(‖W_r‖, 1e-12)``, for every decoder row ``r`` of
+    ``W [..., D]`` and its gradient ``grad`` (same shape), so an optimizer step cannot change a unit row's norm to
+    first order; returns ``grad``.
+
+    ``triton``: one fused pass (:mod:`saefast.kernels.decoder_grad_projection`); ``native``: the same on the CPU
+    (``csrc/cpu/decoder_grad_projection.cpp``; CUDA tensors take the torch path: the extension has no CUDA kernel
+    for it); ``torch``: :func:`saefast.ref.remove_parallel_grad_`, which builds three ``[R, D]`` temporaries. The
+    fused passes need ``grad`` viewable as ``[R, D]`` rows (contiguous, or a member slice of a contiguous tensor).
+    """
+    if backend == "triton":
+        _remove_parallel_grad(W, grad)
+    elif backend == "native" and W.device.type == "cpu" and native.available():
+        torch.ops.saefast.native_remove_parallel_grad_(W, grad)
+    else:
+        ref.remove_parallel_grad_(W, grad)
+    return grad
+
+
+# ------------------------------------------------------------------------------------------------------
 # Grouped matmul (the native extension's, or a loop of torch.mm on the torch backend)
 # ------------------------------------------------------------------------------------------------------
 

@@ -239,7 +239,7 @@ class _Trainer:
             with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 terms, z = model._terms(x_in, members, cfg.backend)
             terms.loss.backward()
-            model._project_decoder_grad(members)
+            model._project_decoder_grad(members, cfg.backend)
             if cfg.grad_clip is not None:
                 model._clip_grad_norm(cfg.grad_clip, members)
             optimizer.step()
