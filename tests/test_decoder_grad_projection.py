@@ -17,8 +17,9 @@ import torch
 
 from saefast import native, ops, ref
 
-BACKENDS = ["triton", pytest.param("native", marks=pytest.mark.skipif(
-    not native.available() or os.environ.get("SAEFAST_NO_EXTENSION") == "1", reason="native extension not built"))]
+needs_native = pytest.mark.skipif(not native.available() or os.environ.get("SAEFAST_NO_EXTENSION") == "1",
+                                  reason="native extension not built")
+BACKENDS = ["triton", pytest.param("native", marks=needs_native)]
 
 
 def oracle(W: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -76,8 +77,7 @@ def test_zero_rows_keep_their_gradient_and_strided_W_is_read(backend):
     assert relative_error(grad, want, scale) <= 2e-6
 
 
-@pytest.mark.skipif(not native.available() or os.environ.get("SAEFAST_NO_EXTENSION") == "1",
-                    reason="native extension not built")
+@needs_native
 @pytest.mark.parametrize("w_dtype, g_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16),
                                               (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16)])
 def test_native_half_precision_accumulates_in_fp32(w_dtype, g_dtype):
@@ -121,3 +121,12 @@ def test_training_projects_with_its_backend(monkeypatch, backend):
     sf.train(model, batches, steps=2, lr=1e-3, backend=backend, progress=False)
     # boosting trains stage by stage: each projection sees one member's [1, M, D] slice
     assert calls == [(backend, (1, 20, 12))] * 4
+
+
+@pytest.mark.parametrize("op", ["remove_parallel_grad_", pytest.param("native_remove_parallel_grad_",
+                                                                     marks=needs_native)])
+def test_opcheck(op):
+    """The schema declares the in-place write to ``grad`` (and only that), and the fake implementation agrees."""
+    W, grad = random_pair((3, 5, 7), seed=6)
+    torch.library.opcheck(getattr(torch.ops.saefast, op).default, (W, grad),
+                          test_utils=("test_schema", "test_faketensor"))
