@@ -38,6 +38,7 @@ A backend whose output differs from ``eager_stacked`` (or that fails) gets an er
 from __future__ import annotations
 
 import dataclasses
+import os
 import platform
 import statistics
 import time
@@ -616,8 +617,9 @@ def time_interleaved(fns: dict[str, Callable[[Any], Any]], inputs: Sequence[Any]
 
 
 def git_revision() -> str:
-    """Short git hash of the saefast checkout, ``+dirty`` when tracked files differ from it (``unknown`` outside
-    git): a result measured on uncommitted code says so."""
+    """Short git hash of the saefast checkout, ``+dirty`` when tracked files differ from it: a result measured on
+    uncommitted code says so. Outside git (a copy of the tree, as on a lent GPU machine): ``$SAEFAST_COMMIT`` if
+    set, else ``unknown``."""
     import subprocess
 
     root = Path(__file__).resolve().parents[1]
@@ -626,7 +628,7 @@ def git_revision() -> str:
                                            cwd=root).stdout.strip()
         return run("rev-parse", "--short", "HEAD") + ("+dirty" if run("status", "--porcelain", "-uno") else "")
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return os.environ.get("SAEFAST_COMMIT") or "unknown"
 
 
 def _triton_version() -> str | None:

@@ -139,3 +139,13 @@ def test_cli_bench_writes_json_markdown_and_png(tmp_path, capsys):
     assert "| tiny | sharpen | eager_loop |" in paths["md"].read_text()
     assert paths["png"].stat().st_size > 0
     assert "| shape | case | backend |" in capsys.readouterr().out
+
+
+def test_git_revision_outside_git_takes_the_commit_from_the_environment(monkeypatch):
+    import subprocess
+
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: (_ for _ in ()).throw(OSError("no git")))
+    monkeypatch.delenv("SAEFAST_COMMIT", raising=False)
+    assert bench.git_revision() == "unknown"
+    monkeypatch.setenv("SAEFAST_COMMIT", "abc1234")
+    assert bench.git_revision() == "abc1234"
