@@ -81,9 +81,9 @@ def _read_config_file(path: str) -> dict[str, Any]:
         raise CLIError(f"config file {path} is not valid {file.suffix.lstrip('.') or 'JSON'}: {err}") from None
 
 
-TRAIN_DEFAULTS = {"kind": "single", "members": 4, "latents": None, "k": 32, "activation": "topk", "steps": 1000,
-                  "lr": 1e-3, "batch_size": 1024, "seed": 0, "data_seed": 0, "hook": None, "device": "cpu",
-                  "checkpoint_every": 0, "backend": "auto"}
+TRAIN_DEFAULTS = {"kind": "single", "members": 4, "chains": 1, "bootstrap": False, "latents": None, "k": 32,
+                  "activation": "topk", "steps": 1000, "lr": 1e-3, "batch_size": 1024, "seed": 0, "data_seed": 0,
+                  "hook": None, "device": "cpu", "checkpoint_every": 0, "backend": "auto"}
 
 
 def _train_options(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
@@ -111,7 +111,11 @@ def _train_options(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, 
             raise CLIError(f"--{key} is required (or set {key!r} in the config file)")
     if options["kind"] not in KINDS:
         raise CLIError(f"--kind must be one of {', '.join(KINDS)}, got {options['kind']!r}")
-    for key in ("members", "k", "steps", "batch_size"):
+    if int(options["chains"]) > 1 and options["kind"] != "boosting":
+        raise CLIError(f"--chains applies to --kind boosting (independent boosting chains), not {options['kind']}")
+    if options["bootstrap"] and options["kind"] == "boosting":
+        raise CLIError("--bootstrap applies to --kind single or bagging (a boosting stage reads the residual)")
+    for key in ("members", "chains", "k", "steps", "batch_size"):
         if int(options[key]) < 1:
             raise CLIError(f"--{key.replace('_', '-')} must be >= 1, got {options[key]}")
     return options, sae_extra, train_extra
@@ -138,14 +142,16 @@ def _train(args: argparse.Namespace) -> int:
     if options["kind"] == "single":
         model = SAE(cfg, seed=int(options["seed"]))
     else:
-        model = Ensemble(cfg, int(options["members"]), options["kind"], seed=int(options["seed"]))
+        model = Ensemble(cfg, int(options["members"]), options["kind"], seed=int(options["seed"]),
+                         chains=int(options["chains"]))
     model.to(device)
     out = Path(options["out"])
     train_options = {"steps": int(options["steps"]), "lr": float(options["lr"]), "seed": int(options["seed"]),
                      "progress": not args.no_progress, "checkpoint_dir": str(out),
                      "checkpoint_every": int(options["checkpoint_every"]), "resume": args.resume,
-                     "backend": options["backend"],
-                     **train_extra}
+                     "backend": options["backend"], **train_extra}
+    if options["bootstrap"]:  # the flag or the file's top level; a [train] table may also set it
+        train_options["bootstrap"] = True
     config = TrainConfig(**train_options)
     batches = store.batches(int(options["batch_size"]), seed=int(options["data_seed"]), epochs=None,
                             drop_last=store.n_tokens >= int(options["batch_size"]), device=device)
@@ -158,7 +164,8 @@ def _train(args: argparse.Namespace) -> int:
     stages = model.members if options["kind"] == "boosting" else 1
     # A resumed run trained only part of the steps in this process: its rate would be meaningless.
     tokens_per_s = None if resumed else config.steps * stages * int(options["batch_size"]) / seconds
-    run = {"kind": options["kind"], "members": getattr(model, "members", 1), "data": str(options["data"]),
+    run = {"kind": options["kind"], "members": getattr(model, "members", 1), "chains": getattr(model, "chains", 1),
+           "bootstrap": config.bootstrap, "data": str(options["data"]),
            "hook": store.hook, "sae": cfg.to_dict(), "train": dict(train_options),
            "batch_size": int(options["batch_size"]), "data_seed": int(options["data_seed"]),
            "seconds": seconds, "tokens_per_s": tokens_per_s, "resumed": resumed,
@@ -328,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="JSON or TOML file of options")
     t.add_argument("--kind", choices=KINDS, help="single | bagging | boosting (default: single)")
     t.add_argument("--members", type=int, help="ensemble size J (default: 4)")
+    t.add_argument("--chains", type=int, help="boosting: independent chains of J stages trained at once (default: 1)")
+    t.add_argument("--bootstrap", action="store_true", default=None,
+                   help="single/bagging: each member trains on its own bootstrap resample of every batch")
     t.add_argument("--latents", type=int, help="latents per SAE / per member (default: 4 × d)")
     t.add_argument("--k", type=int, help="top-k (default: 32)")
     t.add_argument("--activation", choices=("topk", "batchtopk", "relu", "jumprelu"), help="default: topk")
@@ -341,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--checkpoint-every", type=int, help="also checkpoint every N steps (default: only at the end)")
     t.add_argument("--resume", action="store_true", help="resume from the checkpoint in --out")
     t.add_argument("--backend", choices=("auto", "torch", "triton", "native"),
-                   help="op backend (default: auto = triton on CUDA for topk, else torch)")
+                   help="op backend (default: auto = triton on CUDA, native on the CPU, else torch)")
     t.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     t.set_defaults(run=_train)
 

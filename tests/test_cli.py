@@ -56,6 +56,23 @@ def test_train_then_eval_contract(store_dir, tmp_path, capsys):
     assert "explained_variance" in capsys.readouterr().out
 
 
+def test_train_multi_chain_boosting_and_bootstrap_bagging(store_dir, tmp_path):
+    data, x = store_dir
+    common = ["--data", str(data), "--members", "2", "--latents", "24", "--k", "3", "--steps", "8", "--batch-size",
+              "256", "--no-progress"]
+    assert main(["train", "--kind", "boosting", "--chains", "3", *common, "--out", str(tmp_path / "chains")]) == 0
+    model = sf.load(tmp_path / "chains")
+    assert isinstance(model, sf.Ensemble) and model.members == 2 and model.chains == 3
+    run = json.loads((tmp_path / "chains" / "run.json").read_text())
+    assert run["chains"] == 3 and not run["bootstrap"]
+    # the chains start from different seeds and stay different after training
+    assert not torch.allclose(model.chain(0).W_dec, model.chain(1).W_dec)
+
+    assert main(["train", "--kind", "bagging", "--bootstrap", *common, "--out", str(tmp_path / "boot")]) == 0
+    run = json.loads((tmp_path / "boot" / "run.json").read_text())
+    assert run["bootstrap"] and run["chains"] == 1 and run["train"]["bootstrap"] is True
+
+
 def test_train_refuses_to_overwrite_a_run_and_resumes_it(store_dir, tmp_path, capsys):
     data, _ = store_dir
     run = tmp_path / "run"
@@ -101,6 +118,10 @@ def test_train_from_a_config_file_with_flag_overrides(store_dir, tmp_path, suffi
         (["eval", "--model", "NOWHERE", "--data", "DATA"], "NOWHERE"),
         (["train", "--data", "DATA", "--activation", "relu", "--backend", "native", "--steps", "1", "--out", "RUN"],
              "backend 'native' implements the topk"),
+        (["train", "--data", "DATA", "--kind", "bagging", "--chains", "2", "--out", "RUN"],
+         "--chains applies to --kind boosting"),
+        (["train", "--data", "DATA", "--kind", "boosting", "--bootstrap", "--out", "RUN"],
+         "--bootstrap applies to --kind single or bagging"),
         (["demo", "--members", "0", "--out", "RUN"], "an ensemble needs members >= 1"),
         (["harvest", "--model", "no/such/model", "--tokens", "10", "--out", "RUN"], "no/such/model"),
         (["harvest", "--tokens", "0", "--out", "RUN"], "--tokens must be >= 1"),
