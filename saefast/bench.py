@@ -313,8 +313,11 @@ def _metrics_case(shape: Shape, device: torch.device, dtype: torch.dtype) -> Cas
         """The guard's reference: the single-pair metrics, one call per pair of members."""
         stability = torch.tensor([[metrics.relaxed_stability(w[i], w[j]) if i != j else 0.0 for j in range(J)]
                                   for i in range(J)], dtype=torch.float64, device=w.device)
-        diagonal = metrics.member_similarity(w)["stability"].diagonal()  # within a member: no single-pair form
-        return metrics.max_abs_cosine_to_others(w), stability + torch.diag(diagonal)
+        for i in range(J):  # within a member there is no single-pair form: its dense cosines, self excluded
+            unit = torch.nn.functional.normalize(w[i].double(), dim=-1)
+            cos = (unit @ unit.T).fill_diagonal_(float("-inf"))
+            stability[i, i] = cos.amax(1).mean() if M > 1 else 0.0
+        return metrics.max_abs_cosine_to_others(w), stability
 
     unsupported = "no kernel of its own: the metrics are GEMM-bound and run on torch's GEMM (see eager_stacked)"
 
