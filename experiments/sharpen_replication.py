@@ -7,6 +7,10 @@ Every (target, seed) run is ``saefast.sharpen_tasks.run_task`` with the task's d
 ``saefast sharpen --task ...``); the seed fixes the split, the classifier's init, the data order and the SAEs, so
 for one seed all targets share the same baseline (cycle 0). Prints a markdown table of the mean ± standard
 deviation over seeds of each metric per cycle and target.
+
+Runs made in parallel (one process per seed or target group) are combined afterwards, without retraining:
+
+    python experiments/sharpen_replication.py --merge part1.json part2.json --json combined.json
 """
 
 from __future__ import annotations
@@ -49,13 +53,43 @@ def summary(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def merge(paths: list[str], out: str | None) -> None:
+    """Concatenate the runs of several result files of one task (sorted by target, then seed) and print the summary;
+    the commits, torch versions and thread counts of the parts are kept per run."""
+    import json
+
+    parts = [json.loads(Path(path).read_text()) for path in paths]
+    tasks = {part["task"] for part in parts}
+    if len(tasks) != 1:
+        raise SystemExit(f"--merge needs results of one task, got {sorted(tasks)}")
+    runs = []
+    for path, part in zip(paths, parts):
+        for run in part["runs"]:
+            runs.append({**run, "commit": part["commit"], "torch": part["torch"], "threads": part["threads"],
+                         "source": Path(path).name})
+    seen = [(run["target"], run["seed"]) for run in runs]
+    if len(seen) != len(set(seen)):
+        raise SystemExit("--merge: some (target, seed) run appears twice")
+    order = {target: i for i, target in enumerate(TARGETS)}
+    runs.sort(key=lambda run: (order[run["target"]], run["seed"]))
+    table = summary(runs)
+    print(table)
+    write_json({"task": tasks.pop(), "commit": sorted({run["commit"] for run in runs}), "runs": runs,
+                "table": table}, out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=TASKS, default="digits")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--targets", nargs="+", choices=TARGETS, default=list(TARGETS))
     parser.add_argument("--json", help="write every run's history here")
+    parser.add_argument("--merge", nargs="+", metavar="FILE",
+                        help="combine the runs of these JSON files (of one task) instead of running")
     args = parser.parse_args()
+    if args.merge:
+        merge(args.merge, args.json)
+        return
     revision = commit()  # of the code that runs, before anything can change the checkout
     runs = []
     for seed in args.seeds:
