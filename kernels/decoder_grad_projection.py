@@ -35,7 +35,9 @@ import triton.language as tl
 from .sparse_decode import FLOAT_DTYPES, block, check_device
 
 # A [BLOCK_R, BLOCK_D] tile of at most 4096 elements per operand at 4 warps: 32 fp32 registers a thread for each
-# of W and grad, and a row of up to 4096 columns in one tile (d = 2304 or 4096 rows: one program per row).
+# of W and grad, and a row of up to 4096 columns in one tile (d = 2304 or 4096 rows: one program per row). The
+# sm_90 build (triton.compile for GPUTarget("cuda", 90, 32), read with cuobjdump -res-usage) uses 106–133
+# registers and no local memory (no spills) in fp32, bf16 and fp16 for tiles [1, 4096], [4, 1024] and [8, 512].
 BLOCK_D_MAX = 4096
 TILE_ELEMENTS = 4096
 NUM_WARPS = 4
