@@ -419,9 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import BACKENDS, CASES, PRESETS
 
     b = commands.add_parser("bench", help="benchmark the cases on every available backend against eager PyTorch",
-                            description="Cases forward / train_step / boosting_chain / sharpen on the backends "
-                            "eager_loop / eager_stacked / compile / triton / native; each backend is checked "
-                            "against eager before it is timed. Writes JSON, a markdown table and a PNG chart.")
+                            description=f"Cases {' / '.join(CASES)} on the backends {' / '.join(BACKENDS)}; each "
+                            "backend is checked against eager before it is timed. Writes JSON, a markdown table and "
+                            "a PNG chart.")
     b.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small", help="shapes (default: cpu-small)")
     b.add_argument("--json", help="write the report (JSON) here")
     b.add_argument("--markdown", help="write the markdown table here")
