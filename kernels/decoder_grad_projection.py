@@ -32,14 +32,16 @@ import torch
 import triton
 import triton.language as tl
 
+from .compile_only import launch
 from .sparse_decode import FLOAT_DTYPES, block, check_device
 
 # A [BLOCK_R, BLOCK_D] tile of at most 4096 elements per operand at 4 warps: 32 fp32 registers a thread for each
-# of W and grad, and a row of up to 4096 columns in one tile (d = 2304 or 4096 rows: one program per row). The
-# sm_90 build (triton.compile for GPUTarget("cuda", 90, 32), read with cuobjdump -res-usage) uses 106–133
-# registers and no local memory (no spills) in fp32, bf16 and fp16 for tiles [1, 4096], [4, 1024] and [8, 512].
+# of W and grad, and a row of up to 4096 columns in one tile (d = 2304 or 4096 rows: one program per row), at most
+# BLOCK_R_MAX rows. bench/gpu_build.py (sm_80 / sm_90, fp32 / bf16 / fp16) finds no spills for [1, 4096], [4, 1024]
+# and [8, 512], but a 40–48 B stack frame of spills for [32, 128] (narrow rows, d < 128): hence the row cap.
 BLOCK_D_MAX = 4096
 TILE_ELEMENTS = 4096
+BLOCK_R_MAX = 8
 NUM_WARPS = 4
 
 
@@ -92,8 +94,8 @@ def remove_parallel_grad_(W: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     if rows_w.stride(1) != 1:
         rows_w = rows_w.contiguous()
     block_d = block(D, BLOCK_D_MAX)
-    block_r = block(R, max(1, TILE_ELEMENTS // block_d))
+    block_r = block(R, max(1, min(BLOCK_R_MAX, TILE_ELEMENTS // block_d)))
     grid = (triton.cdiv(R, block_r),)
-    _remove_parallel_grad_kernel[grid](rows_w, rows_g, R, D, rows_w.stride(0), rows_g.stride(0),
+    launch(_remove_parallel_grad_kernel, grid, rows_w, rows_g, R, D, rows_w.stride(0), rows_g.stride(0),
                                        BLOCK_R=block_r, BLOCK_D=block_d, num_warps=NUM_WARPS)
     return grad

@@ -39,6 +39,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import compile_only
+from .compile_only import launch
+
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # Block caps, chosen from ptxas -v of the sm_90 build (fp32/bf16/fp16): a [16, 64] tile at 4 warps compiles
@@ -72,13 +75,16 @@ def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 
 
 def check_device(**tensors: torch.Tensor | None) -> torch.device:
-    """All given tensors on one device that Triton can run on (CUDA, or CPU with ``TRITON_INTERPRET=1``)."""
+    """All given tensors on one device that Triton can run on (CUDA, or CPU with ``TRITON_INTERPRET=1``; ``meta``
+    inside :func:`saefast.kernels.compile_only.compile_for`, which compiles instead of launching)."""
     given = {name: t for name, t in tensors.items() if t is not None}
     devices = {t.device for t in given.values()}
     if len(devices) != 1:
         listed = ", ".join(f"{name} on {t.device}" for name, t in given.items())
         raise ValueError(f"all tensors must be on one device; got {listed}")
     device = devices.pop()
+    if device.type == "meta" and compile_only.active():
+        return device
     if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
         raise ValueError(f"Triton kernels need CUDA tensors (or CPU tensors with TRITON_INTERPRET=1); got {device}")
     return device
@@ -240,7 +246,7 @@ def sparse_decode(
     mask_t, mask_strides = mask_arg(mask, indices)
     BLOCK_N, BLOCK_D = block(N, BLOCK_N_MAX), block(D, BLOCK_D_MAX)
     grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(D, BLOCK_D), J if per_member else 1)
-    _sparse_decode_kernel[grid](
+    launch(_sparse_decode_kernel, grid, 
         values, indices, mask_t, W_dec, alpha, bias if bias is not None else alpha, out,
         N, J, K, M, D,
         *values.stride(), *indices.stride(), *mask_strides,

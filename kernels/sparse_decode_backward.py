@@ -38,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .compile_only import launch
 from .sparse_decode import (
     INTERPRET_CAP,
     NUM_WARPS,
@@ -144,7 +145,7 @@ def sparse_decode_grad_values(
     mask_t, mask_strides = mask_arg(mask, indices)
     BLOCK_N, BLOCK_K, BLOCK_D = block(N, GV_BLOCK_N), block(K, GV_BLOCK_K), block(D, GV_BLOCK_D)
     grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(K, BLOCK_K), J)
-    _grad_values_kernel[grid](
+    launch(_grad_values_kernel, grid, 
         grad_out, indices, mask_t, W_dec, alpha, out,
         N, J, K, M, D,
         *_grad_strides(grad_out, per_member), *indices.stride(), *mask_strides,
@@ -261,7 +262,7 @@ def sparse_decode_grad_weight(
         mask_t, mask_strides = mask_arg(mask, indices)
         BLOCK_N, BLOCK_D = block(N, GW_BLOCK_N), block(D, GW_BLOCK_D)
         grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(D, BLOCK_D))
-        _grad_weight_atomic_kernel[grid](
+        launch(_grad_weight_atomic_kernel, grid, 
             grad_out, values, indices, mask_t, alpha, out,
             N, J, K, M, D,
             *g_strides, *values.stride(), *indices.stride(), *mask_strides,
@@ -285,7 +286,7 @@ def sparse_decode_grad_weight(
     BLOCK_D = block(D, SEG_BLOCK_D)
     rows, chunk = (INTERPRET_CAP, INTERPRET_CAP) if interpreting() else (SEG_ROWS, SEG_CHUNK)
     grid = (triton.cdiv(J * M, rows), triton.cdiv(D, BLOCK_D))
-    _grad_weight_segment_kernel[grid](
+    launch(_grad_weight_segment_kernel, grid, 
         grad_out, values, perm, offsets, alpha, out,
         J, K, M, D,
         *g_strides, *values.stride(),

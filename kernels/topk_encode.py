@@ -41,6 +41,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import compile_only
+from .compile_only import launch
+
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
@@ -197,7 +200,32 @@ def _topk_encode_kernel(
         _store_desc(aux_best, aux_val_ptr, aux_idx_ptr, rows, row_mask, j, stride_an, stride_aj, AUX_K, AKP, True)
 
 
-def _block_sizes(N: int, M: int, D: int, kp: int, dtype: torch.dtype, interpret: bool) -> tuple[int, int, int, int]:
+MAX_K = 512
+"""Largest ``k`` of :func:`topk_encode` for fp16 / bf16 inputs. The running top-k lives in registers as
+``[BLOCK_N, KP]`` int64 keys merged through a bitonic network; ``bench/gpu_build.py`` (ptxas for sm_80 / sm_90,
+8 warps) finds KP = 512 at 255 registers and 136 KB shared memory with no spills, while KP = 1024 spills and needs
+267 KB of shared memory, more than any GPU gives a block: such a launch would fail. Larger ``k`` is
+:func:`saefast.ops.topk_encode`'s chunked path."""
+
+MAX_K_FP32 = 256
+"""Largest ``k`` for fp32 inputs, whose FMA dots hold larger operand tiles: KP = 512 spills (72 B with 32-wide D
+chunks, 16 B with 16-wide ones) and takes ptxas two minutes for sm_80."""
+
+MAX_K_WITH_AUX = 256
+"""Largest ``max(k, aux_k)`` when the AuxK top-k shares the pass (two running buffers): 256/256 builds without spills,
+512/512 spills and AuxK's default ``aux_k = d/2`` (e.g. 1152, KP = 2048) needs 529 KB of shared memory and a
+9 KB stack frame per thread. Larger ``aux_k`` goes through :func:`saefast.ops.topk_encode`'s dead-latent path."""
+
+
+def max_k(dtype: torch.dtype, with_aux: bool) -> int:
+    """Largest ``k`` (with AuxK: ``max(k, aux_k)``) one :func:`topk_encode` launch takes for inputs of ``dtype``."""
+    if with_aux:
+        return MAX_K_WITH_AUX
+    return MAX_K if dtype in (torch.float16, torch.bfloat16) else min(MAX_K, MAX_K_FP32)
+
+
+def _block_sizes(N: int, M: int, D: int, kp: int, dtype: torch.dtype, interpret: bool,
+                 has_aux: bool = False) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_M, BLOCK_D, num_warps), powers of two: ``tl.dot`` needs blocks ≥ 16, the top-k BLOCK_M ≥ KP."""
     if interpret:
         # Each program instance and loop trip costs ~ms in the interpreter, while numpy is indifferent to block
@@ -206,12 +234,13 @@ def _block_sizes(N: int, M: int, D: int, kp: int, dtype: torch.dtype, interpret:
         block_m = max(min(triton.next_power_of_2(M), 256), kp, 16)
         block_d = min(max(triton.next_power_of_2(D), 16), 128)
         return block_n, block_m, block_d, 4
-    # GPU (not yet timed on a device; register use checked by compiling for sm_90): the int64 key tile and its
-    # bitonic network dominate registers, so keep BLOCK_N·BLOCK_M ≤ 4096 keys (BLOCK_M ≥ KP forces a smaller
-    # BLOCK_N for large k) with 8 warps: no spills up to KP = 256. fp32 dots run on FMA units, whose operand
-    # tiles cost more registers than tensor-core ones: half the D chunk.
+    # GPU (not yet timed on a device; every build checked by bench/gpu_build.py for sm_80 / sm_90): the int64 key
+    # tile and its bitonic network dominate registers, so keep BLOCK_N·BLOCK_M ≤ 4096 keys (BLOCK_M ≥ KP forces a
+    # smaller BLOCK_N for large k; KP ≤ MAX_K) with 8 warps. fp32 dots run on FMA units, whose operand tiles cost
+    # more registers than tensor-core ones: half the D chunk.
+    # With AuxK a second running buffer is live: 2048 keys a tile (sm_80 spilled 8–32 B at [32, 128] with both).
     block_m = max(64, kp)
-    block_n = max(16, min(64, 4096 // block_m))
+    block_n = max(16, min(64, (2048 if has_aux else 4096) // block_m))
     block_d = min(32 if dtype == torch.float32 else 64, max(16, triton.next_power_of_2(D)))
     return block_n, block_m, block_d, 8
 
@@ -252,7 +281,7 @@ def _check_encoder(name: str, x, W_enc, bias, k_name: str, k, **masks) -> tuple[
     devices = {n: t.device for n, t in tensors.items()}
     if len(set(devices.values())) != 1:
         raise ValueError(f"all inputs must be on one device; got {devices}")
-    if not _interpreting() and x.device.type != "cuda":
+    if not _interpreting() and x.device.type != "cuda" and not (x.device.type == "meta" and compile_only.active()):
         raise ValueError(f"{name} runs on CUDA tensors (or under TRITON_INTERPRET=1); got {x.device}")
     return N, D, J, M
 
@@ -270,8 +299,10 @@ def topk_encode(
     """Top-``k`` pre-activations of ``J`` stacked encoders (and the top-``aux_k`` dead ones) in one pass.
 
     ``x [N, D]`` (the same input for all members), ``W_enc [J, M, D]``, ``bias [J, M]`` fp32 (folded:
-    ``b_enc − W_enc·b_dec``), ``1 <= k <= M``. Returns ``(values [N, J, k] fp32 sorted descending, indices
-    [N, J, k] int64, aux_values [N, J, aux_k] fp32 | None, aux_indices [N, J, aux_k] int64 | None)``; see the
+    ``b_enc − W_enc·b_dec``), ``1 <= k <= M`` and ``k <= max_k(dtype)`` (512 for fp16/bf16, 256 for fp32) and,
+    with AuxK, ``max(k, aux_k) <= MAX_K_WITH_AUX`` (256): register limits of the GPU build (see :data:`MAX_K`).
+    Returns ``(values [N, J, k] fp32 sorted descending, indices [N, J, k] int64, aux_values [N, J, aux_k] fp32 |
+    None, aux_indices [N, J, aux_k] int64 | None)``; see the
     module docstring for the exact contract (aux padding, ties).
     """
     N, D, J, M = _check_encoder("topk_encode", x, W_enc, bias, "k", k, dead=(dead, torch.bool))
@@ -279,8 +310,15 @@ def topk_encode(
         raise ValueError(f"aux_k must be an int with 0 <= aux_k <= M = {M}; got {aux_k!r}")
     if aux_k > 0 and dead is None:
         raise ValueError("aux_k > 0 needs the dead-latent mask dead [J, M]")
-
     has_aux = dead is not None and aux_k > 0
+    # The GPU limits hold under the interpreter too, so CPU tests see the same contract as a device.
+    if k > max_k(x.dtype, False):
+        raise ValueError(f"topk_encode keeps k <= {max_k(x.dtype, False)} in registers for {x.dtype} inputs (MAX_K, "
+                         f"MAX_K_FP32); got k = {k} (saefast.ops.topk_encode routes larger k to its chunked path)")
+    if has_aux and max(k, aux_k) > MAX_K_WITH_AUX:
+        raise ValueError(f"topk_encode with AuxK needs max(k, aux_k) <= MAX_K_WITH_AUX = {MAX_K_WITH_AUX}; got "
+                         f"k = {k}, aux_k = {aux_k} (saefast.ops.topk_encode computes larger aux_k from the dead "
+                         f"latents alone)")
     device = x.device
     # Poisoned outputs: an element the kernel fails to write shows up as NaN / -1, never as a plausible value.
     values = torch.full((N, J, k), float("nan"), dtype=torch.float32, device=device)
@@ -294,13 +332,13 @@ def topk_encode(
 
     kp = triton.next_power_of_2(k)
     akp = triton.next_power_of_2(aux_k) if has_aux else 1
-    block_n, block_m, block_d, num_warps = _block_sizes(N, M, D, max(kp, akp), x.dtype, _interpreting())
+    block_n, block_m, block_d, num_warps = _block_sizes(N, M, D, max(kp, akp), x.dtype, _interpreting(), has_aux)
     # bool pointers are awkward in Triton: pass the mask as bytes (a view, no copy).
     dead_arg = dead.view(torch.uint8) if has_aux else bias
     aux_val_arg = aux_values if has_aux else values
     aux_idx_arg = aux_indices if has_aux else indices
     grid = (triton.cdiv(N, block_n), J)
-    _topk_encode_kernel[grid](
+    launch(_topk_encode_kernel, grid, 
         x, W_enc, bias, dead_arg,
         values, indices, aux_val_arg, aux_idx_arg,
         N, M, D, k, aux_k,
@@ -396,7 +434,7 @@ def threshold_encode(
     block_n, block_m, block_d, num_warps = _block_sizes(N, M, D, 1, x.dtype, _interpreting())
     block_c = min(max(triton.next_power_of_2(capacity), 16), 256)
     grid = (triton.cdiv(N, block_n), J)
-    _threshold_encode_kernel[grid](
+    launch(_threshold_encode_kernel, grid, 
         x, W_enc, bias, threshold, values, indices, counts,
         N, M, D, capacity,
         x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1), W_enc.stride(2), bias.stride(0), bias.stride(1),

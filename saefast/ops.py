@@ -129,7 +129,7 @@ def resolve_backend(name: str | None, device: torch.device, activation: str = "t
     if name == "triton":
         if not triton_available():
             raise ValueError("backend 'triton' needs the triton package (pip install triton)")
-        if device.type != "cuda" and not _interpreting():
+        if device.type != "cuda" and not _interpreting() and not _compiling_only(device):
             raise ValueError(f"backend 'triton' runs on CUDA tensors, got {device.type} ones (set "
                              f"TRITON_INTERPRET=1 before importing triton to run the kernels on the CPU)")
         if not fused:
@@ -143,46 +143,76 @@ def resolve_backend(name: str | None, device: torch.device, activation: str = "t
 # ------------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("saefast::sparse_decode", mutates_args=())
-def _sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor, alpha: torch.Tensor,
-                   bias: torch.Tensor | None, mask: torch.Tensor | None, per_member: bool) -> torch.Tensor:
+def _compiling_only(device: torch.device) -> bool:
+    """Meta tensors inside :func:`saefast.kernels.compile_only.compile_for` (kernels compiled, never run)."""
+    if device.type != "meta":
+        return False
+    from .kernels import compile_only
+
+    return compile_only.active()
+
+
+def _triton_op(name: str, impl, fake, mutates_args: tuple[str, ...] = ()):
+    """The custom op ``name`` running ``impl`` (a Triton launcher), with ``fake`` as its fake implementation.
+
+    Meta tensors get ``fake`` too (shapes only), except inside :func:`saefast.kernels.compile_only.compile_for`:
+    there they go through ``impl``, whose launcher then compiles its kernel for the chosen GPU instead of running it
+    — how ``bench/gpu_build.py`` builds every kernel of a whole training step, at its real shapes, without a GPU.
+    """
+    op = torch.library.custom_op(name, impl, mutates_args=mutates_args)
+    op.register_fake(fake)
+
+    def meta(*args):
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        return (impl if _compiling_only(tensors[0].device) else fake)(*args)
+
+    op.register_kernel("meta", meta)
+    return op
+
+
+def _sparse_decode_impl(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor, alpha: torch.Tensor,
+                        bias: torch.Tensor | None, mask: torch.Tensor | None, per_member: bool) -> torch.Tensor:
     from .kernels.sparse_decode import sparse_decode
 
     return sparse_decode(values, indices, W_dec, alpha, bias=bias, mask=mask, per_member=per_member)
 
 
-@_sparse_decode.register_fake
-def _(values, indices, W_dec, alpha, bias, mask, per_member):
+def _sparse_decode_fake(values, indices, W_dec, alpha, bias, mask, per_member):
     N, J, _ = values.shape
     shape = (N, J, W_dec.shape[2]) if per_member else (N, W_dec.shape[2])
     return W_dec.new_empty(shape)
 
 
-@torch.library.custom_op("saefast::sparse_decode_grad_values", mutates_args=())
-def _grad_values(grad_out: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor, alpha: torch.Tensor,
-                 mask: torch.Tensor | None) -> torch.Tensor:
+_sparse_decode = _triton_op("saefast::sparse_decode", _sparse_decode_impl, _sparse_decode_fake)
+
+
+def _grad_values_impl(grad_out: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor, alpha: torch.Tensor,
+                      mask: torch.Tensor | None) -> torch.Tensor:
     from .kernels.sparse_decode_backward import sparse_decode_grad_values
 
     return sparse_decode_grad_values(grad_out, indices, W_dec, alpha, mask=mask)
 
 
-@_grad_values.register_fake
-def _(grad_out, indices, W_dec, alpha, mask):
+def _grad_values_fake(grad_out, indices, W_dec, alpha, mask):
     return indices.new_empty(indices.shape, dtype=torch.float32)
 
 
-@torch.library.custom_op("saefast::sparse_decode_grad_weight", mutates_args=())
-def _grad_weight(grad_out: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, n_latents: int,
-                 alpha: torch.Tensor, mask: torch.Tensor | None, deterministic: bool) -> torch.Tensor:
+_grad_values = _triton_op("saefast::sparse_decode_grad_values", _grad_values_impl, _grad_values_fake)
+
+
+def _grad_weight_impl(grad_out: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, n_latents: int,
+                      alpha: torch.Tensor, mask: torch.Tensor | None, deterministic: bool) -> torch.Tensor:
     from .kernels.sparse_decode_backward import sparse_decode_grad_weight
 
     return sparse_decode_grad_weight(grad_out, values, indices, n_latents, alpha, mask=mask,
                                      deterministic=deterministic)
 
 
-@_grad_weight.register_fake
-def _(grad_out, values, indices, n_latents, alpha, mask, deterministic):
+def _grad_weight_fake(grad_out, values, indices, n_latents, alpha, mask, deterministic):
     return values.new_empty((values.shape[1], n_latents, grad_out.shape[-1]), dtype=torch.float32)
+
+
+_grad_weight = _triton_op("saefast::sparse_decode_grad_weight", _grad_weight_impl, _grad_weight_fake)
 
 
 class _Kernels(NamedTuple):
@@ -228,9 +258,8 @@ def _decode_backward(kernels: _Kernels, ctx, grad):
     return grad_values, None, grad_W, None, grad_bias, None, None
 
 
-@torch.library.custom_op("saefast::topk_encode", mutates_args=())
-def _topk_encode(x: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, k: int, dead: torch.Tensor | None,
-                 aux_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _topk_encode_impl(x: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, k: int, dead: torch.Tensor | None,
+                      aux_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from .kernels.topk_encode import topk_encode
 
     values, indices, aux_values, aux_indices = topk_encode(x, W_enc, bias, k, dead=dead, aux_k=aux_k)
@@ -240,12 +269,14 @@ def _topk_encode(x: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, k: in
     return values, indices, aux_values, aux_indices
 
 
-@_topk_encode.register_fake
-def _(x, W_enc, bias, k, dead, aux_k):
+def _topk_encode_fake(x, W_enc, bias, k, dead, aux_k):
     N, J = x.shape[0], W_enc.shape[0]
     a = aux_k if dead is not None else 0
     return (x.new_empty((N, J, k), dtype=torch.float32), x.new_empty((N, J, k), dtype=torch.int64),
             x.new_empty((N, J, a), dtype=torch.float32), x.new_empty((N, J, a), dtype=torch.int64))
+
+
+_topk_encode = _triton_op("saefast::topk_encode", _topk_encode_impl, _topk_encode_fake)
 
 
 def _encode_setup(ctx, inputs, output):
@@ -297,9 +328,8 @@ def _encode_backward(kernels: _Kernels, ctx, grad_values, grad_indices, grad_aux
     return *grads, None, None, None
 
 
-@torch.library.custom_op("saefast::threshold_encode", mutates_args=())
-def _threshold_encode(x: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, lower: torch.Tensor,
-                      capacity: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _threshold_encode_impl(x: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, lower: torch.Tensor,
+                           capacity: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Every ``pre > lower [J, M]`` as ``(values, indices, counts, overflow)`` (:func:`kernels.topk_encode.
     threshold_encode`, never raising: ``overflow`` says a row had more than ``capacity`` and was truncated)."""
     from .kernels.topk_encode import threshold_encode
@@ -307,11 +337,13 @@ def _threshold_encode(x: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, 
     return threshold_encode(x, W_enc, bias, lower, capacity, raise_on_overflow=False)
 
 
-@_threshold_encode.register_fake
-def _(x, W_enc, bias, lower, capacity):
+def _threshold_encode_fake(x, W_enc, bias, lower, capacity):
     N, J = x.shape[0], W_enc.shape[0]
     return (x.new_empty((N, J, capacity), dtype=torch.float32), x.new_empty((N, J, capacity), dtype=torch.int64),
             x.new_empty((N, J), dtype=torch.int64), x.new_empty((), dtype=torch.bool))
+
+
+_threshold_encode = _triton_op("saefast::threshold_encode", _threshold_encode_impl, _threshold_encode_fake)
 
 
 def _threshold_setup(ctx, inputs, output):
@@ -374,7 +406,13 @@ def topk_encode(
     and (``dead [J, M]`` given) the AuxK codes: ``ReLU`` of the top ``aux_k`` pre-activations among dead latents
     (fewer where a member has fewer dead latents: those slots are 0). Differentiable in every input tensor.
 
-    ``backend`` is an already resolved one (``torch`` or ``triton``); see :func:`resolve_backend`.
+    ``backend`` is an already resolved one (``torch``, ``triton`` or ``native``); see :func:`resolve_backend`.
+
+    ``triton`` keeps its running top-k in registers, which bounds ``k`` (512 for fp16/bf16, 256 for fp32:
+    :func:`saefast.kernels.topk_encode.max_k`) and, in the same pass, AuxK (``max(k, aux_k) ≤ 256``). Past them
+    the codes come from :func:`topk_over_latents` (chunks of latents, a running ``torch.topk``), and AuxK from the
+    same over the dead latents alone (:func:`dead_latents`) — e.g. AuxK's default ``aux_k = d/2``; the results
+    are the same.
     """
     M = W_enc.shape[1]
     if backend == "torch":
@@ -384,13 +422,97 @@ def topk_encode(
             return codes, None
         masked = pre.masked_fill(~dead.unsqueeze(0), float("-inf"))
         return codes, ref.topk_codes(masked, aux_k)
+    aux_k = aux_k if dead is not None else 0
+    fused_k, fused_aux_k = k, aux_k
+    if backend == "triton":
+        from .kernels.topk_encode import max_k
+
+        dtype = _autocast_operands(backend, x, W_enc)[1].dtype
+        if aux_k and max(k, aux_k) > max_k(dtype, with_aux=True):
+            fused_aux_k = 0
+        if k > max_k(dtype, with_aux=False):
+            fused_k = 0
     bias = folded_bias(W_enc, b_enc, b_dec).float()
-    values, indices, aux_values, aux_indices = _kernels(backend).topk_encode(
-        x.contiguous(), W_enc.contiguous(), bias.contiguous(), k, dead, aux_k if dead is not None else 0)
+    x, W_enc = _autocast_operands(backend, x, W_enc)
+    x, W_enc, bias = x.contiguous(), W_enc.contiguous(), bias.contiguous()
+    if fused_k:
+        values, indices, aux_values, aux_indices = _kernels(backend).topk_encode(
+            x, W_enc, bias, k, dead if fused_aux_k else None, fused_aux_k)
+    else:
+        values, indices = topk_over_latents(x, W_enc, bias, k)
+        aux_values = aux_indices = values.new_empty((*values.shape[:2], 0))
+    if aux_k and not fused_aux_k:
+        aux_values, aux_indices = topk_over_latents(x, W_enc, bias, aux_k, dead_latents(dead))
     codes = SparseCodes(torch.relu(values), indices, M)
     if aux_values.shape[-1] == 0:
         return codes, None
     return codes, SparseCodes(torch.relu(aux_values), aux_indices, M)
+
+
+def _autocast_operands(backend: str, x: torch.Tensor, W_enc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The encoder GEMM's operands as ``torch.autocast`` would give them to a matmul: in the autocast dtype when it
+    is enabled for their device (the trainer's bf16 autocast on CUDA), else as they are. Custom ops are not
+    autocast-aware, so without this the Triton encode would run fp32 FMA dots under autocast where the torch
+    backend runs bf16 tensor-core ones. The cast is differentiable (fp32 master weights get fp32 gradients);
+    the kernel accumulates in fp32 either way. Triton only: the native CPU kernels take fp32."""
+    device_type = x.device.type
+    if backend != "triton" or device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
+        return x, W_enc
+    dtype = torch.get_autocast_dtype(device_type)
+    return x.to(dtype), W_enc.to(dtype)
+
+
+CHUNK_LATENTS = 2048
+"""Latents per chunk of :func:`topk_over_latents`."""
+
+
+def dead_latents(dead: torch.Tensor) -> torch.Tensor:
+    """The dead latents of each member, ``[J, L]`` int64 in ascending order, padded with −1 to ``L`` = the largest
+    count (one host sync: ``L`` is a shape)."""
+    counts = dead.sum(-1)
+    L = int(counts.max()) if dead.numel() else 0
+    order = torch.argsort((~dead).to(torch.int8), dim=-1, stable=True)[:, :L]  # dead first, ascending
+    return torch.where(torch.arange(L, device=dead.device) < counts.unsqueeze(-1), order, -1)
+
+
+def topk_over_latents(x: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, k: int,
+                      latents: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest ``pre[n, j, m] = x[n]·W_enc[j, m] + bias[j, m]`` (fp32 products and sums) over the latents
+    ``latents[j]`` (``[J, L]`` int64, −1 = padding; default: all ``M``), as ``(values [N, J, k] fp32 sorted
+    descending, indices [N, J, k] int64)``: the contract of the fused kernel's top-k (or AuxK) outputs — slots past
+    a member's number of latents hold ``-inf`` and index 0 — for any ``k``.
+
+    The latents are swept in chunks of :data:`CHUNK_LATENTS` with a running ``torch.topk``, so at most
+    ``N·J·(k + CHUNK_LATENTS)`` pre-activations exist at once, never the ``N × J·M`` matrix. Differentiable through
+    torch autograd in ``x``, ``W_enc`` and ``bias`` (only the selected entries get gradient). Among equal values the
+    order is ``torch.topk``'s.
+    """
+    N, D = x.shape
+    J, M, _ = W_enc.shape
+    L = M if latents is None else latents.shape[1]
+    xf = x.float()
+    values = torch.full((N, J, 0), float("-inf"), dtype=torch.float32, device=x.device)
+    indices = torch.zeros((N, J, 0), dtype=torch.int64, device=x.device)
+    for start in range(0, L, CHUNK_LATENTS):
+        stop = min(start + CHUNK_LATENTS, L)
+        if latents is None:
+            chunk = torch.arange(start, stop, device=x.device).expand(J, -1)
+            W, b = W_enc[:, start:stop], bias[:, start:stop]
+        else:
+            chunk = latents[:, start:stop]
+            rows = chunk.clamp_min(0)
+            W = W_enc.gather(1, rows.unsqueeze(-1).expand(-1, -1, D))
+            b = bias.gather(1, rows).masked_fill(chunk < 0, float("-inf"))
+        pre = torch.einsum("nd,jcd->njc", xf, W.float()) + b.float()
+        values = torch.cat([values, pre], -1)
+        indices = torch.cat([indices, chunk.clamp_min(0).unsqueeze(0).expand(N, -1, -1)], -1)
+        top = values.topk(min(k, values.shape[-1]), dim=-1)
+        values, indices = top.values, indices.gather(-1, top.indices)
+    if values.shape[-1] < k:  # fewer latents than k: the kernel's padding
+        pad = k - values.shape[-1]
+        values = torch.cat([values, values.new_full((N, J, pad), float("-inf"))], -1)
+        indices = torch.cat([indices, indices.new_zeros((N, J, pad))], -1)
+    return values, indices
 
 
 def _candidates(M: int, k: int, capacity: int) -> int:
@@ -522,6 +644,7 @@ def jumprelu_encode(
     cap = jumprelu_capacity(M, capacity)
     bias = folded_bias(W_enc, b_enc, b_dec).float()
     lower = _jumprelu_lower(theta, bandwidth)  # rounding slack: only adds exact zeros
+    x, W_enc = _autocast_operands(backend, x, W_enc)
     values, indices, counts, overflow = _kernels(backend).threshold_encode(
         x.contiguous(), W_enc.contiguous(), bias.contiguous(), lower.contiguous(), cap)
     if bool(overflow):
@@ -629,16 +752,18 @@ def decode(codes: SparseCodes, W_dec: torch.Tensor, b_dec: torch.Tensor, alpha: 
 # ------------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("saefast::remove_parallel_grad_", mutates_args=("grad",))
-def _remove_parallel_grad(W: torch.Tensor, grad: torch.Tensor) -> None:
+def _remove_parallel_grad_impl(W: torch.Tensor, grad: torch.Tensor) -> None:
     from .kernels.decoder_grad_projection import remove_parallel_grad_ as fused
 
     fused(W, grad)
 
 
-@_remove_parallel_grad.register_fake
-def _(W, grad):
+def _remove_parallel_grad_fake(W, grad):
     return None
+
+
+_remove_parallel_grad = _triton_op("saefast::remove_parallel_grad_", _remove_parallel_grad_impl,
+                                   _remove_parallel_grad_fake, mutates_args=("grad",))
 
 
 def remove_parallel_grad_(W: torch.Tensor, grad: torch.Tensor, backend: str = "triton") -> torch.Tensor:

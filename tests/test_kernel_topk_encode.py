@@ -108,7 +108,7 @@ def test_topk_matches_reference(N, D, M, k, J):
 @pytest.fixture
 def small_blocks(monkeypatch):
     """16-wide blocks (BLOCK_M = KP when larger): several row blocks, latent tiles and D chunks, all ragged."""
-    monkeypatch.setattr(te, "_block_sizes", lambda N, M, D, kp, dtype, interpret: (16, max(16, kp), 16, 4))
+    monkeypatch.setattr(te, "_block_sizes", lambda N, M, D, kp, *_: (16, max(16, kp), 16, 4))
 
 
 @pytest.mark.parametrize("N,D,M,k,J", [(40, 37, 130, 8, 3), (33, 20, 130, 32, 2), (17, 64, 50, 1, 1)])
@@ -328,3 +328,23 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
     x, W_enc, bias = _args()
     with pytest.raises(ValueError, match="CUDA"):
         topk_encode(x.cpu(), W_enc.cpu(), bias.cpu(), 4)
+
+
+def test_k_past_the_register_limits_is_refused(monkeypatch):
+    """The GPU build's register limits (MAX_K, MAX_K_FP32, MAX_K_WITH_AUX; see their docstrings) hold under the
+    interpreter too."""
+    assert te.max_k(torch.bfloat16, False) == te.max_k(torch.float16, False) == te.MAX_K
+    assert te.max_k(torch.float32, False) == te.MAX_K_FP32 < te.MAX_K
+    assert te.max_k(torch.float32, True) == te.max_k(torch.bfloat16, True) == te.MAX_K_WITH_AUX
+    monkeypatch.setattr(te, "MAX_K", 8)
+    monkeypatch.setattr(te, "MAX_K_FP32", 4)
+    monkeypatch.setattr(te, "MAX_K_WITH_AUX", 3)
+    x, W_enc, bias = (t.to(DEVICE) for t in _args())
+    dead = torch.ones(2, 10, dtype=torch.bool, device=DEVICE)
+    with pytest.raises(ValueError, match="k <= 4 in registers for torch.float32"):
+        topk_encode(x, W_enc, bias, 5)
+    with pytest.raises(ValueError, match="MAX_K_WITH_AUX = 3"):
+        topk_encode(x, W_enc, bias, 2, dead=dead, aux_k=4)
+    with pytest.raises(ValueError, match="MAX_K_WITH_AUX = 3"):
+        topk_encode(x, W_enc, bias, 4, dead=dead, aux_k=1)
+    assert topk_encode(x, W_enc, bias, 4)[0].shape[-1] == 4  # at the limit: fine

@@ -134,6 +134,82 @@ def test_topk_encode_auxk_codes_match_reference():
     assert bool((aux.to_dense().view(N, J, M)[:, 2] == 0).all())  # member 2 has no dead latent
 
 
+def _codes_loss(codes: SparseCodes, weights: torch.Tensor) -> torch.Tensor:
+    N, J, M = weights.shape
+    return (codes.to_dense().view(N, J, M) * weights).sum()
+
+
+@needs_triton
+@pytest.mark.parametrize(("M", "k", "aux_k", "chunk"), [
+    (300, 8, 260, None),     # AuxK past MAX_K_WITH_AUX (the default aux_k = d/2 at LLM scale): dead-latent path
+    (600, 520, 0, None),     # k past max_k (fp32: 256; half: 512): the chunked top-k
+    (70, 300 // 10, 40, 16),  # limits lowered (below) so small shapes take both paths over several chunks
+])
+def test_topk_encode_past_the_register_limits_matches_reference(M, k, aux_k, chunk, monkeypatch):
+    """Past the fused kernel's register limits, ops.topk_encode gives the reference codes and AuxK codes (the dead
+    latents alone: members with more dead latents than aux_k, fewer, none) and the reference gradients."""
+    from saefast.kernels import topk_encode as kernel
+
+    if chunk is not None:
+        monkeypatch.setattr(ops, "CHUNK_LATENTS", chunk)
+        monkeypatch.setattr(kernel, "MAX_K_FP32", 16)
+        monkeypatch.setattr(kernel, "MAX_K_WITH_AUX", 16)
+    N, J, D = 9, 3, 20
+    W_enc, b_enc, _, b_dec = random_stack(J, M, D, seed=M + k)
+    x = rand(N, D)
+    dead = torch.zeros(J, M, dtype=torch.bool)
+    dead[0, torch.randperm(M, generator=torch.Generator().manual_seed(1))[: min(M, aux_k + 25)]] = True
+    dead[1, 2: 2 + max(aux_k // 3, 1)] = True
+    dead = dead.to(DEVICE) if aux_k else None  # member 2: no dead latent
+    leaves = [t.clone().requires_grad_(True) for t in (x, W_enc, b_enc, b_dec)]
+    ref_leaves = [t.clone().requires_grad_(True) for t in (x, W_enc, b_enc, b_dec)]
+    codes, aux = ops.topk_encode(*leaves, k, dead, aux_k, backend="triton")
+    expected, expected_aux = ops.topk_encode(*ref_leaves, k, dead, aux_k, backend="torch")
+    assert codes.values.shape == (N, J, k)
+    assert_close(codes.to_dense(), expected.to_dense(), atol=1e-5, rtol=1e-5)
+    weights, aux_weights = rand(N, J, M), rand(N, J, M)
+    loss, ref_loss = _codes_loss(codes, weights), _codes_loss(expected, weights)
+    if aux_k:
+        assert aux.values.shape == (N, J, aux_k)
+        assert_close(aux.to_dense(), expected_aux.to_dense(), atol=1e-5, rtol=1e-5)
+        assert bool((aux.values[:, 2] == 0).all())
+        loss, ref_loss = loss + _codes_loss(aux, aux_weights), ref_loss + _codes_loss(expected_aux, aux_weights)
+    for name, got, want in zip(("x", "W_enc", "b_enc", "b_dec"), torch.autograd.grad(loss, leaves),
+                               torch.autograd.grad(ref_loss, ref_leaves)):
+        assert_close(got, want, atol=1e-5, rtol=1e-4, msg=f"grad {name}")
+
+
+@needs_triton
+def test_triton_encode_follows_autocast(monkeypatch):
+    """Under torch.autocast the fused encode gets the autocast dtype (as a matmul would), and fp32 master weights
+    still get fp32 gradients; outside autocast it gets the weights' dtype."""
+    from saefast.kernels import topk_encode as kernel
+
+    seen = []
+    original = kernel.topk_encode
+
+    def spy(x, W_enc, *args, **kwargs):
+        seen.append((x.dtype, W_enc.dtype))
+        return original(x, W_enc, *args, **kwargs)
+
+    monkeypatch.setattr(kernel, "topk_encode", spy)
+    W_enc, b_enc, _, b_dec = random_stack(2, 40, 16, seed=3)
+    W_enc.requires_grad_(True)
+    x = rand(5, 16)
+    ops.topk_encode(x, W_enc, b_enc, b_dec, 4, backend="triton")
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        codes, _ = ops.topk_encode(x, W_enc, b_enc, b_dec, 4, backend="triton")
+    assert seen == [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)]
+    (grad,) = torch.autograd.grad(codes.values.sum(), [W_enc])
+    assert grad.dtype == torch.float32 and grad.shape == W_enc.shape
+
+
+def test_dead_latents_lists_each_members_dead_latents_padded():
+    dead = torch.tensor([[0, 1, 0, 1, 1], [0, 0, 0, 0, 0], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    assert ops.dead_latents(dead).tolist() == [[1, 3, 4], [-1, -1, -1], [0, -1, -1]]
+    assert ops.dead_latents(torch.zeros(2, 4, dtype=torch.bool)).shape == (2, 0)
+
+
 @needs_triton
 @pytest.mark.parametrize("shared_b_dec", [False, True])
 @pytest.mark.parametrize("with_mask", [False, True])
