@@ -11,6 +11,9 @@ One file per kernel family, each launcher documenting its exact contract against
   (transposed sparse–dense product; atomic or deterministic segment reduction). The encoder backward reuses
   both with ``W_enc`` in the decoder's place.
 
+* ``compile_only.py`` — ``compile_for(arch)``: launches on ``meta`` tensors compile the kernel for ``sm_<arch>``
+  instead of running it, recording ptxas's resource usage (``bench/gpu_build.py``: GPU builds without a GPU).
+
 The torch-facing side (custom ops, autograd, backend choice) is :mod:`saefast.ops`. Importing this package does
 not import Triton; each module does, so set ``TRITON_INTERPRET=1`` before importing one to run on a CPU.
 """
