@@ -424,16 +424,15 @@ def topk_encode(
         return codes, ref.topk_codes(masked, aux_k)
     aux_k = aux_k if dead is not None else 0
     fused_k, fused_aux_k = k, aux_k
+    bias = folded_bias(W_enc, b_enc, b_dec).float()
+    x, W_enc = _autocast_operands(backend, x, W_enc)
     if backend == "triton":
         from .kernels.topk_encode import max_k
 
-        dtype = _autocast_operands(backend, x, W_enc)[1].dtype
-        if aux_k and max(k, aux_k) > max_k(dtype, with_aux=True):
+        if aux_k and max(k, aux_k) > max_k(W_enc.dtype, with_aux=True):
             fused_aux_k = 0
-        if k > max_k(dtype, with_aux=False):
+        if k > max_k(W_enc.dtype, with_aux=False):
             fused_k = 0
-    bias = folded_bias(W_enc, b_enc, b_dec).float()
-    x, W_enc = _autocast_operands(backend, x, W_enc)
     x, W_enc, bias = x.contiguous(), W_enc.contiguous(), bias.contiguous()
     if fused_k:
         values, indices, aux_values, aux_indices = _kernels(backend).topk_encode(
