@@ -240,13 +240,17 @@ class SparseDictionary(nn.Module):
             codes = run(ops.threshold_encode, x_in, P.W_enc, P.b_enc, P.b_dec, P.threshold, cfg.k, backend=backend)
             return codes, None, None, None
         dead = self._dead(members) if aux and cfg.aux_coef != 0 else None
-        if dead is not None and not bool(dead.any()):
+        # AuxK's one host sync per step: the largest number of dead latents in a member decides whether AuxK runs
+        # at all, its k, and the width of the dead-latent lists (shapes, so the host needs it).
+        max_dead = int(dead.sum(-1).max()) if dead is not None else 0
+        if max_dead == 0:
             dead = None
-        aux_k = min(cfg.effective_aux_k, int(dead.sum(-1).max())) if dead is not None else 0
+        aux_k = min(cfg.effective_aux_k, max_dead)
         if cfg.activation == "batchtopk":
-            return (*run(ops.batchtopk_encode, x_in, P.W_enc, P.b_enc, P.b_dec, cfg.k, dead, aux_k, backend=backend),
-                    None)
-        codes, aux_codes = run(ops.topk_encode, x_in, P.W_enc, P.b_enc, P.b_dec, cfg.k, dead, aux_k, backend=backend)
+            return (*run(ops.batchtopk_encode, x_in, P.W_enc, P.b_enc, P.b_dec, cfg.k, dead, aux_k,
+                         max_dead=max_dead, backend=backend), None)
+        codes, aux_codes = run(ops.topk_encode, x_in, P.W_enc, P.b_enc, P.b_dec, cfg.k, dead, aux_k,
+                               max_dead=max_dead, backend=backend)
         return codes, None, aux_codes, None
 
     def _terms(
@@ -322,9 +326,14 @@ class SparseDictionary(nn.Module):
         """``tokens_since_fired += N``, reset to 0 for every latent that fired (sparse or dense ``[N, J, M]`` codes)."""
         counter = self._view(self.tokens_since_fired, members)
         if isinstance(codes, SparseCodes):
-            fired = torch.zeros(counter.numel(), dtype=torch.bool, device=counter.device)
-            fired[codes.active_global_indices()] = True
-            fired = fired.view_as(counter)
+            # Slots with a zero value write to a spare last entry instead of being filtered out: a boolean mask
+            # would need their count on the host (a device sync every step). Every write stores True, so
+            # repeated indices give the same result in any order.
+            numel = counter.numel()
+            target = torch.where(codes.values != 0, codes.global_indices(), numel)
+            fired = torch.zeros(numel + 1, dtype=torch.bool, device=counter.device)
+            fired[target.reshape(-1)] = True
+            fired = fired[:numel].view_as(counter)
             n_tokens = codes.n_tokens
         else:
             fired, n_tokens = (codes != 0).any(0), codes.shape[0]

@@ -400,7 +400,7 @@ def folded_bias(W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor) -
 
 def topk_encode(
     x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor, k: int,
-    dead: torch.Tensor | None = None, aux_k: int = 0, backend: str = "triton",
+    dead: torch.Tensor | None = None, aux_k: int = 0, backend: str = "triton", max_dead: int | None = None,
 ) -> tuple[SparseCodes, SparseCodes | None]:
     """TopK codes of ``x [N, D]``: ``values = ReLU(top-k of pre[n, j, :])`` with ``pre = W_enc(x − b_dec) + b_enc``,
     and (``dead [J, M]`` given) the AuxK codes: ``ReLU`` of the top ``aux_k`` pre-activations among dead latents
@@ -412,7 +412,8 @@ def topk_encode(
     :func:`saefast.kernels.topk_encode.max_k`) and, in the same pass, AuxK (``max(k, aux_k) ≤ 256``). Past them
     the codes come from :func:`topk_over_latents` (chunks of latents, a running ``torch.topk``), and AuxK from the
     same over the dead latents alone (:func:`dead_latents`) — e.g. AuxK's default ``aux_k = d/2``; the results
-    are the same.
+    are the same. ``max_dead``: the largest number of dead latents in a member, when the caller knows it (saves
+    :func:`dead_latents` a host sync); it may be larger than the true count.
     """
     M = W_enc.shape[1]
     if backend == "torch":
@@ -441,7 +442,7 @@ def topk_encode(
         values, indices = topk_over_latents(x, W_enc, bias, k)
         aux_values = aux_indices = values.new_empty((*values.shape[:2], 0))
     if aux_k and not fused_aux_k:
-        aux_values, aux_indices = topk_over_latents(x, W_enc, bias, aux_k, dead_latents(dead))
+        aux_values, aux_indices = topk_over_latents(x, W_enc, bias, aux_k, dead_latents(dead, max_dead))
     codes = SparseCodes(torch.relu(values), indices, M)
     if aux_values.shape[-1] == 0:
         return codes, None
@@ -465,11 +466,16 @@ CHUNK_LATENTS = 2048
 """Latents per chunk of :func:`topk_over_latents`."""
 
 
-def dead_latents(dead: torch.Tensor) -> torch.Tensor:
+def dead_latents(dead: torch.Tensor, max_dead: int | None = None) -> torch.Tensor:
     """The dead latents of each member, ``[J, L]`` int64 in ascending order, padded with −1 to ``L`` = the largest
-    count (one host sync: ``L`` is a shape)."""
+    count, or to ``max_dead`` when given (≥ every member's count; without it, one host sync: ``L`` is a shape)."""
     counts = dead.sum(-1)
-    L = int(counts.max()) if dead.numel() else 0
+    if max_dead is None:
+        L = int(counts.max()) if dead.numel() else 0
+    elif isinstance(max_dead, bool) or not isinstance(max_dead, int) or not 0 <= max_dead <= dead.shape[-1]:
+        raise ValueError(f"max_dead must be an int in [0, {dead.shape[-1]}], got {max_dead!r}")
+    else:
+        L = max_dead
     order = torch.argsort((~dead).to(torch.int8), dim=-1, stable=True)[:, :L]  # dead first, ascending
     return torch.where(torch.arange(L, device=dead.device) < counts.unsqueeze(-1), order, -1)
 
@@ -542,10 +548,11 @@ def _dense_aux(pre: torch.Tensor, dead: torch.Tensor | None, aux_k: int) -> Spar
 def batchtopk_encode(
     x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor, k: int,
     dead: torch.Tensor | None = None, aux_k: int = 0, capacity: int | None = None, backend: str = "triton",
+    max_dead: int | None = None,
 ) -> tuple[SparseCodes, torch.Tensor, SparseCodes | None]:
     """BatchTopK (training) codes of ``x [N, D]``: per member the ``N·k`` largest of ``ReLU(pre[:, j, :])`` over the
     batch, exactly :func:`saefast.ref.batchtopk_activation`. Returns ``(codes, smallest_kept [J], aux_codes)``;
-    ``aux_codes`` as in :func:`topk_encode`. Differentiable in every input tensor.
+    ``aux_codes`` (and ``max_dead``) as in :func:`topk_encode`. Differentiable in every input tensor.
 
     ``triton``: candidates are each row's top ``kc = min(M, capacity·k)`` (``capacity`` default
     :data:`BATCHTOPK_CAPACITY`) from the fused kernel; the codes are ``[N, J, kc]`` with 0 in the unkept slots.
@@ -557,7 +564,8 @@ def batchtopk_encode(
         return _batchtopk_dense(x, W_enc, b_enc, b_dec, k, dead, aux_k)
     capacity = BATCHTOPK_CAPACITY if capacity is None else capacity
     kc = _candidates(M, k, capacity)
-    cand, aux = topk_encode(x, W_enc, b_enc, b_dec, kc, dead, aux_k, backend=backend)  # ReLU'd, sorted desc.
+    cand, aux = topk_encode(x, W_enc, b_enc, b_dec, kc, dead, aux_k, backend=backend,
+                            max_dead=max_dead)  # ReLU'd, sorted descending
     N, J, _ = cand.values.shape
     flat = cand.values.transpose(0, 1).reshape(J, N * kc)
     kept = flat.detach().topk(N * k, dim=-1, sorted=False)

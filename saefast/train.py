@@ -222,6 +222,7 @@ class _Trainer:
         if self.resume_optimizer is not None and stage == self.start_stage and first > 0:
             optimizer.load_state_dict(self.resume_optimizer)
         tokens = self.start_tokens if stage == self.start_stage and first > 0 else 0
+        b_dec_ready = _b_dec_ready(model, members)  # read once per stage, not every step (a device sync)
         for step in range(first, cfg.steps):
             try:
                 raw = stream.next()
@@ -232,8 +233,9 @@ class _Trainer:
             x_in = model._stage_input(x, stage, cfg.backend)
             if cfg.bootstrap:  # [N, J, D]: member j reads x[bootstrap_indices(N, seed_j, step, cfg.seed)]
                 x_in = _resample(model, x_in, members, step, cfg.seed)
-            if not _b_dec_ready(model, members):
+            if not b_dec_ready:
                 model._init_b_dec(x_in, members)
+                b_dec_ready = True
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr_at(step)
             with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
@@ -249,9 +251,8 @@ class _Trainer:
             tokens += x.shape[0]
             last = step == cfg.steps - 1
             if (step + 1) % cfg.log_every == 0 or last:
-                self._log(stage, step, tokens, optimizer, terms, members)
-                bar.set_postfix(loss=f"{terms.loss.item():.4f}", fvu=f"{terms.fvu.mean().item():.4f}",
-                                l0=f"{terms.l0.mean().item():.1f}")
+                record = self._log(stage, step, tokens, optimizer, terms, members)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", fvu=f"{record['fvu']:.4f}", l0=f"{record['l0']:.1f}")
             bar.update(1)
             if cfg.checkpoint_dir and ((cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or last):
                 if last:
@@ -260,19 +261,29 @@ class _Trainer:
                     self._save(optimizer, stage, step + 1, tokens, stream)
         return True
 
-    def _log(self, stage: int, step: int, tokens: int, optimizer, terms, members: slice) -> None:
+    def _log(self, stage: int, step: int, tokens: int, optimizer, terms, members: slice) -> dict[str, Any]:
+        """Append (and return) one history record; its device values reach the host in one transfer."""
         dead = self.model._dead(members)
-        self.history.append({
+        J = terms.fvu.numel()
+        values = torch.cat([
+            terms.loss.detach().float().reshape(1), terms.fvu.float().reshape(-1), terms.aux.float().mean().reshape(1),
+            terms.sparsity.float().mean().reshape(1), terms.l0.float().reshape(-1), dead.float().mean().reshape(1),
+        ]).tolist()
+        loss, fvu, aux, sparsity, l0, dead_fraction = (values[0], values[1:1 + J], values[1 + J], values[2 + J],
+                                                       values[3 + J:3 + 2 * J], values[3 + 2 * J])
+        record = {
             "stage": stage,
             "step": step + 1,
             "tokens": tokens,
             "lr": optimizer.param_groups[0]["lr"],
-            "loss": terms.loss.item(),
-            "fvu": terms.fvu.mean().item(),
-            "fvu_per_member": terms.fvu.tolist(),
-            "aux": terms.aux.mean().item(),
-            "sparsity": terms.sparsity.mean().item(),
-            "l0": terms.l0.mean().item(),
-            "l0_per_member": terms.l0.tolist(),
-            "dead_fraction": dead.float().mean().item(),
-        })
+            "loss": loss,
+            "fvu": sum(fvu) / J,
+            "fvu_per_member": fvu,
+            "aux": aux,
+            "sparsity": sparsity,
+            "l0": sum(l0) / J,
+            "l0_per_member": l0,
+            "dead_fraction": dead_fraction,
+        }
+        self.history.append(record)
+        return record

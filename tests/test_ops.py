@@ -208,6 +208,11 @@ def test_dead_latents_lists_each_members_dead_latents_padded():
     dead = torch.tensor([[0, 1, 0, 1, 1], [0, 0, 0, 0, 0], [1, 0, 0, 0, 0]], dtype=torch.bool)
     assert ops.dead_latents(dead).tolist() == [[1, 3, 4], [-1, -1, -1], [0, -1, -1]]
     assert ops.dead_latents(torch.zeros(2, 4, dtype=torch.bool)).shape == (2, 0)
+    # A caller that knows a bound on the counts (no host sync) gets the same lists, padded to it.
+    assert ops.dead_latents(dead, max_dead=4).tolist() == [[1, 3, 4, -1], [-1] * 4, [0, -1, -1, -1]]
+    for bad in (-1, 6, 2.0, True):
+        with pytest.raises(ValueError, match="max_dead"):
+            ops.dead_latents(dead, max_dead=bad)
 
 
 @needs_triton
