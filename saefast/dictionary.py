@@ -206,6 +206,19 @@ class SparseDictionary(nn.Module):
         """``[J, M]`` bool: latents that have not fired for ``dead_after_tokens`` training tokens."""
         return self._view(self.tokens_since_fired, members) >= self.cfg.dead_after_tokens
 
+    def _uses_auxk(self) -> bool:
+        """Whether training adds the AuxK loss (TopK / BatchTopK with ``aux_coef ≠ 0``)."""
+        return self.cfg.activation in ("topk", "batchtopk") and self.cfg.aux_coef != 0
+
+    @torch.no_grad()
+    def _next_dead_count_bound(self, members: slice, n_tokens: int) -> torch.Tensor:
+        """A bound, known before this step runs, on the largest number of dead latents of a member at the *next*
+        step: ``max_j |{m : tokens_since_fired[j, m] + n_tokens ≥ dead_after_tokens}|`` (a 0-d device tensor).
+        This step adds ``n_tokens`` to every counter and resets those that fire, so the next step's dead latents
+        are a subset of that set."""
+        counter = self._view(self.tokens_since_fired, members)
+        return (counter + n_tokens >= self.cfg.dead_after_tokens).sum(-1).max()
+
     def _aux_reconstruction(self, pre: torch.Tensor, P: Stacked, members: slice) -> torch.Tensor | None:
         """AuxK decoder output of the top ``aux_k`` dead latents, ``[N, J, D]``, or None (no dead latent / not TopK)."""
         if self.cfg.activation not in ("topk", "batchtopk") or self.cfg.aux_coef == 0:
@@ -218,7 +231,8 @@ class SparseDictionary(nn.Module):
         return ops.resolve_backend(backend, x.device, self.cfg.activation)
 
     def _fused_codes(
-        self, x_in: torch.Tensor, P: Stacked, members: slice, backend: str, aux: bool, training: bool
+        self, x_in: torch.Tensor, P: Stacked, members: slice, backend: str, aux: bool, training: bool,
+        max_dead: int | None = None,
     ) -> tuple[SparseCodes, torch.Tensor | None, SparseCodes | None, torch.Tensor | None]:
         """Codes on a fused backend without the dense pre-activations: ``(codes, smallest_kept, aux_codes, l0)``.
 
@@ -228,7 +242,9 @@ class SparseDictionary(nn.Module):
         TopK: the fused top-k; BatchTopK: the batch top-``N·k`` (``training`` or no threshold yet; ``smallest_kept``
         ``[J]`` feeds the threshold) or the learned threshold (see :func:`saefast.ops.batchtopk_encode`,
         :func:`saefast.ops.threshold_encode`: exact, falling back to the dense path past their capacity). AuxK codes
-        of the dead latents when ``aux`` (training). JumpReLU: :func:`saefast.ops.jumprelu_encode`, whose ``l0``
+        of the dead latents when ``aux`` (training); ``max_dead`` is a bound on the largest number of dead latents
+        of a member (0: none, AuxK is skipped), read on the host without a sync (see ``_next_dead_count_bound``),
+        or None to read the exact count (a sync). JumpReLU: :func:`saefast.ops.jumprelu_encode`, whose ``l0``
         ``[J]`` (the STE L0 of :func:`saefast.ref.jumprelu_l0`) feeds the sparsity penalty; ``l0`` is None otherwise."""
         cfg = self.cfg
         run = ops.per_member_inputs  # x_in [N, D]: one call; [N, J, D]: one call per member on its own input
@@ -240,9 +256,13 @@ class SparseDictionary(nn.Module):
             codes = run(ops.threshold_encode, x_in, P.W_enc, P.b_enc, P.b_dec, P.threshold, cfg.k, backend=backend)
             return codes, None, None, None
         dead = self._dead(members) if aux and cfg.aux_coef != 0 else None
-        # AuxK's one host sync per step: the largest number of dead latents in a member decides whether AuxK runs
-        # at all, its k, and the width of the dead-latent lists (shapes, so the host needs it).
-        max_dead = int(dead.sum(-1).max()) if dead is not None else 0
+        # The largest number of dead latents in a member decides whether AuxK runs at all, its k, and the width of
+        # the dead-latent lists: shapes, so the host needs it. A bound gives the same codes (its extra slots are
+        # padding, value 0); without one it is read here (a host sync).
+        if dead is None:
+            max_dead = 0
+        elif max_dead is None:
+            max_dead = int(dead.sum(-1).max())
         if max_dead == 0:
             dead = None
         aux_k = min(cfg.effective_aux_k, max_dead)
@@ -254,7 +274,8 @@ class SparseDictionary(nn.Module):
         return codes, None, aux_codes, None
 
     def _terms(
-        self, x_in: torch.Tensor, members: slice = slice(None), backend: str | None = None
+        self, x_in: torch.Tensor, members: slice = slice(None), backend: str | None = None,
+        max_dead: int | None = None,
     ) -> tuple[StepTerms, torch.Tensor]:
         """Training loss terms of ``members`` reading and reconstructing ``x_in``.
 
@@ -268,7 +289,8 @@ class SparseDictionary(nn.Module):
         per member. The groups of one SAE (``_joint``) add up to one reconstruction of one shared ``[N, D]``
         input. Also returns the codes (sparse for TopK and on fused backends, dense ``[N, J, M]`` otherwise)
         for the firing statistics. ``backend``: see :mod:`saefast.ops` (the fused backends never build the
-        dense ``[N, J, M]`` pre-activations).
+        dense ``[N, J, M]`` pre-activations). ``max_dead``: a host-side bound on the largest dead-latent count of a
+        member (fused backends, AuxK), or None.
         """
         joint = self._joint
         self._check_inputs(x_in, members)
@@ -281,7 +303,8 @@ class SparseDictionary(nn.Module):
             y = ref.decode_codes(z, P.W_dec)
         else:  # a fused backend
             pre = None
-            z, smallest, aux_codes, fused_l0 = self._fused_codes(x_in, P, members, backend, aux=True, training=True)
+            z, smallest, aux_codes, fused_l0 = self._fused_codes(x_in, P, members, backend, aux=True, training=True,
+                                                                 max_dead=max_dead)
             y = ops.decode_members(z, P.W_dec, backend)
         if joint:
             x_hat = (y.sum(1) + P.b_dec[0]).unsqueeze(1)
@@ -332,8 +355,7 @@ class SparseDictionary(nn.Module):
             numel = counter.numel()
             target = torch.where(codes.values != 0, codes.global_indices(), numel)
             fired = torch.zeros(numel + 1, dtype=torch.bool, device=counter.device)
-            fired[target.reshape(-1)] = True
-            fired = fired[:numel].view_as(counter)
+            fired = fired.index_fill_(0, target.reshape(-1), True)[:numel].view_as(counter)
             n_tokens = codes.n_tokens
         else:
             fired, n_tokens = (codes != 0).any(0), codes.shape[0]
@@ -410,7 +432,7 @@ class SparseDictionary(nn.Module):
             self.b_dec_initialized.fill_(True)
         else:
             self.b_dec[members] = value
-            self.b_dec_initialized[members] = True
+            self.b_dec_initialized[members].fill_(True)  # members is a slice: a view
 
     # ----- the public surface shared by SAE and Ensemble ----------------------------------------------------
 

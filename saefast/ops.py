@@ -744,7 +744,7 @@ def decode(codes: SparseCodes, W_dec: torch.Tensor, b_dec: torch.Tensor, alpha: 
     ``[N, J, K]`` bool (False drops a slot; feature sharpening) or None. Same contract as :func:`ref.decode_sparse`.
     """
     J = W_dec.shape[0]
-    alpha_t = torch.as_tensor(alpha, dtype=torch.float32, device=W_dec.device).expand(J).contiguous()
+    alpha_t = ref.member_weights(alpha, J, torch.float32, W_dec.device).contiguous()
     if backend == "torch":
         values = codes.values if mask is None else codes.values * mask
         return ref.decode_sparse(SparseCodes(values, codes.indices, codes.n_latents), W_dec, b_dec, alpha_t)

@@ -154,6 +154,14 @@ def decode_codes(codes: SparseCodes | torch.Tensor, W_dec: torch.Tensor) -> torc
     return decode_members(codes.to(W_dec.dtype), W_dec)
 
 
+def member_weights(alpha: float | torch.Tensor, J: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``α`` as a ``[J]`` tensor of ``dtype`` on ``device`` (a scalar is broadcast). A Python number is filled on
+    the device: ``torch.as_tensor(number, device=cuda)`` would be a blocking copy from host memory."""
+    if isinstance(alpha, torch.Tensor):
+        return alpha.to(device=device, dtype=dtype).expand(J)
+    return torch.full((J,), float(alpha), dtype=dtype, device=device)
+
+
 def decode_sparse(
     codes: SparseCodes, W_dec: torch.Tensor, b_dec: torch.Tensor, alpha: torch.Tensor | float
 ) -> torch.Tensor:
@@ -164,7 +172,7 @@ def decode_sparse(
     ``(codes.to_dense() · repeat_interleave(α, M)) @ W_dec.flatten(0, 1) + Σ_j α_j b_dec[j]``.
     """
     J = W_dec.shape[0]
-    alpha_t = torch.as_tensor(alpha, dtype=W_dec.dtype, device=W_dec.device).expand(J)
+    alpha_t = member_weights(alpha, J, W_dec.dtype, W_dec.device)
     out = (decode_members_sparse(codes, W_dec) * alpha_t.view(1, J, 1)).sum(1)
     bias = b_dec[0] if b_dec.shape[0] == 1 else (alpha_t.view(J, 1) * b_dec).sum(0)
     return out + bias

@@ -71,9 +71,16 @@ class BatchStream:
 def _prepare(x: torch.Tensor, model: SparseDictionary, where: str) -> torch.Tensor:
     """Validate a training batch and move it to the model's device in fp32 (the master-weight dtype)."""
     check_activations(x, model.cfg.d_in, name=where)
-    device = model.W_enc.device
-    non_blocking = device.type == "cuda" and x.device.type == "cpu" and x.is_pinned()
-    return x.to(device=device, dtype=torch.float32, non_blocking=non_blocking)
+    return _to_device(x, model.W_enc.device, torch.float32)
+
+
+def _to_device(x: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``x`` on ``device`` (in ``dtype``, else its own). Host to GPU goes through pinned memory without blocking,
+    and the dtype is converted on the GPU: a copy from pageable memory (which a conversion on the host would make)
+    makes the host wait for the whole queue first."""
+    if device.type == "cuda" and x.device.type == "cpu":
+        x = (x if x.is_pinned() else x.pin_memory()).to(device=device, non_blocking=True)
+    return x.to(device=device, dtype=dtype or x.dtype)
 
 
 def bootstrap_indices(n_tokens: int, member_seed: int, step: int, train_seed: int) -> torch.Tensor:
@@ -100,9 +107,9 @@ def _resample(model: SparseDictionary, x: torch.Tensor, members: slice, step: in
     seeds = _member_seeds(model)
     if model._joint:
         idx = bootstrap_indices(x.shape[0], seeds[0], step, train_seed)
-        return x[idx.to(x.device)]
+        return x[_to_device(idx, x.device)]
     idx = torch.stack([bootstrap_indices(x.shape[0], s, step, train_seed) for s in seeds[members]], dim=1)  # [N, J]
-    return x[idx.to(x.device)]
+    return x[_to_device(idx, x.device)]
 
 
 def _signature(model: SparseDictionary) -> dict[str, Any]:
@@ -111,6 +118,49 @@ def _signature(model: SparseDictionary) -> dict[str, Any]:
     return {"kind": type(model).__name__, "config": model.cfg.to_dict(),
             "members": getattr(model, "members", 1), "combine": getattr(model, "combine", None),
             "chains": getattr(model, "chains", 1), "seeds": _member_seeds(model)}
+
+
+class _DeadCountAhead:
+    """AuxK's dead-latent count on the host without draining the device queue.
+
+    At the start of step ``t`` (its batch of ``N_t`` tokens known, nothing of it queued yet) the model's
+    :meth:`_next_dead_count_bound` for step ``t + 1`` is queued and copied to a pinned host buffer, and an event
+    marks the copy. Step ``t + 1`` reads it after waiting on that event: the device has to get through the start
+    of step ``t``, not through everything queued. The first step of a run or stage has no bound from a previous
+    step: it reads the exact count (one sync, inside the model)."""
+
+    def __init__(self, model: SparseDictionary, members: slice):
+        self.model, self.members = model, members
+        self.active = model._uses_auxk()
+        device = model.W_enc.device
+        self.cuda = device.type == "cuda"
+        self.host = torch.zeros((), dtype=torch.int64, pin_memory=self.cuda)
+        self.event = torch.cuda.Event() if self.cuda else None
+        self.issued = False
+
+    def take(self) -> int | None:
+        """The bound issued by the previous step, or None (none issued: the model reads the exact count)."""
+        if not (self.active and self.issued):
+            return None
+        self.issued = False
+        return _read_host_copy(self.host, self.event)
+
+    def issue(self, n_tokens: int) -> None:
+        """Queue the bound for the step after this one (this step's ``n_tokens``) and its copy to the host."""
+        if not self.active:
+            return
+        bound = self.model._next_dead_count_bound(self.members, n_tokens)
+        self.host.copy_(bound, non_blocking=self.cuda)
+        if self.cuda:
+            self.event.record()
+        self.issued = True
+
+
+def _read_host_copy(host: torch.Tensor, event: torch.cuda.Event | None) -> int:
+    """The value of a host buffer once the copy into it (marked by ``event``, CUDA) has landed."""
+    if event is not None:
+        event.synchronize()
+    return int(host)
 
 
 def _b_dec_ready(model: SparseDictionary, members: slice) -> bool:
@@ -223,6 +273,7 @@ class _Trainer:
             optimizer.load_state_dict(self.resume_optimizer)
         tokens = self.start_tokens if stage == self.start_stage and first > 0 else 0
         b_dec_ready = _b_dec_ready(model, members)  # read once per stage, not every step (a device sync)
+        dead_count = _DeadCountAhead(model, members)
         for step in range(first, cfg.steps):
             try:
                 raw = stream.next()
@@ -238,8 +289,10 @@ class _Trainer:
                 b_dec_ready = True
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr_at(step)
+            max_dead = dead_count.take()
+            dead_count.issue(x.shape[0])
             with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                terms, z = model._terms(x_in, members, cfg.backend)
+                terms, z = model._terms(x_in, members, cfg.backend, max_dead=max_dead)
             terms.loss.backward()
             model._project_decoder_grad(members, cfg.backend)
             if cfg.grad_clip is not None:

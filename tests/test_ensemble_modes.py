@@ -66,9 +66,9 @@ def record_inputs(model) -> list[torch.Tensor]:
     seen: list[torch.Tensor] = []
     terms = model._terms
 
-    def spy(x_in, members=slice(None), backend=None):
+    def spy(x_in, *args, **kwargs):
         seen.append(x_in.detach().clone())
-        return terms(x_in, members, backend)
+        return terms(x_in, *args, **kwargs)
 
     model._terms = spy
     return seen
