@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import atomic_write_bytes
 from .config import SAEConfig
+from .devices import to_device
 from .dictionary import SparseDictionary
 from .ensemble import Ensemble
 from .evaluate import evaluate
@@ -302,10 +303,12 @@ def cosine_loss(h: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None = No
         return loss.mean()
     if mask.shape != loss.shape:
         raise ValueError(f"mask {tuple(mask.shape)} must match the positions {tuple(loss.shape)}")
-    mask = mask.to(device=loss.device, dtype=torch.bool)
-    if not bool(mask.any()):
+    mask = mask.to(dtype=torch.bool)
+    if not bool(mask.any()):  # checked where the mask was made (the host, for the runner's masks): no device sync
         raise ValueError("mask selects no position")
-    return loss[mask].mean()
+    mask = to_device(mask, loss.device)
+    # A masked sum rather than loss[mask]: boolean indexing would read the count on the host.
+    return torch.where(mask, loss, torch.zeros_like(loss)).sum() / mask.sum()
 
 
 class AuxiliaryLoss:
@@ -410,8 +413,8 @@ def _as_split(split: Split | tuple, name: str) -> Split:
 
 def _forward(model: nn.Module, inputs: torch.Tensor | dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
     if isinstance(inputs, Mapping):
-        return model(**{name: tensor.to(device) for name, tensor in inputs.items()})
-    return model(inputs.to(device))
+        return model(**{name: to_device(tensor, device) for name, tensor in inputs.items()})
+    return model(to_device(inputs, device))
 
 
 def _chunks(n: int, size: int, generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
@@ -592,21 +595,22 @@ class SAECeption:
         optimizer = torch.optim.Adam(params, lr=cfg.lr)
         generator = torch.Generator().manual_seed(cfg.seed * 7919 + cycle)
         aux = AuxiliaryLoss(self.model, self.layer, cfg.aux_coef) if targets is not None else None
-        totals = {"task_loss": 0.0, "aux_loss": 0.0}
+        # The epoch's sums stay on the device (read once per epoch, not twice per batch: each read is a sync).
+        totals = {"task_loss": torch.zeros((), device=self.device), "aux_loss": torch.zeros((), device=self.device)}
         self.model.train()
         try:
             for _ in tqdm(range(epochs), desc=f"cycle {cycle} task", disable=not cfg.progress, leave=False):
-                totals = {"task_loss": 0.0, "aux_loss": 0.0}
+                totals = {name: torch.zeros((), device=self.device) for name in totals}
                 for index in _chunks(len(split), cfg.batch_size, generator):
                     logits = _forward(self.model, split.take(index), self.device)
-                    loss = F.cross_entropy(logits, split.labels[index].to(self.device))
-                    totals["task_loss"] += float(loss.detach()) * index.numel()
+                    loss = F.cross_entropy(logits, to_device(split.labels[index], self.device))
+                    totals["task_loss"] += loss.detach().float() * index.numel()
                     if aux is not None:
                         positions = None
                         if aux.activation.dim() == 3:
                             positions = split.position_mask(index, aux.activation.shape[1], cfg.skip_positions)
-                        extra = aux(targets[index].to(self.device), positions)
-                        totals["aux_loss"] += float(extra.detach()) * index.numel()
+                        extra = aux(to_device(targets[index], self.device), positions)
+                        totals["aux_loss"] += extra.detach().float() * index.numel()
                         loss = loss + extra
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
@@ -614,7 +618,8 @@ class SAECeption:
         finally:
             if aux is not None:
                 aux.remove()
-        return {name: value / len(split) for name, value in totals.items()}
+        sums = torch.stack([totals["task_loss"], totals["aux_loss"]]).tolist()
+        return {"task_loss": sums[0] / len(split), "aux_loss": sums[1] / len(split)}
 
     @torch.no_grad()
     def _accuracy(self, split: Split) -> float:

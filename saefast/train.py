@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from . import cpu
 from .checkpoint import CONFIG_FILE, load_checkpoint, save_checkpoint
 from .config import TrainConfig
+from .devices import to_device
 from .dictionary import SparseDictionary
 from .validation import check_activations
 
@@ -71,16 +72,7 @@ class BatchStream:
 def _prepare(x: torch.Tensor, model: SparseDictionary, where: str) -> torch.Tensor:
     """Validate a training batch and move it to the model's device in fp32 (the master-weight dtype)."""
     check_activations(x, model.cfg.d_in, name=where)
-    return _to_device(x, model.W_enc.device, torch.float32)
-
-
-def _to_device(x: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``x`` on ``device`` (in ``dtype``, else its own). Host to GPU goes through pinned memory without blocking,
-    and the dtype is converted on the GPU: a copy from pageable memory (which a conversion on the host would make)
-    makes the host wait for the whole queue first."""
-    if device.type == "cuda" and x.device.type == "cpu":
-        x = (x if x.is_pinned() else x.pin_memory()).to(device=device, non_blocking=True)
-    return x.to(device=device, dtype=dtype or x.dtype)
+    return to_device(x, model.W_enc.device, torch.float32)
 
 
 def bootstrap_indices(n_tokens: int, member_seed: int, step: int, train_seed: int) -> torch.Tensor:
@@ -107,9 +99,9 @@ def _resample(model: SparseDictionary, x: torch.Tensor, members: slice, step: in
     seeds = _member_seeds(model)
     if model._joint:
         idx = bootstrap_indices(x.shape[0], seeds[0], step, train_seed)
-        return x[_to_device(idx, x.device)]
+        return x[to_device(idx, x.device)]
     idx = torch.stack([bootstrap_indices(x.shape[0], s, step, train_seed) for s in seeds[members]], dim=1)  # [N, J]
-    return x[_to_device(idx, x.device)]
+    return x[to_device(idx, x.device)]
 
 
 def _signature(model: SparseDictionary) -> dict[str, Any]:
