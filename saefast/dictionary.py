@@ -221,7 +221,7 @@ class SparseDictionary(nn.Module):
 
     def _aux_reconstruction(self, pre: torch.Tensor, P: Stacked, members: slice) -> torch.Tensor | None:
         """AuxK decoder output of the top ``aux_k`` dead latents, ``[N, J, D]``, or None (no dead latent / not TopK)."""
-        if self.cfg.activation not in ("topk", "batchtopk") or self.cfg.aux_coef == 0:
+        if not self._uses_auxk():
             return None
         dead = self._dead(members)
         return ref.auxk_reconstruction(pre, dead, P.W_dec, self.cfg.effective_aux_k)
@@ -255,7 +255,7 @@ class SparseDictionary(nn.Module):
         if cfg.activation == "batchtopk" and not training and not bool((P.threshold < 0).any()):
             codes = run(ops.threshold_encode, x_in, P.W_enc, P.b_enc, P.b_dec, P.threshold, cfg.k, backend=backend)
             return codes, None, None, None
-        dead = self._dead(members) if aux and cfg.aux_coef != 0 else None
+        dead = self._dead(members) if aux and self._uses_auxk() else None
         # The largest number of dead latents in a member decides whether AuxK runs at all, its k, and the width of
         # the dead-latent lists: shapes, so the host needs it. A bound gives the same codes (its extra slots are
         # padding, value 0); without one it is read here (a host sync).
