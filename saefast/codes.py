@@ -74,8 +74,18 @@ class SparseCodes:
         return self.indices + offsets
 
     def active_global_indices(self) -> torch.Tensor:
-        """Global indices (``indices + j * M``) of the slots with a non-zero coefficient: 1-D, may repeat."""
+        """Global indices (``indices + j * M``) of the slots with a non-zero coefficient: 1-D, may repeat (its
+        length is data: on a GPU the host waits for it; :meth:`fired` does not)."""
         return self.global_indices()[self.values != 0]
+
+    def fired(self) -> torch.Tensor:
+        """``[J*M]`` bool: ``fired[j*M + i]`` iff some slot of member ``j`` holds latent ``i`` with a non-zero
+        coefficient. Without a host sync: slots with a zero value are written to a spare entry past the end
+        instead of being filtered out by a boolean mask, and every write stores True (any order, same result)."""
+        total = self.n_latents_total
+        target = torch.where(self.values != 0, self.global_indices(), total)
+        marks = torch.zeros(total + 1, dtype=torch.bool, device=self.values.device)
+        return marks.index_fill_(0, target.reshape(-1), True)[:total]
 
     def detach(self) -> SparseCodes:
         """The same codes with ``values`` detached from the autograd graph."""

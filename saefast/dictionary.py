@@ -349,13 +349,7 @@ class SparseDictionary(nn.Module):
         """``tokens_since_fired += N``, reset to 0 for every latent that fired (sparse or dense ``[N, J, M]`` codes)."""
         counter = self._view(self.tokens_since_fired, members)
         if isinstance(codes, SparseCodes):
-            # Slots with a zero value write to a spare last entry instead of being filtered out: a boolean mask
-            # would need their count on the host (a device sync every step). Every write stores True, so
-            # repeated indices give the same result in any order.
-            numel = counter.numel()
-            target = torch.where(codes.values != 0, codes.global_indices(), numel)
-            fired = torch.zeros(numel + 1, dtype=torch.bool, device=counter.device)
-            fired = fired.index_fill_(0, target.reshape(-1), True)[:numel].view_as(counter)
+            fired = codes.fired().view_as(counter)  # no host sync
             n_tokens = codes.n_tokens
         else:
             fired, n_tokens = (codes != 0).any(0), codes.shape[0]

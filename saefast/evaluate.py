@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from . import metrics
+from .devices import to_device
 from .dictionary import SparseDictionary
 from .validation import check_activations
 
@@ -39,7 +40,7 @@ def evaluate(model: SparseDictionary, data: torch.Tensor | Iterable, batch_size:
     l0_sum: torch.Tensor | None = None
     n_tokens = 0
     for index, batch in enumerate(_batches(data, batch_size)):
-        x = check_activations(batch, model.cfg.d_in, name=f"batch {index}").to(device=device, dtype=torch.float32)
+        x = to_device(check_activations(batch, model.cfg.d_in, name=f"batch {index}"), device, torch.float32)
         codes = model.encode(x)
         x_hat = model.decode(codes)
         recon.update(x, x_hat)

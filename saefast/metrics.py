@@ -291,10 +291,10 @@ class FiringWindow:
                 f"codes have J*M = {codes.members}*{codes.n_latents} = {codes.n_latents_total} latents, "
                 f"FiringWindow tracks {self.n_latents_total}"
             )
-        idx = codes.active_global_indices()
-        if idx.device != self.fired.device:
-            self.fired = self.fired.to(idx.device)
-        self.fired[idx] = True
+        fired = codes.fired()
+        if fired.device != self.fired.device:
+            self.fired = self.fired.to(fired.device)
+        self.fired |= fired
         self.n_tokens += codes.n_tokens
 
     def dead_fraction(self) -> float:

@@ -157,6 +157,20 @@ def test_capacity_checks_sync_once_per_step(activation, check):
     assert dict(counts) == {check: 3, "_b_dec_ready": 1, "_log": 1, **first_step}
 
 
+@pytest.mark.parametrize("backend", ["triton", "native"])
+def test_evaluate_reads_the_host_only_at_the_end(backend):
+    """The metrics are read once the data is done: as many syncs for one batch as for four."""
+    model = sf.Ensemble.bagging(sf.SAEConfig(d_in=24, n_latents=64, k=4), members=2, seed=0)
+
+    def syncs(n_batches: int) -> dict[str, int]:
+        counter = SyncCounter()
+        with sf.use_backend(backend), counter:
+            sf.evaluate(model, _batches(n=16, count=n_batches))
+        return dict(counter.counts)
+
+    assert syncs(1) == syncs(4)
+
+
 def test_the_counter_sees_host_reads():
     counter = SyncCounter()
     x = torch.randn(5)

@@ -239,6 +239,17 @@ def test_l0_hand_case():
         l0(SparseCodes(vals[:0], idx[:0], 4))
 
 
+@pytest.mark.parametrize("n, j, m, k", [(1, 1, 1, 1), (7, 3, 5, 4), (33, 2, 17, 6), (0, 2, 4, 3)])
+def test_sparse_codes_fired_matches_the_dense_codes(n, j, m, k):
+    """Repeated indices, zero values (never firing), members offset by M, an empty batch."""
+    gen = torch.Generator().manual_seed(n * 100 + m)
+    codes = random_codes(n, j, m, k, gen, p_zero=0.4)
+    fired = codes.fired()
+    assert fired.dtype == torch.bool
+    assert torch.equal(fired, (codes.to_dense() != 0).any(0))
+    assert torch.equal(fired.nonzero().flatten(), codes.active_global_indices().unique())
+
+
 def test_firing_window_hand_case():
     # J = 2, M = 3 -> 6 global latents. member0 fires local 1 (global 1); member1 fires local 0 (global 3);
     # member0 has a zero-valued slot on local 2 (global 2) which must NOT count as firing.
