@@ -132,14 +132,17 @@ class _DeadCountAhead:
 
     def take(self) -> int | None:
         """The bound issued by the previous step, or None (none issued: the model reads the exact count)."""
-        if not (self.active and self.issued):
+        if not self.issued:
             return None
-        self.issued = False
         return _read_host_copy(self.host, self.event)
 
     def issue(self, n_tokens: int) -> None:
-        """Queue the bound for the step after this one (this step's ``n_tokens``) and its copy to the host."""
-        if not self.active:
+        """Queue the bound for the step after this one (this step's ``n_tokens``) and its copy to the host.
+
+        Not when ``n_tokens ≥ dead_after_tokens``: every latent would count, and AuxK past the fused kernel's
+        limit would then encode all ``M`` latents a second time; the next step reads the exact count instead."""
+        self.issued = False
+        if not self.active or n_tokens >= self.model.cfg.dead_after_tokens:
             return
         bound = self.model._next_dead_count_bound(self.members, n_tokens)
         self.host.copy_(bound, non_blocking=self.cuda)

@@ -107,7 +107,7 @@ def _batches(d_in: int = 24, n: int = 32, count: int = 4) -> list[torch.Tensor]:
 
 
 def _warm(model, backend: str) -> None:
-    """Two steps so that b_dec is set and (dead_after_tokens = 8 < N) dead latents exist."""
+    """Two steps (64 tokens) so that b_dec is set and, with dead_after_tokens = 48, dead latents exist."""
     sf.train(model, _batches(), steps=2, backend=backend, progress=False)
 
 
@@ -116,7 +116,7 @@ def _warm(model, backend: str) -> None:
 def test_a_topk_step_does_not_sync(backend, aux_coef):
     """Only the first step of a stage reads the b_dec flags and (AuxK) the exact dead count; later steps take the
     dead-count bound their previous step copied to the host."""
-    cfg = sf.SAEConfig(d_in=24, n_latents=64, k=4, dead_after_tokens=8, aux_coef=aux_coef)
+    cfg = sf.SAEConfig(d_in=24, n_latents=192, k=4, dead_after_tokens=48, aux_coef=aux_coef)
     model = sf.Ensemble.bagging(cfg, members=3, seed=0)
     _warm(model, backend)
     assert bool(model._dead(slice(None)).any()), "the warm-up should leave dead latents"
@@ -132,11 +132,21 @@ def test_per_member_inputs_take_the_dead_count_bound_too(monkeypatch):
     from saefast.kernels import topk_encode as kernel
 
     monkeypatch.setattr(kernel, "MAX_K_WITH_AUX", 8)
-    cfg = sf.SAEConfig(d_in=24, n_latents=64, k=4, dead_after_tokens=8, aux_k=12)
+    cfg = sf.SAEConfig(d_in=24, n_latents=192, k=4, dead_after_tokens=48, aux_k=12)
     model = sf.Ensemble.bagging(cfg, members=2, seed=0)
     _warm(model, "triton")
     counts = _syncs_of_training(model, _batches(), steps=3, backend="triton", bootstrap=True)
     assert dict(counts) == {"_fused_codes": 1, "_b_dec_ready": 1, "_log": 1}
+
+
+def test_batches_of_dead_after_tokens_or_more_read_the_exact_count():
+    """With N ≥ dead_after_tokens the bound would count every latent (and AuxK past the fused limit would encode
+    all of them a second time), so every step reads the exact count instead."""
+    cfg = sf.SAEConfig(d_in=24, n_latents=64, k=4, dead_after_tokens=32)  # = N
+    model = sf.Ensemble.bagging(cfg, members=2, seed=0)
+    _warm(model, "triton")
+    counts = _syncs_of_training(model, _batches(), steps=3, backend="triton")
+    assert dict(counts) == {"_fused_codes": 3, "_b_dec_ready": 1, "_log": 1}
 
 
 def test_boosting_reads_the_b_dec_flags_once_per_stage():
@@ -149,7 +159,7 @@ def test_boosting_reads_the_b_dec_flags_once_per_stage():
 @pytest.mark.parametrize("activation, check", [("batchtopk", "batchtopk_encode"), ("jumprelu", "jumprelu_encode")])
 def test_capacity_checks_sync_once_per_step(activation, check):
     """BatchTopK and JumpReLU check their candidate capacity (exact results, never a silent drop): one sync."""
-    cfg = sf.SAEConfig(d_in=24, n_latents=64, k=4, activation=activation, dead_after_tokens=8)
+    cfg = sf.SAEConfig(d_in=24, n_latents=64, k=4, activation=activation, dead_after_tokens=48)
     model = sf.SAE(cfg, seed=0)
     _warm(model, "triton")
     counts = _syncs_of_training(model, _batches(), steps=3, backend="triton")
