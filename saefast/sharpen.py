@@ -596,11 +596,12 @@ class SAECeption:
         generator = torch.Generator().manual_seed(cfg.seed * 7919 + cycle)
         aux = AuxiliaryLoss(self.model, self.layer, cfg.aux_coef) if targets is not None else None
         # The epoch's sums stay on the device (read once per epoch, not twice per batch: each read is a sync).
-        totals = {"task_loss": torch.zeros((), device=self.device), "aux_loss": torch.zeros((), device=self.device)}
+        totals = {name: torch.zeros((), device=self.device) for name in ("task_loss", "aux_loss")}
         self.model.train()
         try:
             for _ in tqdm(range(epochs), desc=f"cycle {cycle} task", disable=not cfg.progress, leave=False):
-                totals = {name: torch.zeros((), device=self.device) for name in totals}
+                for total in totals.values():  # only the last epoch's sums are returned
+                    total.zero_()
                 for index in _chunks(len(split), cfg.batch_size, generator):
                     logits = _forward(self.model, split.take(index), self.device)
                     loss = F.cross_entropy(logits, to_device(split.labels[index], self.device))
@@ -618,8 +619,8 @@ class SAECeption:
         finally:
             if aux is not None:
                 aux.remove()
-        sums = torch.stack([totals["task_loss"], totals["aux_loss"]]).tolist()
-        return {"task_loss": sums[0] / len(split), "aux_loss": sums[1] / len(split)}
+        sums = torch.stack(list(totals.values())).tolist()  # one read
+        return {name: value / len(split) for name, value in zip(totals, sums)}
 
     @torch.no_grad()
     def _accuracy(self, split: Split) -> float:

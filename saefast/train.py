@@ -313,12 +313,10 @@ class _Trainer:
         """Append (and return) one history record; its device values reach the host in one transfer."""
         dead = self.model._dead(members)
         J = terms.fvu.numel()
-        values = torch.cat([
-            terms.loss.detach().float().reshape(1), terms.fvu.float().reshape(-1), terms.aux.float().mean().reshape(1),
-            terms.sparsity.float().mean().reshape(1), terms.l0.float().reshape(-1), dead.float().mean().reshape(1),
-        ]).tolist()
-        loss, fvu, aux, sparsity, l0, dead_fraction = (values[0], values[1:1 + J], values[1 + J], values[2 + J],
-                                                       values[3 + J:3 + 2 * J], values[3 + 2 * J])
+        scalars = torch.stack([terms.loss.detach().float(), terms.aux.float().mean(), terms.sparsity.float().mean(),
+                               dead.float().mean()])
+        values = torch.cat([scalars, terms.fvu.float().reshape(-1), terms.l0.float().reshape(-1)]).tolist()
+        (loss, aux, sparsity, dead_fraction), fvu, l0 = values[:4], values[4:4 + J], values[4 + J:]
         record = {
             "stage": stage,
             "step": step + 1,

@@ -23,6 +23,7 @@ import saefast as sf
 
 SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique", "_unique2", "unique_dim",
             "unique_consecutive", "is_nonzero", "equal",
+            "repeat_interleave",  # its output size is data (saefast never passes output_size)
             "lift_fresh"}  # torch.tensor/as_tensor of Python data: on a GPU, a blocking copy from pageable memory
 MASK_INDEX_OPS = {"index", "index_put", "index_put_", "_index_put_impl_"}
 NOT_DEVICE_SYNCS = ("torch/optim/",)  # Adam's step counters live on the host
@@ -35,8 +36,6 @@ def _is_sync(func, args) -> bool:
     name = func._overloadpacket.__name__
     if name in SYNC_OPS:
         return True
-    if name == "repeat_interleave":
-        return True  # the output size is data (counted even with output_size: saefast never passes it)
     if name in MASK_INDEX_OPS and len(args) > 1 and isinstance(args[1], (list, tuple)):
         return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1])
     return False
