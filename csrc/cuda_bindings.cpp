@@ -11,10 +11,10 @@
 //   native_topk_encode                 -> torch ops on row blocks of x (see topk_encode_cuda)
 //   native_threshold_encode            -> torch ops on row blocks of x (see threshold_encode_cuda)
 //
-// Contracts: kernels/sparse_decode.py, kernels/sparse_decode_backward.py and kernels/topk_encode.py (the Triton
-// kernels' docstrings), whose validation this file mirrors with TORCH_CHECK (RuntimeError in Python) before any
-// launch. As there, indices are not range-checked on the host (that would cost a device sync): the kernels treat an
-// out-of-range index as a dropped slot.
+// Contracts: kernels/saefast_triton/sparse_decode.py, kernels/saefast_triton/sparse_decode_backward.py and
+// kernels/saefast_triton/topk_encode.py (the Triton kernels' docstrings), whose validation this file mirrors with
+// TORCH_CHECK (RuntimeError in Python) before any launch. As there, indices are not range-checked on the host (that
+// would cost a device sync): the kernels treat an out-of-range index as a dropped slot.
 //
 // Only c10/cuda headers are used (stream, guard, error check), not ATen/cuda/CUDAContext.h, which pulls in the cuBLAS
 // and cuSPARSE headers; c10::cuda::getCurrentCUDAStream is the function at::cuda::getCurrentCUDAStream names.
@@ -367,7 +367,7 @@ struct EncoderShape {
 };
 
 // x [N, D], W_enc [J, M, D] (same float dtype), bias [J, M] fp32, 1 <= k <= M, one CUDA device (the checks of
-// kernels/topk_encode.py::_check_encoder).
+// kernels/saefast_triton/topk_encode.py::_check_encoder).
 EncoderShape check_encoder(const char* op, const Tensor& x, const Tensor& W_enc, const Tensor& bias,
                            const char* k_name, int64_t k) {
     TORCH_CHECK(x.dim() == 2, op, ": x must be [N, D]; got shape ", x.sizes());

@@ -1,5 +1,5 @@
-"""The fused decoder-norm gradient projection (``kernels/decoder_grad_projection.py`` under Triton's interpreter, and
-``csrc/cpu/decoder_grad_projection.cpp``) against :func:`saefast.ref.remove_parallel_grad_`.
+"""The fused decoder-norm gradient projection (``kernels/saefast_triton/decoder_grad_projection.py`` under Triton's
+interpreter, and ``csrc/cpu/decoder_grad_projection.cpp``) against :func:`saefast.ref.remove_parallel_grad_`.
 
 Contract: ``g_r ← g_r − (g_r·W_r / max(‖W_r‖, 1e-12)²) W_r`` per row, in place, ``W`` untouched. Checked on ragged
 shapes (non-power-of-two rows and D, D past one tile), member slices of a larger gradient (rows outside the slice

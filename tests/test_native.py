@@ -187,7 +187,10 @@ def test_topk_encode_matches_reference_forward_and_backward(N, J, M, D, k, per_m
     grads = torch.autograd.grad((codes.to_dense().view(N, J, M) * weights).sum(), leaves)
     ref_grads = torch.autograd.grad((ref.topk_activation(pre, k) * weights).sum(), ref_leaves)
     for name, got, expected in zip(("x", "W_enc", "b_enc", "b_dec"), grads, ref_grads):
-        assert_close(got, expected, atol=1e-5, rtol=1e-4, msg=f"grad {name}")
+        # Both sides sum in fp32 in different orders (native's depends on the CPU's vector width): each is ~4e-7
+        # of the gradient's largest magnitude from the fp64 value (b_dec's reaches 80 here), so the bound scales.
+        scale = float(expected.abs().max())
+        assert_close(got, expected, atol=max(1e-5, 2e-6 * scale), rtol=1e-4, msg=f"grad {name}")
 
 
 def test_topk_encode_ties_go_to_the_lower_latent_and_aux_pads_with_minus_inf():

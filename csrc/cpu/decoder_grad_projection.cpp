@@ -2,10 +2,10 @@
 //
 //   grad[r, :] ← grad[r, :] − (grad[r, :]·W[r, :] / max(‖W[r, :]‖, 1e-12)²) · W[r, :]
 //
-// the contract of kernels/decoder_grad_projection.py (oracle: saefast.ref.remove_parallel_grad_). In place on grad
-// (rows of unit stride with one row stride: a contiguous tensor or a member slice of one); W is only read. Sums in
-// fp32 over 16 fixed lanes, so the result is the same for any thread count. Eager PyTorch makes three [R, D]
-// temporaries and ~9 passes; this reads each row of W and grad once into cache, then updates grad from it.
+// the contract of kernels/saefast_triton/decoder_grad_projection.py (oracle: saefast.ref.remove_parallel_grad_). In
+// place on grad (rows of unit stride with one row stride: a contiguous tensor or a member slice of one); W is only
+// read. Sums in fp32 over 16 fixed lanes, so the result is the same for any thread count. Eager PyTorch makes three [R,
+// D] temporaries and ~9 passes; this reads each row of W and grad once into cache, then updates grad from it.
 #include "common.h"
 
 namespace saefast {

@@ -1,8 +1,8 @@
 // Fused encode → top-k and encode → threshold on the CPU: the N × J·M pre-activation matrix never exists.
 //
-// Same contracts as the Triton kernels in kernels/topk_encode.py, with one addition: x may be [N, D] (one input
-// for every member) or [N, J, D] (one input per member: bootstrap resamples, boosting chains), which makes the
-// encoder a grouped GEMM — member j multiplies its own input.
+// Same contracts as the Triton kernels in kernels/saefast_triton/topk_encode.py, with one addition: x may be [N, D]
+// (one input for every member) or [N, J, D] (one input per member: bootstrap resamples, boosting chains), which makes
+// the encoder a grouped GEMM — member j multiplies its own input.
 //
 //   native_topk_encode(x, W_enc [J, M, D], bias [J, M] fp32, k, dead [J, M] bool?, aux_k)
 //       pre[n, j, m] = x[n] (or x[n, j]) · W_enc[j, m] + bias[j, m]

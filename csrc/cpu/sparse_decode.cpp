@@ -1,6 +1,7 @@
 // Sparse ensemble decode and its backward on the CPU (OpenMP through at::parallel_for).
 //
-// Same contracts as the Triton kernels (kernels/sparse_decode.py, kernels/sparse_decode_backward.py):
+// Same contracts as the Triton kernels (kernels/saefast_triton/sparse_decode.py,
+// kernels/saefast_triton/sparse_decode_backward.py):
 //
 //   native_sparse_decode, per_member=False:  out[n]    = bias    + Σ_j α_j Σ_k mask·v[n,j,k]·W[j, idx[n,j,k]]   [N, D]
 //                         per_member=True:   out[n,j]  = bias[j] +     α_j Σ_k mask·v[n,j,k]·W[j, idx[n,j,k]]   [N, J, D]

@@ -1,7 +1,8 @@
 // Sparse decode of J ensemble members in one launch, and its backward (values and weight gradients).
 //
-// The contract is that of the Triton kernels kernels/sparse_decode.py and kernels/sparse_decode_backward.py (their
-// docstrings are the reference); the structs are documented in launchers.h. With
+// The contract is that of the Triton kernels kernels/saefast_triton/sparse_decode.py and
+// kernels/saefast_triton/sparse_decode_backward.py (their docstrings are the reference); the structs are documented in
+// launchers.h. With
 //     kept[n, j, k] = mask[n, j, k] (1 when no mask) AND 0 <= indices[n, j, k] < M
 // and g[n, j, :] = grad_out[n, :] (combined, stride_j = 0) or grad_out[n, j, :] (per member):
 //

@@ -55,5 +55,7 @@ for pid in "${pids[@]}"; do wait "$pid"; done
 "$CXX" -shared "${kernel_flags[@]}" "$tmp/bindings.o" "${objs[@]}" -o "$tmp/saefast_emu.so" \
     -L"$torch_lib" -ltorch -ltorch_cpu -lc10 -Wl,-rpath,"$torch_lib" -Wl,--no-undefined
 echo "emu: running $here/test_emulated.py"
+# The Triton reference kernels are imported from the source folder kernels/ as `saefast_triton`, not as
+# saefast.kernels: importing saefast would load saefast._C, which registers the op namespace this library registers.
 env "${run_env[@]}" SAEFAST_EMU_LIB="$tmp/saefast_emu.so" TRITON_INTERPRET=1 \
-    PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" "$here/test_emulated.py"
+    PYTHONPATH="$root/kernels${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" "$here/test_emulated.py"

@@ -1,10 +1,11 @@
 """The CUDA ops of csrc/cuda_bindings.cpp, run on CPU tensors with the kernels under the host emulation (run.sh).
 
-References: float64 torch for grouped_mm and the sparse decode family (the contracts of kernels/sparse_decode.py and
-kernels/sparse_decode_backward.py, including dropped slots: masked or out-of-range indices, NaN values there); the
-Triton kernels of kernels/topk_encode.py in Triton's interpreter for the encoders (integer-valued inputs, so every
-fp32 sum is exact and both sides must agree bit for bit, ties and padding included). Not a pytest module: run.sh runs
-it as a script (SAEFAST_EMU_LIB = the library it built).
+References: float64 torch for grouped_mm and the sparse decode family (the contracts of
+kernels/saefast_triton/sparse_decode.py and kernels/saefast_triton/sparse_decode_backward.py, including dropped slots:
+masked or out-of-range indices, NaN values there); the Triton kernels of kernels/saefast_triton/topk_encode.py (imported
+as ``saefast_triton``, not through saefast) in Triton's interpreter for the encoders (integer-valued inputs, so every
+fp32 sum is exact and both sides must agree bit for bit, ties and padding included). Not a pytest module: run.sh runs it
+as a script (SAEFAST_EMU_LIB = the library it built).
 """
 
 from __future__ import annotations
@@ -165,7 +166,7 @@ def integer_problem(N, D, J, M):
 
 
 def test_encoders():
-    from kernels.topk_encode import threshold_encode, topk_encode
+    from saefast_triton.topk_encode import threshold_encode, topk_encode  # kernels/ on PYTHONPATH (run.sh)
 
     global checks
     for N, D, J, M, k, aux_k in [(7, 5, 3, 40, 4, 3), (1, 3, 1, 1, 1, 1), (33, 8, 2, 70, 70, 70), (0, 4, 2, 9, 2, 2)]:

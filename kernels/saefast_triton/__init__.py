@@ -1,4 +1,7 @@
-"""Triton kernels of saefast, installed as ``saefast.kernels`` (never as a top-level ``kernels`` module).
+"""Triton kernels of saefast, installed as ``saefast.kernels`` (source folder ``kernels/saefast_triton/``).
+
+``kernels/`` itself has no ``__init__.py`` on purpose: a regular package there would shadow PyPI's ``kernels``
+(a dependency of transformers ≥ 5) for anything run from the repository root.
 
 One file per kernel family, each launcher documenting its exact contract against :mod:`saefast.ref`:
 
