@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # saefast as a library, not only as an editable checkout:
 #   1. build the wheel as a user would (pip wheel --no-build-isolation, against the build venv's torch);
-#   2. check what it carries: the compiled extension saefast/_C*.so, every Triton source of kernels/saefast_triton/
-#      as saefast/kernels/, and no top-level module but saefast (a top-level `kernels` would shadow PyPI's);
+#   2. check what it carries: every module of saefast/, the compiled extension saefast/_C*.so, every Triton source
+#      of kernels/saefast_triton/ as saefast/kernels/, and no top-level module but saefast (a top-level `kernels`
+#      would shadow PyPI's);
 #   3. install it into a clean venv (torch first, then the wheel with its core dependencies only, versions from the
 #      constraints file) and use it from a directory outside the repository: saefast imports from that venv, its
 #      native backend loads and agrees with the torch backend, saefast.kernels holds the Triton files, and the
@@ -45,11 +46,15 @@ names = zipfile.ZipFile(sys.argv[1]).namelist()
 kernels = sorted(p.name for p in pathlib.Path("kernels/saefast_triton").glob("*.py"))
 missing = [f"saefast/kernels/{k}" for k in kernels if f"saefast/kernels/{k}" not in names]
 assert "topk_encode.py" in kernels and not missing, f"the wheel lacks Triton sources: {missing}"
+modules = sorted(str(p) for p in pathlib.Path("saefast").rglob("*.py"))
+absent = [m for m in modules if m not in names]
+assert not absent, f"the wheel lacks these modules (a subpackage missing from pyproject's packages?): {absent}"
 extension = [n for n in names if n.startswith("saefast/_C.") and n.endswith(".so")]
 assert len(extension) == 1, f"the wheel should carry one compiled saefast/_C*.so, found {extension}"
 top = sorted({n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")})
 assert top == ["saefast"], f"the wheel installs top-level names other than saefast: {top}"
-print(f"check_wheel: contents ok ({len(names)} files: {extension[0]}, saefast/kernels/ x {len(kernels)})")
+print(f"check_wheel: contents ok ({len(names)} files: {len(modules)} modules of saefast/, {extension[0]}, "
+      f"saefast/kernels/ x {len(kernels)})")
 EOF
 
 "$BASE_PYTHON" -m venv "$tmp/venv"

@@ -85,9 +85,9 @@ def _steps(N: int, D: int, J: int, M: int, K: int, dtype: torch.dtype):
             x, W_enc, b_enc, b_dec, W_dec = params()
             dead = _meta(J, M, dtype=torch.bool) if with_aux else None
             codes, aux = ops.topk_encode(x, W_enc, b_enc, b_dec, k, dead, aux_k if with_aux else 0, backend="triton")
-            loss = ops.decode_members(codes, W_dec, "triton").float().sum()
+            loss = ops.decode_members_sparse(codes, W_dec, "triton").float().sum()
             if aux is not None:
-                loss = loss + ops.decode_members(aux, W_dec, "triton").float().sum()
+                loss = loss + ops.decode_members_sparse(aux, W_dec, "triton").float().sum()
             _backward(loss, deterministic)
             ops.remove_parallel_grad_(W_dec.detach(), W_dec.grad, "triton")
         return run
@@ -102,7 +102,7 @@ def _steps(N: int, D: int, J: int, M: int, K: int, dtype: torch.dtype):
         x, W_enc, b_enc, b_dec, W_dec = params()
         bias = ops.folded_bias(W_enc, b_enc, b_dec).float()
         values, indices, _, _ = torch.ops.saefast.threshold_encode(x, W_enc, bias, _meta(J, M), capacity)
-        ops.decode_members(ops.SparseCodes(values, indices, M), W_dec, "triton").float().sum().backward()
+        ops.decode_members_sparse(ops.SparseCodes(values, indices, M), W_dec, "triton").float().sum().backward()
 
     yield f"topk k={K} + AuxK aux_k={aux_k}", topk(min(K, aux_k), True, False)
     yield f"topk k={K}, deterministic backward", topk(K, False, True)

@@ -42,7 +42,7 @@ def _prepared(shape: bench.Shape, case_name: str) -> tuple[bench.Case, list, obj
     return case, inputs, bench.reference_output(case, inputs[0])
 
 
-@pytest.mark.parametrize("backend", bench.BACKENDS)
+@pytest.mark.parametrize("backend", bench.IMPLEMENTATIONS)
 @pytest.mark.parametrize("case", bench.CASES)
 @pytest.mark.parametrize("shape", bench.PRESETS[PRESET], ids=lambda shape: shape.name.replace(" ", "_"))
 def test_case(benchmark, shape: bench.Shape, case: str, backend: str) -> None:
@@ -50,7 +50,7 @@ def test_case(benchmark, shape: bench.Shape, case: str, backend: str) -> None:
     if reason:
         pytest.skip(reason)
     built, inputs, want = _prepared(shape, case)
-    problem, peak_mem = bench.guard(built, backend, inputs[0], want, bench._DTYPES[shape.dtype], DEVICE)
+    problem, peak_mem = bench.guard(built, backend, inputs[0], want, bench.DTYPES[shape.dtype], DEVICE)
     if problem and problem.startswith("NotImplementedError"):
         pytest.skip(problem)
     assert problem is None, f"{backend} on {case} ({shape.name}): {problem}"

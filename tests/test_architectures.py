@@ -135,7 +135,7 @@ def test_topk_l0_is_k_when_preactivations_are_positive():
     assert ((dense != 0).sum(1) == 5).all()
     assert (codes.l0() == 5).all()
     # training reports the same L0
-    terms, _ = sae._terms(x, ALL)
+    terms, _ = sae.training_terms(x, ALL)
     assert_close(terms.l0, torch.tensor([5.0]), atol=0)
 
 
@@ -230,9 +230,9 @@ def test_batchtopk_threshold_first_update_then_ema():
     _, s1 = hand_batchtopk(hand_pre(x1, p["W_enc"], p["b_enc"], p["b_dec"]), 2)
     _, s2 = hand_batchtopk(hand_pre(x2, p["W_enc"], p["b_enc"], p["b_dec"]), 2)
     assert s1 > 0 and abs(s1 - s2) > 1e-3
-    sae._terms(x1, ALL)
+    sae.training_terms(x1, ALL)
     assert_close(sae.threshold, torch.full((9,), s1), atol=1e-6)
-    sae._terms(x2, ALL)
+    sae.training_terms(x2, ALL)
     assert_close(sae.threshold, torch.full((9,), (1 - beta) * s1 + beta * s2), atol=1e-6)
 
 
@@ -311,7 +311,7 @@ def test_relu_forward_and_decoder_norm_weighted_l1():
     assert_close(sae.reconstruct(x), xhat, atol=1e-5)
 
     sae.train()
-    terms, zz = sae._terms(x, ALL)
+    terms, zz = sae.training_terms(x, ALL)
     l1 = lam * sum(z[n][i] * float(norms[i]) for n in range(9) for i in range(10)) / 9
     xd = x.double()
     fvu = ((xd - xhat) ** 2).sum() / ((xd - xd.mean(0)) ** 2).sum()
@@ -330,7 +330,7 @@ def test_relu_loss_gradient_matches_hand_formula():
     p = random_params(sae, seed=32, dec_norms=(0.5, 2.0))
     x = data(10, 6, seed=33)
     sae.train()
-    terms, _ = sae._terms(x, ALL)
+    terms, _ = sae.training_terms(x, ALL)
     terms.loss.backward()
     W_enc, W_dec, b_dec = p["W_enc"], p["W_dec"], p["b_dec"]
     pre = T(hand_pre(x, W_enc, p["b_enc"], b_dec))
@@ -435,7 +435,7 @@ def test_jumprelu_model_forward_and_backward():
     assert_close(sae.reconstruct(x), xhat, atol=1e-5)
 
     sae.train()
-    terms, _ = sae._terms(x, ALL)
+    terms, _ = sae.training_terms(x, ALL)
     N = 16
     V = ((xd - xd.mean(0)) ** 2).sum()
     fvu = ((xd - xhat) ** 2).sum() / V
@@ -489,7 +489,7 @@ def test_auxk_loss_matches_hand_value():
     sae, p, x = _auxk_setup(aux_k=3, dead=dead)
     aux, fvu, zaux = _hand_aux(p, x, dead, aux_k=3)
     assert any(v > 0 for row in zaux for v in row)
-    terms, _ = sae._terms(x, ALL)
+    terms, _ = sae.training_terms(x, ALL)
     assert_close(terms.aux, torch.tensor([aux]), atol=1e-5)
     assert_close(terms.fvu, torch.tensor([fvu]), atol=1e-5)
     assert_close(terms.loss, torch.tensor(fvu + 0.5 * aux), atol=1e-5)
@@ -499,7 +499,7 @@ def test_auxk_with_fewer_dead_latents_than_aux_k_uses_those():
     dead = [3, 7]
     sae, p, x = _auxk_setup(aux_k=5, dead=dead)
     aux, _, _ = _hand_aux(p, x, dead, aux_k=5)
-    terms, _ = sae._terms(x, ALL)
+    terms, _ = sae.training_terms(x, ALL)
     assert_close(terms.aux, torch.tensor([aux]), atol=1e-5)
 
 
@@ -516,13 +516,13 @@ def test_auxk_batchtopk_also_uses_dead_latents():
         zaux.append([max(row[i], 0.0) if i in keep else 0.0 for i in range(13)])
     ehat = hand_decode(zaux, p["W_dec"], torch.zeros_like(p["b_dec"]))
     aux = ((e - ehat) ** 2).sum() / ((e - e.mean(0)) ** 2).sum()
-    terms, _ = sae._terms(x, ALL)
+    terms, _ = sae.training_terms(x, ALL)
     assert_close(terms.aux, aux.reshape(1), atol=1e-5)
 
 
 def test_auxk_is_zero_without_dead_latents():
     sae, p, x = _auxk_setup(aux_k=3, dead=[])
-    terms, _ = sae._terms(x, ALL)
+    terms, _ = sae.training_terms(x, ALL)
     assert_close(terms.aux, torch.zeros(1), atol=0)
     _, fvu, _ = _hand_aux(p, x, [], aux_k=3)
     assert_close(terms.loss, torch.tensor(fvu), atol=1e-5)
@@ -531,7 +531,7 @@ def test_auxk_is_zero_without_dead_latents():
 def test_auxk_gradient_reaches_dead_latents():
     dead = [1, 4, 6, 9, 11]
     sae, p, x = _auxk_setup(aux_k=3, dead=dead)
-    terms, codes = sae._terms(x, ALL)
+    terms, codes = sae.training_terms(x, ALL)
     z = codes.to_dense().view(x.shape[0], 1, -1)
     terms.loss.backward()
     alive_unselected = [i for i in range(13) if i not in dead and not bool((z[:, 0, i] != 0).any())]
@@ -548,11 +548,11 @@ def test_record_firing_counts_tokens_since_fired():
     z[0, 0, 1] = 0.5
     z[3, 0, 6] = 2.0
     z[2, 0, 2] = -1.0  # any non-zero counts as firing
-    sae._record_firing(z, ALL)
+    sae.record_firing_(z, ALL)
     assert sae.tokens_since_fired.tolist() == [4, 0, 0, 4, 6, 5, 0]
     # the same firing pattern as sparse codes (padding slots of value 0 never count)
     set_params(sae, tokens_since_fired=torch.tensor([0, 3, 10, 0, 2, 1, 100]))
-    sae._record_firing(SparseCodes.from_dense(z), ALL)
+    sae.record_firing_(SparseCodes.from_dense(z), ALL)
     assert sae.tokens_since_fired.tolist() == [4, 0, 0, 4, 6, 5, 0]
 
 
@@ -603,7 +603,7 @@ def test_project_decoder_grad_removes_parallel_component():
     grad = torch.randn(9, 6, generator=g)
     set_params(sae, W_dec=W)
     sae.W_dec.grad = grad.clone()
-    sae._project_decoder_grad(ALL)
+    sae.project_decoder_grad_(ALL)
     after = sae.W_dec.grad.double()
     Wd = W.double()
     assert_close((after * Wd).sum(1), torch.zeros(9, dtype=torch.float64), atol=1e-6)
@@ -614,7 +614,7 @@ def test_project_decoder_grad_removes_parallel_component():
 
     off = make_sae("relu", d_in=6, n_latents=9, normalize_decoder=False)
     off.W_dec.grad = grad.clone()
-    off._project_decoder_grad(ALL)
+    off.project_decoder_grad_(ALL)
     assert torch.equal(off.W_dec.grad, grad)
 
 
@@ -622,7 +622,7 @@ def test_normalize_decoder_rows():
     sae = make_sae("relu", d_in=5, n_latents=7)
     W = torch.randn(7, 5) * torch.arange(1, 8).float()[:, None]
     set_params(sae, W_dec=W)
-    sae._normalize_decoder(ALL)
+    sae.normalize_decoder_(ALL)
     assert_close(sae.W_dec.detach(), W / W.norm(dim=1, keepdim=True), atol=1e-6)
 
 
@@ -630,15 +630,15 @@ def test_init_b_dec_mean_and_geometric_median_direct():
     x = data(21, 6, seed=61)
     sae = make_sae("topk", d_in=6, n_latents=8, k=2, b_dec_init="mean")
     assert not bool(sae.b_dec_initialized)
-    sae._init_b_dec(x, ALL)
+    sae.init_b_dec_(x, ALL)
     assert_close(sae.b_dec, x.double().mean(0), atol=1e-6)
     assert bool(sae.b_dec_initialized)
     gm = make_sae("topk", d_in=6, n_latents=8, k=2, b_dec_init="geometric_median")
-    gm._init_b_dec(x, ALL)
+    gm.init_b_dec_(x, ALL)
     assert_close(gm.b_dec, ref.geometric_median(x), atol=1e-6)
     z = make_sae("topk", d_in=6, n_latents=8, k=2, b_dec_init="zeros")
     set_params(z, b_dec=torch.ones(6))
-    z._init_b_dec(x, ALL)
+    z.init_b_dec_(x, ALL)
     assert (z.b_dec == 0).all()
 
 

@@ -43,7 +43,7 @@ def test_report_schema_and_unavailable_backends():
 
 
 def test_guard_reports_a_wrong_or_failing_backend(monkeypatch):
-    build = bench._BUILDERS["forward"]
+    build = bench.cases.BUILDERS["forward"]
 
     def broken(shape, device, dtype):
         case = build(shape, device, dtype)
@@ -52,7 +52,7 @@ def test_guard_reports_a_wrong_or_failing_backend(monkeypatch):
         case.fns["compile"] = lambda x: (_ for _ in ()).throw(RuntimeError("kernel exploded"))
         return case
 
-    monkeypatch.setitem(bench._BUILDERS, "forward", broken)
+    monkeypatch.setitem(bench.cases.BUILDERS, "forward", broken)
     report = bench.run_benchmarks("tiny", cases=["forward"], backends=["eager_loop", "eager_stacked", "native",
                                                                        "compile"], repeats=1)
     rows = {row["backend"]: row for row in report["results"]}
@@ -84,19 +84,19 @@ def test_codes_check_tolerates_a_rare_swap_but_not_wrong_codes():
     gen = torch.Generator().manual_seed(0)
     values = torch.rand(200, 2, 8, generator=gen).sort(-1, descending=True).values
     indices = torch.stack([torch.randperm(50, generator=gen)[:8] for _ in range(400)]).view(200, 2, 8)
-    assert bench._codes_check((values, indices), (values, indices), 1e-4) is None
+    assert bench.cases.check_codes((values, indices), (values, indices), 1e-4) is None
     # codes in another slot order are the same codes
-    assert bench._codes_check((values.flip(-1), indices.flip(-1)), (values, indices), 1e-4) is None
+    assert bench.cases.check_codes((values.flip(-1), indices.flip(-1)), (values, indices), 1e-4) is None
     one_swap = indices.clone()
     one_swap[0, 0, -1] = next(i for i in range(50) if i not in indices[0, 0].tolist())  # 1 of 3200 slots
-    assert bench._codes_check((values, one_swap), (values, indices), 1e-4) is None
+    assert bench.cases.check_codes((values, one_swap), (values, indices), 1e-4) is None
     shuffled = indices[torch.randperm(200, generator=gen)]
-    assert "selected latents differ" in bench._codes_check((values, shuffled), (values, indices), 1e-4)
-    assert "code values differ" in bench._codes_check((values * 1.01, indices), (values, indices), 1e-4)
+    assert "selected latents differ" in bench.cases.check_codes((values, shuffled), (values, indices), 1e-4)
+    assert "code values differ" in bench.cases.check_codes((values * 1.01, indices), (values, indices), 1e-4)
 
 
 def test_guard_on_the_encode_case_reports_wrong_codes(monkeypatch):
-    build = bench._BUILDERS["encode"]
+    build = bench.cases.BUILDERS["encode"]
 
     def broken(shape, device, dtype):
         case = build(shape, device, dtype)
@@ -109,7 +109,7 @@ def test_guard_on_the_encode_case_reports_wrong_codes(monkeypatch):
         case.fns["native"] = shifted
         return case
 
-    monkeypatch.setitem(bench._BUILDERS, "encode", broken)
+    monkeypatch.setitem(bench.cases.BUILDERS, "encode", broken)
     report = bench.run_benchmarks("tiny", cases=["encode"], backends=["eager_stacked", "native"], repeats=1)
     rows = {row["backend"]: row for row in report["results"]}
     assert rows["eager_stacked"]["ok"]

@@ -62,15 +62,15 @@ def untie_encoder(model, seed: int) -> None:
 
 
 def record_inputs(model) -> list[torch.Tensor]:
-    """Spy on the training step: every ``x_in`` that ``_terms`` reads, in order."""
+    """Spy on the training step: every ``x_in`` that ``training_terms`` reads, in order."""
     seen: list[torch.Tensor] = []
-    terms = model._terms
+    terms = model.training_terms
 
     def spy(x_in, *args, **kwargs):
         seen.append(x_in.detach().clone())
         return terms(x_in, *args, **kwargs)
 
-    model._terms = spy
+    model.training_terms = spy
     return seen
 
 
@@ -117,9 +117,9 @@ def test_terms_with_per_member_inputs_equal_each_member_on_its_own_input(activat
     bag = sf.Ensemble.bagging(cfg, members=3, seed=1)
     untie_encoder(bag, seed=2)
     x = torch.stack([data(10, 8, seed=3 + j) for j in range(3)], dim=1)  # [N, J, D]
-    terms, _ = bag._terms(x)
+    terms, _ = bag.training_terms(x)
     for j in range(3):
-        lone_terms, _ = bag.member(j)._terms(x[:, j])
+        lone_terms, _ = bag.member(j).training_terms(x[:, j])
         for field in ("fvu", "aux", "sparsity", "l0"):
             assert_close(getattr(terms, field)[j], getattr(lone_terms, field)[0], atol=1e-5, msg=field)
 
@@ -231,7 +231,7 @@ def test_chains_are_stored_stage_major_and_seeded_per_chain():
     ens = sf.Ensemble.boosting(cfg, members=J, seed=4, chains=C)
     assert ens.members == J and ens.chains == C and ens.chain_seeds == (4, 7)
     assert ens.W_dec.shape == (C * J, 12, 8) and ens.b_dec.shape == (C * J, 8) and ens.n_latents_total == C * J * 12
-    assert ens._stages() == [slice(0, 2), slice(2, 4), slice(4, 6)]
+    assert ens.stages() == [slice(0, 2), slice(2, 4), slice(4, 6)]
     for j in range(J):
         for c in range(C):
             assert torch.equal(ens.W_dec[j * C + c], sf.SAE(cfg, seed=4 + c * J + j).W_dec)
@@ -306,7 +306,7 @@ def test_each_chain_stage_reads_its_own_residual():
             r1 = batches[0] - ens.chain(c).head(1).reconstruct(batches[0])
         assert_close(ens.b_dec[1 * C + c], r1.double().mean(0), atol=0.05)
     with torch.no_grad():
-        r = ens._stage_input(batches[1], J - 1)
+        r = ens.stage_input(batches[1], J - 1)
     assert r.shape == (20, C, 8)
 
 
@@ -430,11 +430,11 @@ def test_wrong_per_member_input_shapes_raise_before_compute():
     for bad in (torch.zeros(5, 2, 8), torch.zeros(5, 3, 7), torch.zeros(0, 3, 8), torch.zeros(5, 3, 8, 1),
                 torch.zeros(5, 7)):
         with pytest.raises(ValueError, match=r"shared \[N, 8\] or per member \[N, 3, 8\]"):
-            bag._terms(bad)
+            bag.training_terms(bad)
     with pytest.raises(ValueError, match=r"per member \[N, 1, 8\]"):
-        bag._terms(torch.zeros(5, 3, 8), slice(1, 2))
+        bag.training_terms(torch.zeros(5, 3, 8), slice(1, 2))
     with pytest.raises(ValueError, match=r"per member \[N, 2, 8\]"):
-        bag._init_b_dec(torch.zeros(5, 3, 8), slice(0, 2))
+        bag.init_b_dec_(torch.zeros(5, 3, 8), slice(0, 2))
     with pytest.raises(ValueError, match=r"must be shared \[N, 8\] for"):
-        sf.SAE(cfg)._terms(torch.zeros(5, 1, 8))  # an SAE's groups reconstruct one input together
+        sf.SAE(cfg).training_terms(torch.zeros(5, 1, 8))  # an SAE's groups reconstruct one input together
     assert not bool(bag.b_dec_initialized.any())

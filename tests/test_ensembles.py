@@ -275,7 +275,7 @@ def test_init_b_dec_on_ensemble_member_slice():
     cfg = cfg_for("relu", d_in=6, n_latents=8, b_dec_init="mean")
     ens = sf.Ensemble.boosting(cfg, members=3)
     x = data(12, 6, seed=51)
-    ens._init_b_dec(x, slice(1, 2))
+    ens.init_b_dec_(x, slice(1, 2))
     assert_close(ens.b_dec[1], x.double().mean(0), atol=1e-6)
     assert (ens.b_dec[0] == 0).all() and (ens.b_dec[2] == 0).all()
     assert ens.b_dec_initialized.tolist() == [False, True, False]
@@ -415,6 +415,6 @@ def test_boosting_stages_train_on_the_inference_residual_of_batchtopk_stages():
     stage0 = boost.member(0)
     stage0.eval()
     expected = x - stage0.reconstruct(x)
-    torch.testing.assert_close(boost._stage_input(x, 1), expected, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(boost.stage_input(x, 1), expected, atol=1e-6, rtol=1e-6)
     stage0.train()
     assert not torch.allclose(x - stage0.reconstruct(x), expected, atol=1e-4)

@@ -6,7 +6,7 @@ while the host queues what follows; so does ``tolist``/``numpy``/``cpu`` of a GP
 those ops through a ``TorchDispatchMode`` (and the three methods through a ``TorchFunctionMode``), so the number
 of syncs a step would make on a GPU is checked here on CPU. Not counted: torch.optim's reads of its step counters
 (host tensors on every device), the finiteness check of a batch (batches arrive on the host), and the read of a
-pinned host copy made a step earlier (``saefast.train._read_host_copy``).
+pinned host copy made a step earlier (``saefast.training.dead_count.DeadCountAhead._read_host_copy``).
 """
 
 from __future__ import annotations
@@ -118,10 +118,10 @@ def test_a_topk_step_does_not_sync(backend, aux_coef):
     cfg = sf.SAEConfig(d_in=24, n_latents=192, k=4, dead_after_tokens=48, aux_coef=aux_coef)
     model = sf.Ensemble.bagging(cfg, members=3, seed=0)
     _warm(model, backend)
-    assert bool(model._dead(slice(None)).any()), "the warm-up should leave dead latents"
+    assert bool(model.dead_latents(slice(None)).any()), "the warm-up should leave dead latents"
     counts = _syncs_of_training(model, _batches(), steps=4, backend=backend)
-    expected = {"_fused_codes": 1} if aux_coef else {}
-    expected["_b_dec_ready"] = 1
+    expected = {"_encode": 1} if aux_coef else {}
+    expected["b_dec_ready"] = 1
     expected["_log"] = 1  # the logged step: its metrics in one transfer
     assert dict(counts) == expected
 
@@ -135,7 +135,7 @@ def test_per_member_inputs_take_the_dead_count_bound_too(monkeypatch):
     model = sf.Ensemble.bagging(cfg, members=2, seed=0)
     _warm(model, "triton")
     counts = _syncs_of_training(model, _batches(), steps=3, backend="triton", bootstrap=True)
-    assert dict(counts) == {"_fused_codes": 1, "_b_dec_ready": 1, "_log": 1}
+    assert dict(counts) == {"_encode": 1, "b_dec_ready": 1, "_log": 1}
 
 
 def test_batches_of_dead_after_tokens_or_more_read_the_exact_count():
@@ -145,14 +145,14 @@ def test_batches_of_dead_after_tokens_or_more_read_the_exact_count():
     model = sf.Ensemble.bagging(cfg, members=2, seed=0)
     _warm(model, "triton")
     counts = _syncs_of_training(model, _batches(), steps=3, backend="triton")
-    assert dict(counts) == {"_fused_codes": 3, "_b_dec_ready": 1, "_log": 1}
+    assert dict(counts) == {"_encode": 3, "b_dec_ready": 1, "_log": 1}
 
 
 def test_boosting_reads_the_b_dec_flags_once_per_stage():
     cfg = sf.SAEConfig(d_in=24, n_latents=32, k=3, aux_coef=0.0, b_dec_init="mean")  # the median iterates on the host
     model = sf.Ensemble.boosting(cfg, members=2, seed=0)
     counts = _syncs_of_training(model, _batches(), steps=3, backend="triton")
-    assert dict(counts) == {"_b_dec_ready": 2, "_log": 2}  # one logged step per stage
+    assert dict(counts) == {"b_dec_ready": 2, "_log": 2}  # one logged step per stage
 
 
 @pytest.mark.parametrize("activation, check", [("batchtopk", "batchtopk_encode"), ("jumprelu", "jumprelu_encode")])
@@ -162,8 +162,8 @@ def test_capacity_checks_sync_once_per_step(activation, check):
     model = sf.SAE(cfg, seed=0)
     _warm(model, "triton")
     counts = _syncs_of_training(model, _batches(), steps=3, backend="triton")
-    first_step = {"_fused_codes": 1} if activation == "batchtopk" else {}  # AuxK's exact dead count
-    assert dict(counts) == {check: 3, "_b_dec_ready": 1, "_log": 1, **first_step}
+    first_step = {"_encode": 1} if activation == "batchtopk" else {}  # AuxK's exact dead count
+    assert dict(counts) == {check: 3, "b_dec_ready": 1, "_log": 1, **first_step}
 
 
 @pytest.mark.parametrize("backend", ["triton", "native"])
@@ -195,18 +195,18 @@ def test_the_counter_sees_host_reads():
 def test_the_dead_count_bound_bounds_the_count_and_changes_nothing(backend, monkeypatch):
     """The bound a step issues for the next is ≥ that step's exact largest dead count (strictly, at times: it
     counts latents that then fire), and training on it gives the model that the exact counts give."""
-    from saefast.dictionary import SparseDictionary
-    from saefast.train import _DeadCountAhead
+    from saefast.models import SparseDictionary
+    from saefast.training.dead_count import DeadCountAhead
 
     cfg = sf.SAEConfig(d_in=24, n_latents=64, k=4, dead_after_tokens=64, aux_k=6)  # dead: unfired for 2 batches
     seen = []
-    fused_codes = SparseDictionary._fused_codes
+    encode = SparseDictionary._encode
 
-    def spy(self, x_in, P, members, backend, aux, training, max_dead=None):
-        seen.append((max_dead, int(self._dead(members).sum(-1).max())))
-        return fused_codes(self, x_in, P, members, backend, aux, training, max_dead)
+    def spy(self, x_in, P, members, backend, training, aux, max_dead=None):
+        seen.append((max_dead, int(self.dead_latents(members).sum(-1).max())))
+        return encode(self, x_in, P, members, backend, training, aux, max_dead)
 
-    monkeypatch.setattr(SparseDictionary, "_fused_codes", spy)
+    monkeypatch.setattr(SparseDictionary, "_encode", spy)
     bounded, exact = sf.Ensemble.bagging(cfg, members=2, seed=0), sf.Ensemble.bagging(cfg, members=2, seed=0)
     batches = _batches(count=8)
     sf.train(bounded, batches, steps=8, backend=backend, progress=False)
@@ -214,7 +214,7 @@ def test_the_dead_count_bound_bounds_the_count_and_changes_nothing(backend, monk
     assert all(bound >= count for bound, count in seen[1:]), seen
     assert any(bound > count > 0 for bound, count in seen[1:]), seen
 
-    monkeypatch.setattr(_DeadCountAhead, "take", lambda self: None)  # the exact count every step
+    monkeypatch.setattr(DeadCountAhead, "take", lambda self: None)  # the exact count every step
     sf.train(exact, batches, steps=8, backend=backend, progress=False)
     for name, value in exact.state_dict().items():
         torch.testing.assert_close(bounded.state_dict()[name], value, atol=1e-6, rtol=0, msg=name)

@@ -151,7 +151,7 @@ def test_topk_encode_past_the_register_limits_matches_reference(M, k, aux_k, chu
     from saefast.kernels import topk_encode as kernel
 
     if chunk is not None:
-        monkeypatch.setattr(ops, "CHUNK_LATENTS", chunk)
+        monkeypatch.setattr(ops.topk_chunks, "CHUNK_LATENTS", chunk)
         monkeypatch.setattr(kernel, "MAX_K_FP32", 16)
         monkeypatch.setattr(kernel, "MAX_K_WITH_AUX", 16)
     N, J, D = 9, 3, 20
@@ -359,7 +359,7 @@ def test_training_on_a_fused_backend_matches_the_torch_backend(activation, kind,
 @pytest.mark.parametrize(("N", "J", "M", "D", "k", "capacity", "overflows"),
                          [(24, 3, 40, 16, 3, 4, False), (16, 2, 32, 12, 4, 1, True), (9, 2, 12, 8, 4, 4, False)])
 def test_batchtopk_encode_matches_reference(N, J, M, D, k, capacity, overflows, monkeypatch):
-    monkeypatch.setattr(ops, "_capacity_warned", False)
+    monkeypatch.setattr(ops.encode, "_capacity_warned", False)
     W_enc, b_enc, _, b_dec = random_stack(J, M, D, seed=N + M)
     x = rand(N, D)
     # Spread the per-token scale so the batch top-k is uneven across rows (some rows keep more than k; with the
@@ -390,7 +390,7 @@ def test_batchtopk_encode_matches_reference(N, J, M, D, k, capacity, overflows, 
 
 @needs_triton
 def test_batchtopk_capacity_warning_is_shown_once(monkeypatch):
-    monkeypatch.setattr(ops, "_capacity_warned", False)
+    monkeypatch.setattr(ops.encode, "_capacity_warned", False)
     W_enc, b_enc, _, b_dec = random_stack(2, 32, 12, seed=4)
     x = rand(16, 12) * torch.linspace(0.2, 3.0, 16, device=DEVICE).unsqueeze(1)
     with pytest.warns(RuntimeWarning, match="exceeded its capacity") as record:
@@ -402,7 +402,7 @@ def test_batchtopk_capacity_warning_is_shown_once(monkeypatch):
 @needs_triton
 @pytest.mark.parametrize(("capacity", "overflows"), [(4, False), (1, True)])
 def test_threshold_encode_matches_reference(capacity, overflows, monkeypatch):
-    monkeypatch.setattr(ops, "_capacity_warned", False)
+    monkeypatch.setattr(ops.encode, "_capacity_warned", False)
     N, J, M, D, k = 14, 3, 36, 12, 3
     W_enc, b_enc, _, b_dec = random_stack(J, M, D, seed=11)
     x = rand(N, D)
@@ -464,7 +464,7 @@ def _assert_jumprelu_matches_reference(leaves, codes, l0, eps, l0_weights):
 def test_jumprelu_encode_matches_reference_forward_and_backward(shared_b_dec, monkeypatch):
     import warnings
 
-    monkeypatch.setattr(ops, "_capacity_warned", False)
+    monkeypatch.setattr(ops.encode, "_capacity_warned", False)
     N, J, M, D, eps = 16, 3, 40, 12, 0.2
     x, W_enc, b_enc, b_dec, log_threshold = _jumprelu_case(N, J, M, D, seed=21, bandwidth=eps)
     if shared_b_dec:
@@ -480,7 +480,7 @@ def test_jumprelu_encode_matches_reference_forward_and_backward(shared_b_dec, mo
 
 @needs_triton
 def test_jumprelu_encode_falls_back_exactly_past_its_capacity(monkeypatch):
-    monkeypatch.setattr(ops, "_capacity_warned", False)
+    monkeypatch.setattr(ops.encode, "_capacity_warned", False)
     N, J, M, D, eps = 10, 2, 24, 8, 0.2
     x, W_enc, b_enc, b_dec, log_threshold = _jumprelu_case(N, J, M, D, seed=22, bandwidth=eps)
     leaves = [t.clone().requires_grad_(True) for t in (x, W_enc, b_enc, b_dec, log_threshold)]

@@ -13,9 +13,11 @@ import torch
 from conftest import assert_close
 
 import saefast as sf
-import saefast.store as st
-from saefast.store import ActivationStore, StoreError, StoreWriter, write_store
-from saefast.synthetic import SyntheticSparseData
+import saefast.data.store as st
+import saefast.data.store.writer as store_writer
+from saefast.data.store import ActivationStore, StoreError, StoreWriter, write_store
+from saefast.data.store.reader import ShardFiles
+from saefast.data.synthetic import SyntheticSparseData
 
 SIZES = [37, 5, 1, 64, 23, 70]  # ragged shards: 200 rows
 
@@ -208,7 +210,7 @@ def test_prefetch_thread_propagates_errors_and_never_leaks(tmp_path, monkeypatch
     assert threading.active_count() == baseline
 
     calls = {"n": 0}
-    original = st._Shards.array
+    original = ShardFiles.array
 
     def failing(self, shard, name):
         calls["n"] += 1
@@ -216,7 +218,7 @@ def test_prefetch_thread_propagates_errors_and_never_leaks(tmp_path, monkeypatch
             raise RuntimeError("disk on fire")
         return original(self, shard, name)
 
-    monkeypatch.setattr(st._Shards, "array", failing)
+    monkeypatch.setattr(ShardFiles, "array", failing)
     with pytest.raises(RuntimeError, match="disk on fire"):
         list(store.batches(4, shuffle_buffer=10, block_rows=5))
     assert threading.active_count() == baseline
@@ -298,7 +300,7 @@ def test_a_failed_manifest_write_keeps_the_previous_store(tmp_path, monkeypatch)
     def crash(path, data):
         raise OSError("power cut")
 
-    monkeypatch.setattr(st, "atomic_write_bytes", crash)
+    monkeypatch.setattr(store_writer, "atomic_write_bytes", crash)
     with pytest.raises(OSError, match="power cut"):
         writer.append({"h": x[20:]}, state={"k": 2})
     monkeypatch.undo()

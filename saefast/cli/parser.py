@@ -1,0 +1,151 @@
+"""The argument parser of the ``saefast`` command."""
+
+from __future__ import annotations
+
+import argparse
+
+from .commands import (
+    DTYPES,
+    KINDS,
+    run_bench,
+    run_demo,
+    run_eval,
+    run_harvest,
+    run_sharpen,
+    run_train,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``saefast`` command."""
+    parser = argparse.ArgumentParser(prog="saefast", description="Train and apply ensembles of sparse autoencoders.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    h = commands.add_parser("harvest", help="run a model over text and store activations at hook points",
+                            description="Harvest activations from a local/embedded model into an on-disk store "
+                            "(resumes an interrupted harvest into the same --out).")
+    h.add_argument("--model", default="smollm2",
+                   help="'smollm2' (embedded SmolLM2-135M) or a local Hugging Face directory / .gguf file")
+    h.add_argument("--layer", type=int, help="decoder block whose output to store (default: the middle one)")
+    h.add_argument("--hook", action="append", help="module name or glob pattern (repeatable) instead of --layer")
+    h.add_argument("--tokens", type=int, default=100_000, help="token budget (default: 100000)")
+    h.add_argument("--out", required=True, help="store directory")
+    h.add_argument("--text", default="pydoc", help="'pydoc' (the stdlib's pydoc topics) or .txt files/directories, "
+                   "comma-separated")
+    h.add_argument("--context", type=int, default=256, help="tokens per window, BOS included (default: 256)")
+    h.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: 8)")
+    h.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="storage dtype (default: bfloat16)")
+    h.add_argument("--shard-tokens", type=int, default=65_536, help="tokens per shard file (default: 65536)")
+    h.add_argument("--keep-special", action="store_true", help="keep BOS/pad positions (excluded by default)")
+    h.add_argument("--device", default="cpu", help="torch device for the model (default: cpu)")
+    h.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    h.set_defaults(run=run_harvest)
+
+    t = commands.add_parser("train", help="train a single SAE or a bagging/boosting ensemble on a store",
+                            description="Train on an activation store; flags override a JSON/TOML --config file "
+                            "(top-level keys as the flags, plus [sae] SAEConfig and [train] TrainConfig tables).")
+    t.add_argument("--data", help="activation store directory (from `saefast harvest`)")
+    t.add_argument("--out", help="run directory: checkpoint, history.json, run.json")
+    t.add_argument("--config", help="JSON or TOML file of options")
+    t.add_argument("--kind", choices=KINDS, help="single | bagging | boosting (default: single)")
+    t.add_argument("--members", type=int, help="ensemble size J (default: 4)")
+    t.add_argument("--chains", type=int, help="boosting: independent chains of J stages trained at once (default: 1)")
+    t.add_argument("--bootstrap", action="store_true", default=None,
+                   help="single/bagging: each member trains on its own bootstrap resample of every batch")
+    t.add_argument("--latents", type=int, help="latents per SAE / per member (default: 4 × d)")
+    t.add_argument("--k", type=int, help="top-k (default: 32)")
+    t.add_argument("--activation", choices=("topk", "batchtopk", "relu", "jumprelu"), help="default: topk")
+    t.add_argument("--steps", type=int, help="optimizer steps (per stage for boosting; default: 1000)")
+    t.add_argument("--lr", type=float, help="peak learning rate (default: 1e-3)")
+    t.add_argument("--batch-size", type=int, help="tokens per batch (default: 1024)")
+    t.add_argument("--seed", type=int, help="model seed (member j uses seed + j; default: 0)")
+    t.add_argument("--data-seed", type=int, help="seed of the shuffled data order (default: 0)")
+    t.add_argument("--hook", help="which hook of a multi-hook store")
+    t.add_argument("--device", help="torch device (default: cpu)")
+    t.add_argument("--checkpoint-every", type=int, help="also checkpoint every N steps (default: only at the end)")
+    t.add_argument("--resume", action="store_true", help="resume from the checkpoint in --out")
+    t.add_argument("--backend", choices=("auto", "torch", "triton", "native"),
+                   help="op backend (default: auto = triton on CUDA, native on the CPU, else torch)")
+    t.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    t.set_defaults(run=run_train)
+
+    e = commands.add_parser("eval", help="evaluate a trained run on a store",
+                            description="Reconstruction and sparsity metrics of a trained model on stored activations.")
+    e.add_argument("--model", required=True, help="run / checkpoint directory (from `saefast train`)")
+    e.add_argument("--data", required=True, help="activation store directory")
+    e.add_argument("--json", help="write the metrics to this file")
+    e.add_argument("--hook", help="which hook of a multi-hook store")
+    e.add_argument("--start", type=int, help="first token row (default: 0)")
+    e.add_argument("--stop", type=int, help="end token row (default: all)")
+    e.add_argument("--batch-size", type=int, default=4096, help="tokens per batch (default: 4096)")
+    e.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    e.add_argument("--backend", choices=("auto", "torch", "triton", "native"), default="auto",
+                   help="op backend (default: auto)")
+    e.set_defaults(run=run_eval)
+
+    d = commands.add_parser("demo", help="harvest SmolLM2-135M activations; compare single / bagging / boosting",
+                            description="The main job: harvest (or reuse) real activations, train a single SAE, a "
+                            "bagging and a boosting ensemble, print the table, write results.json and members.png.")
+    d.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
+    d.add_argument("--cache", help="activation cache directory (default: OUT/activations)")
+    size = d.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="a small, fast run")
+    size.add_argument("--large", action="store_true", help="a bigger run (4 × d latents, 1000 steps, ~100k tokens)")
+    d.add_argument("--model", help="embedded name or local model path (default: smollm2)")
+    d.add_argument("--layer", type=int, help="decoder block to harvest (default: 15)")
+    d.add_argument("--text", help="'pydoc' or .txt files/directories, comma-separated")
+    d.add_argument("--tokens", type=int, help="training tokens")
+    d.add_argument("--steps", type=int, help="optimizer steps per model (per stage for boosting)")
+    d.add_argument("--members", type=int, help="ensemble size")
+    d.add_argument("--latents", type=int, help="latents per member")
+    d.add_argument("--k", type=int, help="top-k")
+    d.add_argument("--seed", type=int, help="seed")
+    d.add_argument("--no-stability", action="store_true", help="skip the second-seed runs (halves training time)")
+    d.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    d.set_defaults(run=run_demo)
+
+    s = commands.add_parser("sharpen", help="SAE-ception: sharpen a classifier's layer with its SAE, in cycles",
+                            description="Train the task's classifier (baseline), then for each cycle: train an SAE on "
+                            "the hooked layer, pick each class's top-N latents, fine-tune with the cosine loss to the "
+                            "sharpened targets. Prints accuracy and class-structure metrics per cycle.")
+    s.add_argument("--task", choices=("digits", "fortunes"), default="digits",
+                   help="digits: MLP 64-16-16-10 on scikit-learn's 8x8 digits (default); fortunes: SmolLM2-135M on "
+                   "Debian fortunes categories (apt-get install fortunes)")
+    s.add_argument("--out", default="sharpen_out", help="output directory (default: sharpen_out)")
+    s.add_argument("--cycles", type=int, help="sharpening cycles after the baseline (default: 2)")
+    s.add_argument("--target", choices=("class", "complement", "example", "random"),
+                   help="class (SAE-ception, default) or a control: complement mask, per-example top-N, random unit "
+                   "vectors")
+    picks = s.add_mutually_exclusive_group()
+    picks.add_argument("--top-n", type=int, help="latents kept per class (default: 25)")
+    picks.add_argument("--top-percent", type=float, help="instead: this percentage of the latents per class")
+    s.add_argument("--aux-coef", type=float, help="weight λ of the cosine loss (task default)")
+    s.add_argument("--members", type=int, help="SAEs per cycle (an ensemble when > 1; default: 1)")
+    s.add_argument("--combine", choices=("bagging", "boosting"), help="how ensemble members combine")
+    s.add_argument("--epochs", type=int, help="baseline task epochs")
+    s.add_argument("--finetune-epochs", type=int, help="task epochs per cycle")
+    s.add_argument("--sae-steps", type=int, help="SAE optimizer steps per cycle")
+    s.add_argument("--backend", choices=("auto", "torch", "triton", "native"), help="op backend of the SAE work")
+    s.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    s.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    s.set_defaults(run=run_sharpen)
+
+    from ..bench import CASES, IMPLEMENTATIONS, PRESETS
+
+    b = commands.add_parser("bench", help="benchmark the cases on every available backend against eager PyTorch",
+                            description=f"Cases {' / '.join(CASES)} on the implementations "
+                            f"{' / '.join(IMPLEMENTATIONS)}; each is checked against eager before it is timed. Writes "
+                            "JSON, a markdown table and a PNG chart.")
+    b.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small", help="shapes (default: cpu-small)")
+    b.add_argument("--json", help="write the report (JSON) here")
+    b.add_argument("--markdown", help="write the markdown table here")
+    b.add_argument("--png", help="write the bar chart here")
+    b.add_argument("--cases", nargs="+", choices=CASES, help="default: all")
+    b.add_argument("--backends", nargs="+", choices=IMPLEMENTATIONS,
+                   help="implementations to time (default: all; unavailable ones report why)")
+    b.add_argument("--warmup", type=int, default=1, help="untimed calls per backend (default: 1)")
+    b.add_argument("--repeats", type=int, default=5, help="timed calls per backend (default: 5; the median counts)")
+    b.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    b.add_argument("--no-progress", action="store_true", help="do not print the case being run")
+    b.set_defaults(run=run_bench)
+    return parser

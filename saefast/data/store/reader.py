@@ -1,0 +1,302 @@
+"""Reading an activation store: :class:`ActivationStore`, a read-only, memory-mapped view with hash checks."""
+
+from __future__ import annotations
+
+import copy
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ...files import sha256_file
+from .batches import StoreBatches
+from .format import (
+    EXTRA_DTYPES,
+    MANIFEST,
+    STORE_DTYPES,
+    VERIFY_MODES,
+    StoreError,
+    as_index,
+    check_files,
+    check_out_dtype,
+    dtype_name,
+    numpy_dtype,
+    read_manifest,
+    to_torch,
+)
+
+MAX_OPEN_MAPS = 64
+"""Memory maps a store keeps open at once (each holds a file descriptor), least recently used closed first."""
+
+
+class ShardFiles:
+    """The files of one opened store, shared by its subset views: memmaps (LRU-bounded) and hash checks."""
+
+    def __init__(self, root: Path, manifest: dict[str, Any], verify: str):
+        self.root = root
+        self.manifest = manifest
+        self.verify = verify
+        self.offsets = np.cumsum([0] + [shard["tokens"] for shard in manifest["shards"]]).astype(np.int64)
+        self.verified: set[str] = set()
+        self.maps: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.lock = threading.Lock()
+        self.hash_lock = threading.Lock()
+
+    def check(self, entry: dict[str, Any]) -> None:
+        """Hash the file of ``entry`` once; :class:`StoreError` naming it if it does not match."""
+        file = entry["file"]
+        with self.hash_lock:
+            if file in self.verified:
+                return
+            try:
+                digest = sha256_file(self.root / file)
+            except OSError as err:
+                raise StoreError(f"activation store {self.root}: cannot read {file} ({err})") from None
+            if digest != entry["sha256"]:
+                raise StoreError(f"activation store {self.root}: {file} is corrupt "
+                                 f"(its SHA-256 does not match {MANIFEST})")
+            self.verified.add(file)
+
+    def check_all(self) -> None:
+        """Hash every file of the store (each at most once)."""
+        for shard in self.manifest["shards"]:
+            for entry in shard["files"].values():
+                self.check(entry)
+
+    def array(self, shard: int, name: str) -> np.ndarray:
+        """The memory-mapped ``.npy`` of column ``name`` in ``shard`` (hash-checked first when lazy)."""
+        entry = self.manifest["shards"][shard]["files"][name]
+        file = entry["file"]
+        if self.verify == "lazy" and file not in self.verified:
+            self.check(entry)
+        with self.lock:
+            if file in self.maps:
+                self.maps.move_to_end(file)
+                return self.maps[file]
+        try:
+            mapped = np.load(self.root / file, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as err:
+            raise StoreError(f"activation store {self.root}: cannot map {file} ({err})") from None
+        with self.lock:
+            self.maps[file] = mapped
+            while len(self.maps) > MAX_OPEN_MAPS:
+                self.maps.popitem(last=False)
+        return mapped
+
+    def gather(self, name: str, start: int, stop: int, out: np.ndarray) -> None:
+        """Copy absolute rows ``[start, stop)`` of column ``name`` (across shards) into ``out``."""
+        shard = int(np.searchsorted(self.offsets, start, side="right")) - 1
+        pos = 0
+        while start < stop:
+            base = int(self.offsets[shard])
+            end = min(stop, int(self.offsets[shard + 1]))
+            out[pos : pos + end - start] = self.array(shard, name)[start - base : end - base]
+            pos += end - start
+            start = end
+            shard += 1
+
+
+class ActivationStore:
+    """A read-only, memory-mapped view of an activation store written by :class:`StoreWriter`.
+
+    Opening checks the manifest and every file's size and ``.npy`` header (:class:`StoreError` names the
+    problem and the file). ``hook`` picks the hook point to read (optional when the store has one).
+    ``verify``: ``"eager"`` hashes every file now, ``"lazy"`` hashes each file the first time this reader (or
+    its prefetch thread) touches it, ``"none"`` trusts the files. Row indices are relative to the view:
+    :meth:`subset` gives a view on a row range that every method respects.
+    """
+
+    def __init__(self, path: str | os.PathLike, hook: str | None = None, verify: str = "lazy"):
+        if verify not in VERIFY_MODES:
+            raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
+        root = Path(path)
+        manifest = read_manifest(root)
+        check_files(root, manifest)
+        hooks = list(manifest["hooks"])
+        if hook is None:
+            if len(hooks) != 1:
+                raise StoreError(f"activation store {root} holds several hooks {hooks}: pass hook=<one of them>")
+            hook = hooks[0]
+        elif hook not in manifest["hooks"]:
+            raise StoreError(f"activation store {root} has no hook {hook!r}; it holds {hooks}")
+        self._shared = ShardFiles(root, manifest, verify)
+        if verify == "eager":
+            self._shared.check_all()
+        self._hook = hook
+        self._start, self._stop = 0, manifest["tokens"]
+
+    # -- properties ------------------------------------------------------------------------------------
+
+    @property
+    def path(self) -> Path:
+        """The store directory."""
+        return self._shared.root
+
+    @property
+    def hook(self) -> str:
+        """The hook point this reader reads."""
+        return self._hook
+
+    @property
+    def hooks(self) -> dict[str, int]:
+        """Every hook point in the store, ``{name: d}``."""
+        return {name: spec["d"] for name, spec in self._shared.manifest["hooks"].items()}
+
+    @property
+    def d(self) -> int:
+        """Width of :attr:`hook`'s activations."""
+        return self._shared.manifest["hooks"][self._hook]["d"]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype activations are stored in."""
+        return STORE_DTYPES[self._shared.manifest["dtype"]]
+
+    @property
+    def n_tokens(self) -> int:
+        """Rows in this view (``len(store)``)."""
+        return self._stop - self._start
+
+    def __len__(self) -> int:
+        return self.n_tokens
+
+    @property
+    def metadata(self) -> dict:
+        """The writer's metadata (a copy)."""
+        return copy.deepcopy(self._shared.manifest["metadata"])
+
+    @property
+    def state(self) -> dict:
+        """The resume state stored with the last shard (a copy)."""
+        return copy.deepcopy(self._shared.manifest["state"])
+
+    @property
+    def complete(self) -> bool:
+        """Whether the writer finished the store (an incomplete one is a harvest still running or cut off)."""
+        return self._shared.manifest["complete"]
+
+    @property
+    def extras(self) -> tuple[str, ...]:
+        """Names of the per-token extra columns."""
+        return tuple(self._shared.manifest["extras"])
+
+    @property
+    def extra_dtypes(self) -> dict[str, torch.dtype]:
+        """``{extra name: dtype}``."""
+        return {name: EXTRA_DTYPES[dt] for name, dt in self._shared.manifest["extras"].items()}
+
+    @property
+    def n_shards(self) -> int:
+        """Shards holding rows of this view."""
+        if self.n_tokens == 0:
+            return 0
+        offsets = self._shared.offsets
+        first = int(np.searchsorted(offsets, self._start, side="right")) - 1
+        last = int(np.searchsorted(offsets, self._stop - 1, side="right")) - 1
+        return last - first + 1
+
+    @property
+    def shard_files(self) -> ShardFiles:
+        """The store's files (memory maps, hash checks), shared by every view of it."""
+        return self._shared
+
+    @property
+    def rows(self) -> tuple[int, int]:
+        """``(start, stop)``: the rows of this view, counted from the store's first row."""
+        return self._start, self._stop
+
+    def __repr__(self) -> str:
+        return (f"ActivationStore({str(self.path)!r}, hook={self.hook!r}, d={self.d}, tokens={self.n_tokens}, "
+                f"dtype={dtype_name(self.dtype)}, complete={self.complete})")
+
+    # -- reading ---------------------------------------------------------------------------------------
+
+    def _range(self, start: Any, stop: Any) -> tuple[int, int]:
+        start, stop = as_index(start, "start"), as_index(stop, "stop")
+        if not 0 <= start <= stop <= self.n_tokens:
+            raise IndexError(f"rows [{start}, {stop}) are outside the store's [0, {self.n_tokens})")
+        return self._start + start, self._start + stop
+
+    def column(self, name: str) -> tuple[tuple[int, ...], np.dtype, torch.dtype]:
+        """Row shape, on-disk numpy dtype and torch dtype of column ``name`` (the hook or an extra)."""
+        if name == self._hook:
+            return (self.d,), numpy_dtype(self.dtype), self.dtype
+        dtype = self.extra_dtypes[name]
+        return (), numpy_dtype(dtype), dtype
+
+    def check_extra(self, name: str) -> None:
+        """StoreError unless the store has the extra column ``name``."""
+        if name not in self.extra_dtypes:
+            raise StoreError(f"activation store {self.path} has no extra {name!r}; it has {list(self.extras)}")
+
+    def read(self, start: int, stop: int, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+        """Rows ``[start, stop)`` of :attr:`hook` as a ``[stop − start, d]`` tensor (``dtype=None``: stored)."""
+        check_out_dtype(dtype)
+        start, stop = self._range(start, stop)
+        out = np.empty((stop - start, self.d), dtype=numpy_dtype(self.dtype))
+        self._shared.gather(self._hook, start, stop, out)
+        x = to_torch(out, self.dtype)
+        return x if dtype is None else x.to(dtype)
+
+    def read_extra(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` of the extra column ``name``, in its stored dtype."""
+        self.check_extra(name)
+        start, stop = self._range(start, stop)
+        _, np_dtype, dtype = self.column(name)
+        out = np.empty(stop - start, dtype=np_dtype)
+        self._shared.gather(name, start, stop, out)
+        return torch.from_numpy(out)
+
+    def subset(self, start: int, stop: int) -> ActivationStore:
+        """A view on rows ``[start, stop)`` of this one (e.g. a train / held-out split); shares open files."""
+        start, stop = self._range(start, stop)
+        view = object.__new__(ActivationStore)
+        view._shared, view._hook = self._shared, self._hook
+        view._start, view._stop = start, stop
+        return view
+
+    def with_hook(self, hook: str) -> ActivationStore:
+        """The same view reading another hook point of the store."""
+        if hook not in self.hooks:
+            raise StoreError(f"activation store {self.path} has no hook {hook!r}; it holds {list(self.hooks)}")
+        view = self.subset(0, self.n_tokens)
+        view._hook = hook
+        return view
+
+    def verify(self) -> None:
+        """Hash every file of the store now (whatever the ``verify`` mode); :class:`StoreError` names a bad one."""
+        self._shared.check_all()
+
+    def batches(
+        self,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        epochs: int | None = 1,
+        shuffle_buffer: int = 1 << 18,
+        block_rows: int = 4096,
+        prefetch: int = 4,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = torch.float32,
+        extras: Sequence[str] = (),
+        drop_last: bool = False,
+    ) -> StoreBatches:
+        """Batches of this view for training: a re-iterable :class:`StoreBatches`, one epoch per ``iter()``.
+
+        Shuffling keeps memory bounded: each shard is cut into contiguous blocks of ``block_rows`` rows, the
+        block order is shuffled, blocks are read into a buffer of at most ``shuffle_buffer`` rows and the rows
+        of the buffer are shuffled; every row appears exactly once per epoch. Epoch ``e`` depends only on
+        ``(seed, e)``. ``extras`` names per-token columns to return alongside: batches are then tuples
+        ``(x, extra_1, ...)``, aligned row by row. Reading runs ``prefetch`` batches ahead in a background
+        thread; with a CUDA ``device`` batches arrive there (copied from pinned memory, converted on the GPU).
+        """
+        return StoreBatches(self, batch_size, shuffle=shuffle, seed=seed, epochs=epochs,
+                            shuffle_buffer=shuffle_buffer, block_rows=block_rows, prefetch=prefetch, device=device,
+                            dtype=dtype, extras=extras, drop_last=drop_last)
+

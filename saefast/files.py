@@ -1,0 +1,93 @@
+"""Durable file writes and content hashes, shared by checkpoints, activation stores and run outputs.
+
+A write goes to a temporary file in the target's directory, is flushed and fsynced, then renamed over the target,
+and the directory is fsynced: a crash leaves the old file or the new one, never a partial one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO, TypeVar
+
+T = TypeVar("T")
+
+HASH_CHUNK_BYTES = 1 << 24
+"""Bytes read at a time when hashing a file."""
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make the entries of directory ``path`` (creations, renames) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], T]) -> T:
+    """Create ``path`` atomically: ``write(handle)`` fills a temp file in the same directory, which is fsynced and
+    renamed over ``path`` (then the directory is fsynced). A crash leaves the old file or the new one, never a
+    partial one; a leftover ``.<name>.*.tmp`` is the only trace. Returns what ``write`` returns."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            result = write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)  # make the rename itself durable
+    return result
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_write`)."""
+    atomic_write(path, lambda handle: handle.write(data))
+
+
+def sha256_bytes(data: bytes) -> str:
+    """Hex SHA-256 of ``data``."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of the file at ``path``, read in chunks of :data:`HASH_CHUNK_BYTES`."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_versioned_json(
+    root: Path, filename: str, fmt: str, version: int, error: type[Exception], what: str
+) -> dict[str, Any]:
+    """Parse ``root/filename``, a JSON object whose ``format`` is ``fmt`` and ``version`` is ``version``.
+
+    Anything else (no directory, no file, bad JSON, another format or version) raises ``error`` naming
+    ``what`` (e.g. "checkpoint", "activation store") and the path.
+    """
+    if not root.is_dir():
+        raise error(f"no {what} at {root} (not a directory)")
+    file = root / filename
+    if not file.is_file():
+        raise error(f"{what} {root}: missing {filename}")
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise error(f"{what} {root}: {filename} is not valid JSON ({err})") from None
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        raise error(f"{what} {root}: {filename} is not a saefast {what} file ({fmt})")
+    if data.get("version") != version:
+        raise error(f"{what} {root}: {filename} has unsupported version {data.get('version')!r}")
+    return data

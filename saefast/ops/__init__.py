@@ -1,0 +1,74 @@
+"""The sparse SAE ops behind the models, on three backends (``torch``, ``triton``, ``native``).
+
+One file per op, mirroring ``kernels/saefast_triton/`` and ``csrc/cpu/``; each holds its custom op registration,
+fake shapes, autograd formula and backend table:
+
+* :mod:`.encode` — TopK / BatchTopK / JumpReLU / ReLU encoders (fused encode → top-k or → threshold);
+* :mod:`.decode` — the sparse decode of all members in one launch, and its sparse backward;
+* :mod:`.decoder_grad_projection` — the decoder-norm gradient projection;
+* :mod:`.grouped_mm` — grouped matmul (native extension).
+
+:mod:`.backend` decides which backend runs (once, in one place); :mod:`.ref` is the eager oracle every kernel is
+tested against; :mod:`.native` loads the C++/CUDA extension on first use; :mod:`.codes` is the sparse code type.
+"""
+
+from . import codes, native, ref
+from .backend import (
+    BACKENDS,
+    FUSED_ACTIVATIONS,
+    current_backend,
+    requested_backend,
+    resolve_backend,
+    triton_available,
+    use_backend,
+)
+from .codes import SparseCodes
+from .decode import decode, decode_members_sparse
+from .decoder_grad_projection import remove_parallel_grad_
+from .encode import (
+    BATCHTOPK_CAPACITY,
+    JUMPRELU_CAPACITY_DIVISOR,
+    JUMPRELU_MIN_CAPACITY,
+    batchtopk_encode,
+    folded_bias,
+    jumprelu_capacity,
+    jumprelu_encode,
+    per_member_inputs,
+    relu_encode,
+    threshold_encode,
+    topk_encode,
+)
+from .grouped_mm import grouped_mm
+from .topk_chunks import CHUNK_LATENTS, dead_latents, topk_over_latents
+
+__all__ = [
+    "BACKENDS",
+    "BATCHTOPK_CAPACITY",
+    "CHUNK_LATENTS",
+    "FUSED_ACTIVATIONS",
+    "JUMPRELU_CAPACITY_DIVISOR",
+    "JUMPRELU_MIN_CAPACITY",
+    "SparseCodes",
+    "batchtopk_encode",
+    "codes",
+    "current_backend",
+    "dead_latents",
+    "decode",
+    "decode_members_sparse",
+    "folded_bias",
+    "grouped_mm",
+    "jumprelu_capacity",
+    "jumprelu_encode",
+    "native",
+    "per_member_inputs",
+    "ref",
+    "relu_encode",
+    "remove_parallel_grad_",
+    "requested_backend",
+    "resolve_backend",
+    "threshold_encode",
+    "topk_encode",
+    "topk_over_latents",
+    "triton_available",
+    "use_backend",
+]

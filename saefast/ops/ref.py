@@ -1,0 +1,229 @@
+"""Eager PyTorch reference of every SAE operation, on stacked member-axis tensors.
+
+This module is the oracle: the Triton kernels and the native (C++) ops are tested against these functions,
+the benchmarks use them as the eager baseline, and the models run on them when no faster backend is chosen.
+
+Shapes use fixed letters: N tokens, D = d_in, J members (or top-k groups), M latents per member,
+K slots per token and member. Parameters of ``J`` members are stacked on a leading axis:
+``W_enc [J, M, D]``, ``b_enc [J, M]``, ``W_dec [J, M, D]`` (row ``i`` is the decoder direction of
+latent ``i``), ``b_dec [J, D]`` (or ``[1, D]`` when the members share one ``b_dec``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .codes import SparseCodes
+
+
+def pre_activations(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor) -> torch.Tensor:
+    """Encoder pre-activations ``pre[n, j, m] = W_enc[j, m] · (x_in[n, j] − b_dec[j]) + b_enc[j, m]``.
+
+    ``x`` is ``[N, D]`` (the same input for every member: one GEMM of ``N × D × J·M``) or ``[N, J, D]``
+    (one input per member, e.g. boosting residuals). ``b_dec`` is ``[J, D]`` or ``[1, D]``. Returns ``[N, J, M]``.
+    """
+    J, M, D = W_enc.shape
+    if x.dim() == 2:
+        # (x − b_dec_j)·W_enc_j + b_enc_j = x·W_enc_j + (b_enc_j − b_dec_j·W_enc_j): one GEMM for all members,
+        # with the bias added inside it (addmm) rather than in a second pass over the N × J·M output.
+        bias = b_enc - torch.einsum("jd,jmd->jm", b_dec.expand(J, D), W_enc)
+        return torch.addmm(bias.reshape(J * M), x, W_enc.reshape(J * M, D).T).view(x.shape[0], J, M)
+    return torch.einsum("njd,jmd->njm", x - b_dec, W_enc) + b_enc
+
+
+def topk_codes(pre: torch.Tensor, k: int) -> SparseCodes:
+    """TopK as sparse codes: ``values = ReLU(top-k values of pre[n, j, :])``, ``indices`` their latents, ``[N, J, k]``.
+
+    Differentiable in ``values`` (the gradient reaches ``pre`` only at the selected entries)."""
+    values, indices = pre.topk(k, dim=-1, sorted=False)
+    return SparseCodes(F.relu(values), indices, pre.shape[-1])
+
+
+def topk_activation(pre: torch.Tensor, k: int) -> torch.Tensor:
+    """TopK: ``z = ReLU(pre)`` on the ``k`` largest entries of each ``pre[n, j, :]``, 0 elsewhere. ``[N, J, M]``."""
+    codes = topk_codes(pre, k)
+    return codes.to_dense().view_as(pre)
+
+
+def batchtopk_activation(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """BatchTopK: per member ``j``, keep the ``N·k`` largest entries of ``ReLU(pre[:, j, :])`` over the whole batch.
+
+    Returns ``(z [N, J, M], smallest_kept [J])``; ``smallest_kept`` (the smallest positive kept activation,
+    0 if none) feeds the inference threshold.
+    """
+    N, J, M = pre.shape
+    flat = F.relu(pre).transpose(0, 1).reshape(J, N * M)
+    values, indices = flat.topk(min(N * k, N * M), dim=-1, sorted=False)
+    z = torch.zeros_like(flat).scatter(-1, indices, values).view(J, N, M).transpose(0, 1)
+    positive = values.detach().masked_fill(values.detach() <= 0, float("inf"))
+    smallest = positive.min(dim=-1).values
+    return z, torch.where(torch.isinf(smallest), torch.zeros_like(smallest), smallest)
+
+
+def threshold_activation(pre: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """Inference form of BatchTopK: ``z = pre · [pre > θ]`` with ``θ [J, M]`` (θ ≥ 0)."""
+    return pre * (pre > threshold)
+
+
+def relu_activation(pre: torch.Tensor) -> torch.Tensor:
+    """``z = max(pre, 0)``."""
+    return F.relu(pre)
+
+
+def _rectangle(u: torch.Tensor) -> torch.Tensor:
+    """Kernel ``K(u) = 1{−½ < u ≤ ½}`` of the JumpReLU straight-through estimator."""
+    return ((u > -0.5) & (u <= 0.5)).to(u.dtype)
+
+
+class _JumpReLU(torch.autograd.Function):
+    """``z = pre · H(pre − θ)``; ``∂z/∂pre = H(pre − θ)``, ``∂z/∂θ = −(θ/ε)·K((pre − θ)/ε)`` (Rajamanoharan et al.)."""
+
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth):
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > threshold)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_pre = grad * (pre > threshold)
+        grad_threshold = -(threshold / eps) * _rectangle((pre - threshold) / eps) * grad
+        return grad_pre, _sum_to(grad_threshold, threshold.shape), None
+
+
+class _Step(torch.autograd.Function):
+    """``H(pre − θ)``; ``∂/∂pre = 0``, ``∂/∂θ = −(1/ε)·K((pre − θ)/ε)`` (the L0 penalty's estimator)."""
+
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth):
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_threshold = -(1.0 / eps) * _rectangle((pre - threshold) / eps) * grad
+        return None, _sum_to(grad_threshold, threshold.shape), None
+
+
+def _sum_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Sum a broadcast gradient back to ``shape`` (leading axes first)."""
+    while grad.dim() > len(shape):
+        grad = grad.sum(0)
+    return grad
+
+
+def jumprelu_activation(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    """JumpReLU ``z = pre · H(pre − θ)``, ``θ [J, M] > 0``, with the straight-through gradient of bandwidth ε."""
+    return _JumpReLU.apply(pre, threshold, bandwidth)
+
+
+def jumprelu_l0(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    """Per-member mean L0 ``(1/N)·Σ_n Σ_m H(pre − θ)``, ``[J]``, differentiable in θ by the STE."""
+    return _Step.apply(pre, threshold, bandwidth).sum(-1).mean(0)
+
+
+def decode_members_dense(z: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
+    """Per-member decoder output of dense codes ``z [N, J, M]``, without bias:
+    ``y[n, j] = Σ_m z[n, j, m] · W_dec[j, m]``, ``[N, J, D]``."""
+    return torch.einsum("njm,jmd->njd", z, W_dec)
+
+
+def decode_members_sparse(codes: SparseCodes, W_dec: torch.Tensor) -> torch.Tensor:
+    """Sparse per-member decoder output ``y[n, j] = Σ_s values[n, j, s] · W_dec[j, indices[n, j, s]]``, ``[N, J, D]``.
+
+    One ``embedding_bag`` over the concatenated dictionary: ``O(N·J·K·D)`` work and no dense ``[N, J, M]``
+    code, differentiable in ``values`` and ``W_dec``. Equals
+    ``decode_members_dense(codes.to_dense().view(N, J, M), W_dec)``.
+    """
+    N, J, K = codes.values.shape
+    M, D = W_dec.shape[1], W_dec.shape[2]
+    flat = W_dec.reshape(J * M, D)
+    bags = codes.global_indices().reshape(N * J, K)
+    weights = codes.values.reshape(N * J, K).to(flat.dtype)
+    return F.embedding_bag(bags, flat, per_sample_weights=weights, mode="sum").view(N, J, D)
+
+
+def decode_codes(codes: SparseCodes | torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
+    """Per-member decoder output of sparse codes or dense codes ``[N, J, M]``, ``[N, J, D]``."""
+    if isinstance(codes, SparseCodes):
+        return decode_members_sparse(codes, W_dec)
+    return decode_members_dense(codes.to(W_dec.dtype), W_dec)
+
+
+def member_weights(alpha: float | torch.Tensor, J: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``α`` as a ``[J]`` tensor of ``dtype`` on ``device`` (a scalar is broadcast). A Python number is filled on
+    the device: ``torch.as_tensor(number, device=cuda)`` would be a blocking copy from host memory."""
+    if isinstance(alpha, torch.Tensor):
+        return alpha.to(device=device, dtype=dtype).expand(J)
+    return torch.full((J,), float(alpha), dtype=dtype, device=device)
+
+
+def decode_sparse(
+    codes: SparseCodes, W_dec: torch.Tensor, b_dec: torch.Tensor, alpha: torch.Tensor | float
+) -> torch.Tensor:
+    """Ensemble decode ``x̂ = Σ_j α_j (Σ_s values[n,j,s]·W_dec[j, indices[n,j,s]] + b_dec[j])``, ``[N, D]``.
+
+    ``alpha`` is a scalar or ``[J]``; ``b_dec`` is ``[J, D]`` or ``[1, D]`` (a shared bias is added once,
+    unscaled: that is the single-SAE case). Equivalent torch:
+    ``(codes.to_dense() · repeat_interleave(α, M)) @ W_dec.flatten(0, 1) + Σ_j α_j b_dec[j]``.
+    """
+    J = W_dec.shape[0]
+    alpha_t = member_weights(alpha, J, W_dec.dtype, W_dec.device)
+    out = (decode_members_sparse(codes, W_dec) * alpha_t.view(1, J, 1)).sum(1)
+    bias = b_dec[0] if b_dec.shape[0] == 1 else (alpha_t.view(J, 1) * b_dec).sum(0)
+    return out + bias
+
+
+def fvu_loss(target: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """Per-member fraction of variance unexplained ``Σ_n‖t − x̂‖² / Σ_n‖t − t̄‖²`` for ``[N, J, D]`` inputs → ``[J]``."""
+    err = (target - x_hat).pow(2).sum(dim=(0, 2))
+    total = (target - target.mean(0, keepdim=True)).pow(2).sum(dim=(0, 2))
+    return err / total.clamp_min(torch.finfo(total.dtype).tiny)
+
+
+def auxk_reconstruction(pre: torch.Tensor, dead: torch.Tensor, W_dec: torch.Tensor, aux_k: int) -> torch.Tensor | None:
+    """AuxK (Gao et al. 2024): decoder output of each member's top ``aux_k`` *dead* latents, ``[N, J, D]``.
+
+    ``ê[n, j] = Σ_{m ∈ topk_aux(pre[n, j] restricted to dead[j])} ReLU(pre[n, j, m]) · W_dec[j, m]`` (no bias).
+    The AuxK loss is then ``fvu_loss(e, ê)`` with ``e`` the detached residual ``target − x̂``.
+    Returns None when no member has a dead latent; a member with fewer dead latents than ``aux_k`` uses
+    those it has (0 for a member with none). ``dead`` is ``[J, M]`` bool.
+    """
+    n_dead = int(dead.sum(-1).max().item())
+    if n_dead == 0:
+        return None
+    masked = pre.masked_fill(~dead.unsqueeze(0), float("-inf"))
+    # ReLU turns the −inf of a member with fewer dead latents than aux_k into 0.
+    return decode_members_sparse(topk_codes(masked, min(aux_k, n_dead)), W_dec)
+
+
+def normalize_rows_(W: torch.Tensor) -> None:
+    """In place ``W[..., i, :] ← W[..., i, :] / ‖W[..., i, :]‖`` (decoder directions to unit norm)."""
+    W.div_(W.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+
+
+def remove_parallel_grad_(W: torch.Tensor, grad: torch.Tensor) -> None:
+    """In place ``g_i ← g_i − (g_i · ŵ_i) ŵ_i`` per row, so a step cannot change a unit row's norm to first order."""
+    unit = W / W.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    grad.sub_((grad * unit).sum(-1, keepdim=True) * unit)
+
+
+def geometric_median(x: torch.Tensor, iters: int = 100, tol: float = 1e-6) -> torch.Tensor:
+    """Weiszfeld iterations for ``argmin_y Σ_n ‖x_n − y‖``, started from the mean, in float64. ``[N, D] → [D]``."""
+    points = x.detach().to(torch.float64)
+    median = points.mean(0)
+    for _ in range(iters):
+        distances = (points - median).norm(dim=-1).clamp_min(1e-12)
+        weights = 1.0 / distances
+        updated = (weights[:, None] * points).sum(0) / weights.sum()
+        shift = (updated - median).norm()
+        median = updated
+        if shift <= tol * median.norm().clamp_min(1.0):
+            break
+    return median.to(x.dtype)

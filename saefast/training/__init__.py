@@ -1,0 +1,9 @@
+"""Training SAEs and ensembles: :func:`train` (the loop: data, schedule, logging, checkpoints, resume) over
+:func:`training_step` (one optimizer step, also what the benchmarks time)."""
+
+from .bootstrap import bootstrap_indices
+from .memory import reuse_freed_memory
+from .step import training_step
+from .trainer import BatchStream, DataExhausted, train
+
+__all__ = ["BatchStream", "DataExhausted", "bootstrap_indices", "reuse_freed_memory", "train", "training_step"]

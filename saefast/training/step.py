@@ -1,0 +1,54 @@
+"""One training step: forward, backward, the decoder-gradient projection, clipping, Adam, renormalisation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ..models import ALL_MEMBERS, SparseDictionary, StepTerms
+from ..ops.codes import SparseCodes
+
+
+def training_step(
+    model: SparseDictionary,
+    optimizer: torch.optim.Optimizer,
+    x_in: torch.Tensor,
+    members: slice = ALL_MEMBERS,
+    *,
+    lr: float | None = None,
+    backend: str | None = None,
+    grad_clip: float | None = None,
+    max_dead: int | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    terms: Callable[..., tuple[StepTerms, SparseCodes | torch.Tensor]] | None = None,
+) -> tuple[StepTerms, SparseCodes | torch.Tensor]:
+    """One optimizer step of ``members`` reading ``x_in`` (``[N, D]``, or ``[N, J, D]`` one input per member):
+
+    ``loss = Σ_j fvu_j + aux_coef·aux_j + sparsity_j`` (:meth:`SparseDictionary.training_terms`) → backward →
+    ``g_r ← g_r − (g_r·ŵ_r)ŵ_r`` on the decoder rows → per-member norm clipping at ``grad_clip`` →
+    ``optimizer.step()`` at learning rate ``lr`` (unchanged when None) → decoder rows back to unit norm → the
+    firing counters of the latents.
+
+    Gradients are cleared at the start (set to None), so after the call they hold this step's. The forward runs
+    under ``torch.autocast`` in ``autocast_dtype`` when given (master weights stay fp32). ``max_dead`` is a host-side
+    bound on AuxK's dead-latent count (see :class:`saefast.training.dead_count.DeadCountAhead`); ``terms`` replaces
+    ``model.training_terms`` (e.g. a ``torch.compile`` of it). Returns the loss terms and the codes.
+    """
+    if lr is not None:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    forward = model.training_terms if terms is None else terms
+    device_type = model.W_enc.device.type
+    with torch.autocast(device_type=device_type, dtype=autocast_dtype or torch.bfloat16,
+                        enabled=autocast_dtype is not None):
+        step_terms, codes = forward(x_in, members, backend, max_dead=max_dead)
+    step_terms.loss.backward()
+    model.project_decoder_grad_(members, backend)
+    if grad_clip is not None:
+        model.clip_grad_norm_(grad_clip, members)
+    optimizer.step()
+    model.normalize_decoder_(members)
+    model.record_firing_(codes, members)
+    return step_terms, codes

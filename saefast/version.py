@@ -1,0 +1,3 @@
+"""The version of saefast."""
+
+__version__ = "0.1.0"
