@@ -36,6 +36,8 @@ demo: setup
 	$(BIN)/saefast demo --out $(DEMO_OUT)
 
 test: setup
+	# the architecture: layer order and no import cycles (pyproject.toml's [tool.importlinter] contracts)
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 	# the pytest-benchmark modules under bench/, on the tiny preset, each case once (its guard included)
 	SAEFAST_BENCH_PRESET=tiny $(BIN)/python -m pytest -q bench --benchmark-disable

@@ -81,7 +81,8 @@ class SAEConfig:
 
     @property
     def effective_aux_k(self) -> int:
-        """AuxK width actually used."""
+        """AuxK width: ``aux_k`` if set, else ``min(max(⌊D/2⌋, 1), M)`` (Gao et al.'s default of half the input
+        width, at most the latents)."""
         return self.aux_k if self.aux_k is not None else min(max(self.d_in // 2, 1), self.n_latents)
 
     def to_dict(self) -> dict[str, Any]:
@@ -115,13 +116,14 @@ class TrainConfig:
     eps: float = 1e-8
     """Adam epsilon."""
     warmup_steps: int | None = None
-    """Linear warm-up from 0 to ``lr``; default 5 % of ``steps``."""
+    """Steps of linear warm-up from 0 to ``lr`` (see :meth:`lr_at`); default 5 % of ``steps``."""
     decay: Decay = "linear"
     """Shape of the decay to 0 over the last ``decay_fraction`` of the steps."""
     decay_fraction: float = 0.2
     """Fraction of the steps over which the learning rate decays."""
     grad_clip: float | None = None
-    """Clip the gradient norm to this value, if set: per ensemble member (members stay independent)."""
+    """If set, scale each member's gradient ``g_j`` (all its parameters) by ``min(1, grad_clip / (‖g_j‖ + 1e-6))``:
+    per ensemble member, so that members stay independent (one norm for an SAE)."""
     log_every: int = 50
     """Record metrics every this many steps (and at the last step)."""
     autocast: bool = True
@@ -170,11 +172,15 @@ class TrainConfig:
 
     @property
     def effective_warmup(self) -> int:
-        """Warm-up steps actually used."""
+        """Warm-up steps ``W``: ``warmup_steps`` if set, else ``⌊steps / 20⌋`` (5 % of the run)."""
         return self.warmup_steps if self.warmup_steps is not None else max(self.steps // 20, 0)
 
     def lr_at(self, step: int) -> float:
-        """Learning rate for optimizer step ``step`` (0-based): warm-up, plateau, then decay to 0."""
+        """Learning rate of optimizer step ``t`` (0-based): linear warm-up, plateau, decay towards 0.
+
+        ``lr·(t + 1)/(W + 1)`` for ``t < W`` (:attr:`effective_warmup`); ``lr`` until the last
+        ``S = round(steps·decay_fraction)`` steps (``S = 0`` for ``decay="none"``); from ``t₀ = steps − S`` on,
+        with ``p = (t − t₀ + 1)/(S + 1)``: ``lr·(1 − p)`` (linear) or ``lr·½(1 + cos πp)`` (cosine)."""
         warmup = self.effective_warmup
         if step < warmup:
             return self.lr * (step + 1) / (warmup + 1)

@@ -52,6 +52,7 @@ class Build:
 
     @property
     def spills(self) -> bool:
+        """Whether registers spilled: a stack frame or local memory (slow off-chip traffic)."""
         return self.stack_bytes > 0 or self.local_bytes > 0
 
 

@@ -1,4 +1,15 @@
-"""The benchmark cases: for each, the callables of every implementation, its reference and its nominal work."""
+"""The benchmark cases: for each, the callables of every implementation, its reference and its nominal work.
+
+* ``forward`` — bagging reconstruction, encode → top-k → decode; ``encode`` — the codes alone (checked as sets of
+  latents with their values: near-equal latents may swap in bf16); ``decode`` — from given sparse codes;
+* ``train_step`` — one bagging :func:`saefast.training.training_step`; ``boosting_chain`` — boosting inference;
+* ``sharpen`` — SAE-ception targets (:func:`saefast.sharpen.targets`); ``metrics`` — diversity and member-to-member
+  stability (:func:`saefast.eval.metrics.member_similarity`), on a decoder (no tokens/s).
+
+Implementations: ``eager_loop`` (a Python loop over members, dense codes: how public trainers run an ensemble),
+``eager_stacked`` (saefast's ``torch`` backend), ``compile`` (``torch.compile`` of it), ``triton`` (CUDA only),
+``native`` (the C++ extension).
+"""
 
 from __future__ import annotations
 

@@ -1,24 +1,17 @@
 """Harvest a model's hidden states into an activation store, resumably, running only the layers needed.
 
-``harvest`` feeds fixed-length token windows through the model in batches under ``torch.inference_mode()``.
-Forward hooks on the requested modules keep their output hidden states, and once every hooked module has run
-the forward is *stopped* (a private exception thrown from the last hook), so harvesting layer 15 of a 30-layer
-model costs half a forward and the LM head never runs.
+:func:`harvest` feeds fixed-length token windows through the model in batches under ``torch.inference_mode()``;
+forward hooks keep the hooked modules' outputs and stop the forward once all of them have run
+(:class:`~saefast.data.hooks.Capture`), so the layers after them and the LM head never run.
 
-Which positions are stored: the first ``exclude_first`` (default 2) positions of every window are dropped,
-because they are attention sinks whose residual norm dwarfs the rest, and a single such row would dominate an
-SAE's squared-error loss. Measured at SmolLM2's layer 15 on the pydoc text (median norm ≈170): position 0 is a
-sink in every window (≈25,000 with BOS, up to ≈28,000 without), and position 1 — the first text token after
-BOS, or the second one without — is one in ~2% of windows (9 of 443 with BOS, up to ≈17,600); from position 2 on
-no row exceeded 5× the median. With ``exclude_special`` the BOS and pad tokens are dropped wherever they occur —
-except a pad token that equals EOS (SmolLM2: pad = eos = 2): the EOS separators between documents are real
-tokens with ordinary norms (≈200), and text windows never contain padding.
+Stored positions: not the first ``exclude_first`` (default 2) of a window — attention sinks, whose residual norm
+is ~100× the median on SmolLM2 and would dominate a squared-error loss (the measurements are in the README) — and,
+with ``exclude_special``, not BOS or pad tokens (but EOS, even where pad = EOS: the separators between documents
+are ordinary tokens).
 
-Resume: shards hold whole batches, and each shard records (as the writer's ``state``) how many windows were
-consumed plus a SHA-256 of their token ids. Re-running the same call on the same ``out`` skips those windows
-without running the model — checking their hash, so changed text is caught — and continues, producing the
-same store bit for bit as an uninterrupted run (same batch size and device). A changed model, hook, text
-source, context or exclusion rule changes the store metadata, and the writer refuses it (StoreError).
+Resume: each shard records how many windows were consumed and a SHA-256 of their token ids; re-running the same
+call on the same ``out`` skips them (checking the hash) and continues, giving the same store bit for bit. A changed
+model, hook, text, context or exclusion rule changes the metadata, which the writer refuses (StoreError).
 """
 
 from __future__ import annotations

@@ -286,6 +286,7 @@ class Ensemble(Checkpointable, SparseDictionary):
         return big.to(self.W_dec.device)
 
     def extra_repr(self) -> str:
+        """The settings ``repr(model)`` shows."""
         cfg = self.cfg
         chains = f", chains={self.chains}" if self.chains > 1 else ""
         return (

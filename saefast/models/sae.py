@@ -70,6 +70,7 @@ class SAE(Checkpointable, SparseDictionary):
         return super().reconstruct(x, backend)
 
     def extra_repr(self) -> str:
+        """The settings ``repr(model)`` shows."""
         cfg = self.cfg
         return (
             f"d_in={cfg.d_in}, n_latents={cfg.n_latents}, k={cfg.k}, activation={cfg.activation!r}, "

@@ -12,6 +12,7 @@ one ``RuntimeWarning`` says so, and the ``torch`` (and ``triton``) backends keep
 
 from __future__ import annotations
 
+import importlib
 import threading
 import types
 import warnings
@@ -36,7 +37,8 @@ def load() -> bool:
             return _C is not None
         _tried = True
         try:
-            from .. import _C as extension  # registers the ops
+            # By name: saefast._C is compiled, not a module of the Python import graph (nor of its layer checks).
+            extension = importlib.import_module("saefast._C")  # registers the ops
         except ImportError as exc:  # not built (SAEFAST_NO_EXTENSION=1, a pure-Python install), or for another torch
             _error = f"{type(exc).__name__}: {exc}"
             warnings.warn(
