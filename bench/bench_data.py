@@ -28,8 +28,8 @@ from report import commit, write_json
 
 import saefast as sf
 from saefast.bench import time_interleaved
-from saefast.harvest import Capture
-from saefast.text import token_windows
+from saefast.data.hooks import Capture
+from saefast.data.text import token_windows
 
 
 def _median_seconds(fn, repeats: int) -> float:

@@ -34,9 +34,9 @@ saefast.native.supports(__import__('torch').device('cuda')))"
 
 stage_test() {
     # every kernel and op test on CUDA: fp32, bf16 and fp16 (the interpreter skips half precision; CUDA runs it)
-    python3 -m pytest -q -p no:cacheprovider tests/test_kernel_topk_encode.py tests/test_kernel_sparse_decode.py \
-        tests/test_decoder_grad_projection.py tests/test_ops.py tests/test_native.py tests/test_sharpen.py \
-        tests/test_bench.py tests/test_host_syncs.py 2>&1 | tee "$OUT/tests.log" | tail -n 15
+    python3 -m pytest -q -p no:cacheprovider tests/ops tests/sharpen/test_stats.py tests/sharpen/test_targets.py \
+        tests/sharpen/test_aux_loss.py tests/sharpen/test_runner.py tests/bench tests/training/test_host_syncs.py \
+        2>&1 | tee "$OUT/tests.log" | tail -n 15
 }
 
 stage_bench() {

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from report import commit, write_json  # noqa: E402
 
 from saefast.sharpen import TARGETS  # noqa: E402
-from saefast.sharpen_tasks import TASKS, run_task  # noqa: E402
+from saefast.sharpen.tasks import TASKS, run_task  # noqa: E402
 
 SHOWN = [("test_accuracy", "test acc", 4), ("ari", "ARI", 3), ("silhouette_labels", "sil(y)", 3),
          ("silhouette_argmax", "sil(argmax)", 3), ("davies_bouldin", "DB ↓", 3), ("calinski_harabasz", "CH", 1),

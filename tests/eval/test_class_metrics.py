@@ -1,4 +1,5 @@
-"""Tests for saefast.class_metrics: hand-derived values, scikit-learn as an oracle, bad input."""
+"""saefast.eval.class_metrics: class-structure metrics of SAE codes — hand-derived values, scikit-learn as an
+oracle, bad input."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import assert_close
 from sklearn.metrics import (
     adjusted_rand_score,
     calinski_harabasz_score,
@@ -15,7 +17,7 @@ from sklearn.metrics import (
     silhouette_score,
 )
 
-from saefast.class_metrics import (
+from saefast.eval.class_metrics import (
     adjusted_rand_index,
     argmax_latent,
     calinski_harabasz,
@@ -27,9 +29,9 @@ from saefast.class_metrics import (
 )
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float = 1e-12) -> None:
-    """Elementwise closeness in which nan (an undefined latent) must meet nan."""
-    torch.testing.assert_close(actual, expected, atol=atol, rtol=0.0, equal_nan=True)
+def assert_close_nan(actual: torch.Tensor, expected: torch.Tensor, atol: float = 1e-12) -> None:
+    """Elementwise closeness of the same dtype in which nan (an undefined latent) must meet nan."""
+    assert_close(actual, expected, atol=atol, equal_nan=True, check_dtype=True)
 
 
 def binary_entropy_bits(p: float) -> float:
@@ -67,7 +69,7 @@ def test_uncertainty_hand_cases():
         ]
     )
     result = uncertainty_coefficient(codes, labels)
-    assert_close(result["per_latent"], torch.tensor([1.0, 0.0, math.nan, math.nan], dtype=torch.float64), 1e-12)
+    assert_close_nan(result["per_latent"], torch.tensor([1.0, 0.0, math.nan, math.nan], dtype=torch.float64), 1e-12)
     assert result["u_latents"] == 2
     assert result["u"] == pytest.approx(0.5, abs=1e-12)
 
@@ -109,7 +111,7 @@ def test_uncertainty_matches_sklearn_mutual_information():
             continue
         mutual_information_bits = mutual_info_score(labels.numpy(), fired) / math.log(2)
         expected.append(mutual_information_bits / binary_entropy_bits(p))
-    assert_close(result["per_latent"], torch.tensor(expected, dtype=torch.float64), 1e-10)
+    assert_close_nan(result["per_latent"], torch.tensor(expected, dtype=torch.float64), 1e-10)
     assert result["u_latents"] == latents - 1
     assert result["u"] == pytest.approx(np.nanmean(expected), abs=1e-10)
 
@@ -134,7 +136,7 @@ def test_csi_hand_cases():
         dtype=torch.float64,
     )
     result = class_selectivity_index(codes, labels)
-    assert_close(result["per_latent"], torch.tensor([1.0, 0.0, 0.5, math.nan], dtype=torch.float64), 1e-12)
+    assert_close_nan(result["per_latent"], torch.tensor([1.0, 0.0, 0.5, math.nan], dtype=torch.float64), 1e-12)
     assert result["csi_latents"] == 3
     assert result["csi"] == pytest.approx(0.5, abs=1e-12)
 
@@ -254,10 +256,10 @@ def test_non_contiguous_labels_and_numpy_input_give_the_same_results():
     sparse_ids = torch.tensor([3, 7])[labels]
     assert class_structure(codes, sparse_ids) == reference
     assert class_structure(codes.numpy(), sparse_ids.numpy().astype(np.int32)) == reference
-    assert_close(
+    assert_close_nan(
         uncertainty_coefficient(codes, sparse_ids)["per_latent"], uncertainty_coefficient(codes, labels)["per_latent"]
     )
-    assert_close(
+    assert_close_nan(
         class_selectivity_index(codes, sparse_ids)["per_latent"], class_selectivity_index(codes, labels)["per_latent"]
     )
 

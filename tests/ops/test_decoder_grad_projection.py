@@ -1,5 +1,5 @@
 """The fused decoder-norm gradient projection (``kernels/saefast_triton/decoder_grad_projection.py`` under Triton's
-interpreter, and ``csrc/cpu/decoder_grad_projection.cpp``) against :func:`saefast.ref.remove_parallel_grad_`.
+interpreter, and ``csrc/cpu/decoder_grad_projection.cpp``) against :func:`saefast.ops.ref.remove_parallel_grad_`.
 
 Contract: ``g_r ← g_r − (g_r·W_r / max(‖W_r‖, 1e-12)²) W_r`` per row, in place, ``W`` untouched. Checked on ragged
 shapes (non-power-of-two rows and D, D past one tile), member slices of a larger gradient (rows outside the slice
@@ -10,22 +10,12 @@ own fp32 rounding is of that order); bf16/fp16 within one rounding of the stored
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
+from helpers import CUDA, FUSED_BACKENDS, device_of, needs_native
 
-from saefast import native, ops, ref
-
-needs_native = pytest.mark.skipif(not native.available() or os.environ.get("SAEFAST_NO_EXTENSION") == "1",
-                                  reason="native extension not built")
-BACKENDS = ["triton", pytest.param("native", marks=needs_native)]
-CUDA = torch.cuda.is_available()
-
-
-def device_of(backend: str) -> str:
-    """Triton runs on CUDA when there is one (else in the interpreter, on CPU tensors); native on the CPU."""
-    return "cuda" if backend == "triton" and CUDA else "cpu"
+from saefast import ops
+from saefast.ops import ref
 
 
 def oracle(W: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -47,7 +37,7 @@ def relative_error(got: torch.Tensor, want: torch.Tensor, scale: float = 1.0) ->
     return float((got.double().cpu() - want).abs().max()) / scale
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @pytest.mark.parametrize("shape", [(1, 1, 1), (3, 7, 5), (2, 33, 129), (130, 48), (1, 5, 4100), (17,)])
 def test_matches_reference(backend, shape):
     W, grad = random_pair(shape, seed=sum(shape), device=device_of(backend))
@@ -62,7 +52,7 @@ def test_matches_reference(backend, shape):
     assert residual <= 1e-5 * scale * float(rows_w.norm(dim=-1).max()) * shape[-1] ** 0.5
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
 def test_member_slice_updates_only_its_rows(backend):
     W, grad = random_pair((5, 19, 37), seed=3, device=device_of(backend))
     members = slice(1, 4)
@@ -73,7 +63,7 @@ def test_member_slice_updates_only_its_rows(backend):
     assert relative_error(grad[members], want[members].double(), scale) <= 2e-6
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
 def test_zero_rows_keep_their_gradient_and_strided_W_is_read(backend):
     W, grad = random_pair((4, 6, 10), seed=4, device=device_of(backend))
     W[1, 2] = 0.0
@@ -99,7 +89,7 @@ def test_half_precision_accumulates_in_fp32(backend, w_dtype, g_dtype):
     assert relative_error(grad, want, scale) <= torch.finfo(g_dtype).eps
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
 def test_bad_input_raises_value_error(backend):
     W, grad = random_pair((2, 3, 4), device=device_of(backend))
     with pytest.raises(ValueError, match="one shape"):
@@ -111,10 +101,11 @@ def test_bad_input_raises_value_error(backend):
         ops.remove_parallel_grad_(W, transposed, backend=backend)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
 def test_training_projects_with_its_backend(monkeypatch, backend):
     """``sf.train`` projects the decoder gradient on the training backend (that training on a fused backend equals
-    the torch backend's, projection included, is ``tests/test_ops.py::test_training_on_a_fused_backend_...``)."""
+    the torch backend's, projection included, is
+    ``tests/training/test_trainer.py::test_training_on_a_fused_backend_...``)."""
     import saefast as sf
 
     calls = []

@@ -1,23 +1,25 @@
-"""Harvesting: hooks, early stop, kept positions, exact budgets, exact resume, offline loading, text sources.
+"""saefast.data.harvest and saefast.data.hooks: harvesting activations into a store — hooks (globs, layer numbers,
+several at once), an early stop after the last hooked module, the kept positions, exact budgets, exact resume, and
+the real embedded SmolLM2-135M.
 
 Fast tests use a tiny random ``LlamaForCausalLM`` (and GPT-2 / BERT / GPT-NeoX for the layer mapping) with
-pre-made token windows or a byte-level fake tokenizer; one test runs the real embedded SmolLM2-135M.
+pre-made token windows or a byte-level fake tokenizer. (Text sources and token windows: tests/data/test_text.py;
+loading models: tests/data/test_hf.py.)
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import time
 
 import pytest
 import torch
-from conftest import assert_close
+from helpers import ByteTokenizer, assert_close, tiny_llama
 
-from saefast.harvest import Capture, harvest, layer_hook, resolve_hooks, special_token_ids
-from saefast.hf import EMBEDDED_MODELS, load_model
-from saefast.store import StoreError
-from saefast.text import pydoc_topics, read_text_files, text_source, token_windows
+from saefast.data.harvest import Capture, harvest, layer_hook, resolve_hooks, special_token_ids
+from saefast.data.hf import load_model
+from saefast.data.store import StoreError
+from saefast.data.text import pydoc_topics
 
 transformers = pytest.importorskip("transformers")
 
@@ -26,34 +28,10 @@ BOS = 1
 HOOK = "model.layers.1"
 
 
-def tiny_llama(seed: int = 0) -> torch.nn.Module:
-    """A 3-layer, d=32 random Llama (bos=1, eos=2, no pad), in eval mode."""
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
-                                      max_position_embeddings=64)
-    return transformers.LlamaForCausalLM(config).eval()
-
-
 def random_windows(n: int, seed: int = 1, context: int = CONTEXT) -> list[torch.Tensor]:
     """``n`` windows of random ids in [3, 64) (no special tokens)."""
     generator = torch.Generator().manual_seed(seed)
     return list(torch.randint(3, 64, (n, context), generator=generator))
-
-
-class ByteTokenizer:
-    """The tokenizer interface text.py and harvest.py use: one id per byte, BOS=1, EOS=2, no pad."""
-
-    bos_token_id = 1
-    eos_token_id = 2
-    pad_token_id = None
-
-    def __call__(self, texts, add_special_tokens=False, verbose=True):
-        assert not add_special_tokens
-        return {"input_ids": [[3 + b % 61 for b in text.encode()] for text in texts]}
-
-    def get_vocab(self):
-        return {f"<{i}>": i for i in range(64)}
 
 
 def kept_reference(model, windows, layer: int, exclude_first: int = 2, special=(BOS,)):
@@ -168,7 +146,7 @@ def test_layer_hook_maps_block_lists_and_checks_the_range():
         layer_hook(model, 3)
     with pytest.raises(ValueError, match="out of range"):
         resolve_hooks(model, "-4")
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="layer must be an int, got bool"):
         layer_hook(model, True)
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=64,
                                                                 n_positions=32))
@@ -268,7 +246,7 @@ def test_resume_is_exact_and_skips_finished_windows(tmp_path):
     full = harvest(model, tmp_path / "full", HOOK, tokens, windows=windows, **settings)
 
     out = tmp_path / "resumed"
-    with pytest.raises(Crash):
+    with pytest.raises(Crash, match="simulated crash after 17 windows"):
         harvest(model, out, HOOK, tokens, windows=crashing(windows, 17), **settings)
     partial = manifest(out)
     assert not partial["complete"] and partial["state"]["windows"] == 12  # 2 whole shards of 2 batches of 3
@@ -294,7 +272,7 @@ def test_changed_settings_on_resume_are_refused(tmp_path):
     windows = random_windows(20)
     settings = dict(context=CONTEXT, batch_size=2, shard_tokens=20, progress=False)
     out = tmp_path / "s"
-    with pytest.raises(Crash):
+    with pytest.raises(Crash, match="simulated crash after 9 windows"):
         harvest(model, out, HOOK, 200, windows=crashing(windows, 9), **settings)
     assert manifest(out)["tokens"] > 0
     with pytest.raises(StoreError, match="other settings"):
@@ -356,78 +334,6 @@ def test_bad_arguments_fail_before_compute(tmp_path):
     with pytest.raises(ValueError, match=r"token window 1 has shape \(8,\)"):
         harvest(model, tmp_path / "bad", HOOK, 10, windows=[windows[0], windows[1][:8]], context=CONTEXT,
                 progress=False)
-
-
-# ------------------------------------------------------------------------------------------ text and windows
-
-
-def test_token_windows_concatenate_documents_with_eos():
-    tokenizer = ByteTokenizer()
-    windows = token_windows(tokenizer, ["abc", "de"], context=3)  # stream: a b c EOS d e → [BOS]+2 tokens each
-    assert len(windows) == 3
-    a, b, c, d, e = (3 + ord(char) % 61 for char in "abcde")
-    assert [w.tolist() for w in windows] == [[1, a, b], [1, c, 2], [1, d, e]]
-    plain = token_windows(tokenizer, ["abc", "de"], context=4, prepend_bos=False)
-    assert [w.tolist() for w in plain] == [[a, b, c, 2]]  # incomplete tail dropped
-    assert all(w.dtype == torch.long for w in windows)
-    with pytest.raises(ValueError, match="context"):
-        token_windows(tokenizer, ["abc"], context=1)
-
-    class NoBos(ByteTokenizer):
-        bos_token_id = None
-    with pytest.raises(ValueError, match="no BOS"):
-        token_windows(NoBos(), ["abc"], context=3, prepend_bos=True)
-    assert token_windows(NoBos(), ["abc"], context=3)[0].tolist() == [a, b, c]
-
-
-def test_text_sources(tmp_path):
-    topics = pydoc_topics()
-    assert len(topics) > 50 and topics == pydoc_topics() == text_source() == text_source("pydoc")
-    assert sum(map(len, topics)) > 300_000
-    (tmp_path / "b.txt").write_text("second")
-    (tmp_path / "sub").mkdir()
-    (tmp_path / "sub" / "a.txt").write_text("third")
-    (tmp_path / "a.txt").write_text("first")
-    (tmp_path / "skip.md").write_text("not text")
-    assert read_text_files(tmp_path) == ["first", "second", "third"]
-    assert text_source([tmp_path / "b.txt", tmp_path / "a.txt"]) == ["second", "first"]
-    assert text_source(f"{tmp_path / 'b.txt'},{tmp_path / 'sub'}") == ["second", "third"]  # the CLI's form
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        text_source(tmp_path / "missing.txt")
-    (tmp_path / "bad.txt").write_bytes(b"\xff\xfe\xfa")
-    with pytest.raises(ValueError, match="not valid UTF-8"):
-        read_text_files(tmp_path / "bad.txt")
-
-
-# ------------------------------------------------------------------------------------------ loading models
-
-
-def test_unavailable_model_fails_fast_and_offline():
-    start = time.perf_counter()
-    for name in ("no/such/model", "HuggingFaceTB/no-such-model-here", "definitely-not-a-model"):
-        with pytest.raises(FileNotFoundError, match="not available offline") as info:
-            load_model(name)
-        assert all(repr(embedded) in str(info.value) for embedded in EMBEDDED_MODELS)
-    assert time.perf_counter() - start < 5
-
-
-def test_load_model_from_a_local_directory(tmp_path):
-    tiny_llama().save_pretrained(tmp_path / "tiny")
-    model, tokenizer = load_model(str(tmp_path / "tiny"), progress=False)
-    assert tokenizer is None  # no tokenizer files: harvest it from windows
-    assert not model.training and not any(p.requires_grad for p in model.parameters())
-    assert model.saefast_source == str((tmp_path / "tiny").resolve())
-    bert = transformers.BertModel(transformers.BertConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                                          intermediate_size=32, vocab_size=50))
-    bert.save_pretrained(tmp_path / "encoder")
-    encoder, _ = load_model(str(tmp_path / "encoder"), progress=False)  # not a causal LM: loaded as the bare model
-    assert type(encoder).__name__ == "BertModel" and layer_hook(encoder, 1) == "encoder.layer.1"
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="no config.json"):
-        load_model(str(tmp_path / "empty"))
-    (tmp_path / "weights.bin").write_bytes(b"")
-    with pytest.raises(ValueError, match="not a .gguf"):
-        load_model(str(tmp_path / "weights.bin"))
 
 
 # ------------------------------------------------------------------------------------------ the real model

@@ -1,9 +1,8 @@
-"""saefast.bench: the report's schema, the correctness guard (a wrong or failing backend gets an error, no number)
-and the ``saefast bench`` command. Timings are never asserted."""
+"""saefast.bench (run, cases, report): the report's schema, the cases, the correctness guard (a wrong or failing
+backend gets an error, no number) and the commit recorded outside git. Timings are never asserted. (The
+``saefast bench`` command: tests/cli/test_cli.py.)"""
 
 from __future__ import annotations
-
-import json
 
 import pytest
 import torch
@@ -123,22 +122,6 @@ def test_bad_arguments():
         bench.run_benchmarks("tiny", cases=["backward"])
     with pytest.raises(ValueError, match="repeats"):
         bench.run_benchmarks("tiny", repeats=0)
-
-
-def test_cli_bench_writes_json_markdown_and_png(tmp_path, capsys):
-    from saefast.cli import main
-
-    paths = {kind: tmp_path / f"out.{kind}" for kind in ("json", "md", "png")}
-    rc = main(["bench", "--preset", "tiny", "--cases", "sharpen", "boosting_chain", "--backends", "eager_loop",
-               "eager_stacked", "native", "--repeats", "1", "--no-progress", "--json", str(paths["json"]),
-               "--markdown", str(paths["md"]), "--png", str(paths["png"])])
-    assert rc == 0
-    report = json.loads(paths["json"].read_text())
-    assert {row["case"] for row in report["results"]} == {"sharpen", "boosting_chain"}
-    assert all(row["ok"] for row in report["results"] if row["backend"] != "native" or sf.native.available())
-    assert "| tiny | sharpen | eager_loop |" in paths["md"].read_text()
-    assert paths["png"].stat().st_size > 0
-    assert "| shape | case | backend |" in capsys.readouterr().out
 
 
 def test_git_revision_outside_git_takes_the_commit_from_the_environment(monkeypatch):

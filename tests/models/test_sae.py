@@ -1,23 +1,29 @@
-"""Forward and backward of every SAE architecture against hand-derived values.
+"""saefast.models.sae and the training interface of saefast.models.dictionary: forward and backward of every SAE
+architecture (TopK, BatchTopK, ReLU, JumpReLU; AuxK) against hand-derived values, the firing counters, and the
+decoder, initialisation and b_dec steps of training.
 
-Expected numbers are computed independently of saefast.ref: explicit python loops over tokens and latents
+Expected numbers are computed independently of saefast.ops.ref: explicit python loops over tokens and latents
 (in float64 python floats) or closed-form gradients written out by hand. The models keep fp32 weights, so
-model-level comparisons use atol ~1e-5; ref-level checks run on float64 tensors.
+model-level comparisons use atol ~1e-5. (The reference's own JumpReLU and geometric median are checked by hand in
+tests/ops/test_ref.py.)
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
 import torch
-from conftest import assert_close
+from helpers import T, assert_close
+from helpers import data as _data
 
 import saefast as sf
-from saefast import ref
-from saefast.codes import SparseCodes
+from saefast.ops import ref
+from saefast.ops.codes import SparseCodes
 
 ALL = slice(None)
+
 
 # ------------------------------------------------------------------------------------------------------
 # Independent helpers (python loops, float64)
@@ -82,13 +88,7 @@ def hand_decode(z: list[list[float]], W_dec, b_dec) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.float64)
 
 
-def T(rows) -> torch.Tensor:
-    return torch.tensor(rows, dtype=torch.float64)
-
-
-def data(n: int, d: int, seed: int, scale: float = 1.0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return scale * torch.randn(n, d, generator=g) + 0.7
+data = functools.partial(_data, offset=0.7)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -357,64 +357,6 @@ def test_relu_loss_gradient_matches_hand_formula():
 # JumpReLU
 # ------------------------------------------------------------------------------------------------------
 
-# theta per latent and pre-activations chosen to straddle theta inside / outside the band (eps = 0.1)
-THETA = [0.5, 1.0, 0.2, 0.8]
-PRE = [
-    [0.47, 0.50, -0.30, 0.76],  # in-band below | outside below | outside | in-band below
-    [0.53, 1.04, 0.10, 0.86],  # in-band above | in-band above | outside (u = -1) | outside above (u = 0.6)
-    [0.90, 0.96, 0.22, 0.70],  # outside above | in-band below | in-band above | outside below (u = -1)
-]
-EPS = 0.1
-
-
-def _kernel(pre: float, theta: float, eps: float) -> float:
-    return 1.0 if abs(pre - theta) / eps <= 0.5 else 0.0
-
-
-def test_jumprelu_activation_forward_and_ste_backward():
-    pre = torch.tensor(PRE, dtype=torch.float64).unsqueeze(1).requires_grad_()  # [N=3, J=1, M=4]
-    theta = torch.tensor([THETA], dtype=torch.float64, requires_grad=True)  # [J=1, M=4]
-    z = ref.jumprelu_activation(pre, theta, EPS)
-    exp_z = [[v if v > THETA[i] else 0.0 for i, v in enumerate(row)] for row in PRE]
-    assert_close(z[:, 0], T(exp_z), atol=0)
-    g = torch.tensor([[1.0, -2.0, 0.5, 3.0], [0.7, 1.5, -1.0, 2.0], [-0.3, 0.9, 1.1, -4.0]], dtype=torch.float64)
-    z.backward(g.unsqueeze(1))
-    exp_gpre = [[g[n, i].item() * (1.0 if PRE[n][i] > THETA[i] else 0.0) for i in range(4)] for n in range(3)]
-    assert_close(pre.grad[:, 0], T(exp_gpre), atol=1e-12)
-    exp_gtheta = [
-        sum(g[n, i].item() * (-THETA[i] / EPS) * _kernel(PRE[n][i], THETA[i], EPS) for n in range(3)) for i in range(4)
-    ]
-    # every latent has at least one in-band value, latent 0 and 1 two of them
-    assert all(v != 0 for v in exp_gtheta)
-    assert_close(theta.grad[0], T(exp_gtheta), atol=1e-12)
-    # explicit numbers for latent 0: in-band at n=0 (g=1) and n=1 (g=0.7): −(0.5/0.1)·(1 + 0.7)
-    assert_close(theta.grad[0, 0], torch.tensor(-8.5, dtype=torch.float64), atol=1e-12)
-
-
-def test_jumprelu_l0_value_and_threshold_gradient():
-    pre = torch.tensor(PRE, dtype=torch.float64).unsqueeze(1).requires_grad_()
-    theta = torch.tensor([THETA], dtype=torch.float64, requires_grad=True)
-    l0 = ref.jumprelu_l0(pre, theta, EPS)
-    exp = sum(1 for row in PRE for i, v in enumerate(row) if v > THETA[i]) / 3
-    assert l0.shape == (1,)
-    assert_close(l0, torch.tensor([exp], dtype=torch.float64), atol=1e-12)
-    l0.sum().backward()
-    exp_gtheta = [-(1 / EPS) * sum(_kernel(PRE[n][i], THETA[i], EPS) for n in range(3)) / 3 for i in range(4)]
-    assert_close(theta.grad[0], T(exp_gtheta), atol=1e-12)
-    assert pre.grad is None or (pre.grad == 0).all(), "the L0 step has no gradient w.r.t. pre"
-
-
-def test_jumprelu_gradient_sums_over_members_and_tokens():
-    # [N=2, J=2, M=2]: each (member, latent) threshold collects its own tokens' kernel terms
-    pre = torch.tensor([[[0.51, 0.0], [0.3, 0.9]], [[0.48, 0.2], [0.33, 2.0]]], dtype=torch.float64)
-    theta = torch.tensor([[0.5, 0.2], [0.3, 0.9]], dtype=torch.float64, requires_grad=True)
-    ref.jumprelu_activation(pre, theta, 0.1).sum().backward()
-    # member 0 latent 0: both tokens in band → 2·(−0.5/0.1); latent 1: token 1 at u=0 → −0.2/0.1
-    # member 1 latent 0: u=0 and u=0.3 → 2·(−0.3/0.1); latent 1: u=0 only → −0.9/0.1
-    expected = torch.tensor([[-10.0, -2.0], [-6.0, -9.0]], dtype=torch.float64)
-    assert_close(theta.grad, expected, atol=1e-9)
-
-
 def test_jumprelu_model_forward_and_backward():
     eps, lam = 0.3, 0.05
     sae = make_sae("jumprelu", d_in=6, n_latents=9, jumprelu_bandwidth=eps, l0_coef=lam)
@@ -654,25 +596,3 @@ def test_training_starts_b_dec_from_data_mean():
     set_params(sae, b_dec=torch.full((7,), 5.0))
     sf.train(sae, [x], steps=1, lr=lr, progress=False)
     assert_close(sae.b_dec, torch.full((7,), 5.0), atol=3 * lr + 1e-6)
-
-
-def test_geometric_median_one_dimensional_is_the_median():
-    pts = torch.tensor([[-1.0], [0.0], [0.5], [2.0], [1000.0]], dtype=torch.float64)
-    assert_close(ref.geometric_median(pts), torch.tensor([0.5], dtype=torch.float64), atol=1e-4)
-    assert ref.geometric_median(pts).dtype == torch.float64
-
-
-def test_geometric_median_fermat_point_of_a_triangle():
-    # isosceles triangle (−1, 0), (1, 0), (0, 3): every angle < 120°, the Fermat point is (0, 1/√3)
-    pts = torch.tensor([[-1.0, 0.0], [1.0, 0.0], [0.0, 3.0]], dtype=torch.float32)
-    gm = ref.geometric_median(pts)
-    assert gm.dtype == torch.float32
-    assert_close(gm, torch.tensor([0.0, 1 / math.sqrt(3)]), atol=1e-4)
-    # and it is not the mean (0, 1)
-    assert abs(float(gm[1]) - 1.0) > 0.3
-
-
-def test_geometric_median_symmetric_cross_is_its_centre():
-    c = torch.tensor([2.0, -1.0, 0.5])
-    offsets = torch.tensor([[1.0, 0, 0], [-1.0, 0, 0], [0, 3.0, 0], [0, -3.0, 0], [0, 0, 0.5], [0, 0, -0.5]])
-    assert_close(ref.geometric_median(c + offsets), c, atol=1e-5)

@@ -1,52 +1,29 @@
-"""Checkpoints: exact round trips, resuming, corruption detection, atomic writes, determinism."""
+"""saefast.models.checkpoint: exact round trips of every model kind and activation (safetensors and JSON, never a
+pickle), corruption detected and named, and saves that are atomic (a crash keeps the previous checkpoint). (Resuming
+training from a checkpoint: tests/training/test_resume.py; atomic writes: tests/test_files.py.)"""
 
 from __future__ import annotations
 
+import functools
 import json
-import os
 import pickle
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import ACTS, KINDS, make, quiet, state_equal
+from helpers import cfg_for as _cfg_for
+from helpers import data as _data
 
 import saefast as sf
-import saefast.checkpoint as ckpt
+import saefast.models.checkpoint as ckpt
 
-ACTS = ["topk", "batchtopk", "relu", "jumprelu"]
-KINDS = ["sae", "bagging", "boosting"]
-
-
-def cfg_for(activation: str, d_in: int = 7, n_latents: int = 12, k: int = 2, **kw) -> sf.SAEConfig:
-    return sf.SAEConfig(d_in=d_in, n_latents=n_latents, k=k, activation=activation, **kw)
-
-
-def data(n: int, d: int, seed: int, scale: float = 1.0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return scale * torch.randn(n, d, generator=g) + 0.3
-
-
-def make(kind: str, cfg: sf.SAEConfig, seed: int = 3):
-    if kind == "sae":
-        return sf.SAE(cfg, seed=seed)
-    return sf.Ensemble(cfg, members=2, combine=kind, seed=seed)
-
-
-def assert_same_state(a, b) -> None:
-    sa, sb = a.state_dict(), b.state_dict()
-    assert set(sa) == set(sb)
-    for name in sa:
-        assert sa[name].dtype == sb[name].dtype, name
-        assert sa[name].shape == sb[name].shape, name
-        assert torch.equal(sa[name], sb[name]), f"{name} differs"
+cfg_for = functools.partial(_cfg_for, d_in=7, n_latents=12, k=2)
+data = functools.partial(_data, offset=0.3)
 
 
 def model_file(path: Path) -> Path:
     return path / json.loads((path / "config.json").read_text())["files"]["model"]["name"]
-
-
-def quiet(**kw):
-    return dict(progress=False, **kw)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -73,7 +50,7 @@ def test_round_trip_is_exact(tmp_path, kind, activation):
     assert again.seed == model.seed
     if kind != "sae":
         assert again.combine == model.combine and again.members == model.members
-    assert_same_state(again, model)
+    state_equal(again, model)
     assert not again.training
     x = data(9, 7, seed=9)
     assert torch.equal(again.reconstruct(x), model.reconstruct(x))
@@ -88,7 +65,7 @@ def test_untrained_model_round_trip_and_module_level_save(tmp_path):
     model = sf.Ensemble.bagging(cfg_for("jumprelu"), members=3, seed=11)
     sf.save(model, tmp_path / "c")
     again = sf.load(str(tmp_path / "c"))
-    assert_same_state(again, model)
+    state_equal(again, model)
     assert again.b_dec_initialized.tolist() == [False, False, False]
 
 
@@ -100,9 +77,9 @@ def test_decode_only_survives_for_boosting_as_sae(tmp_path):
     again = sf.load(tmp_path / "big")
     assert isinstance(again, sf.SAE) and again.decode_only
     assert again.cfg.groups == 3 and again.n_latents == 36
-    assert_same_state(again, big)
+    state_equal(again, big)
     x = data(5, 7, seed=1)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match=r"decoder of a boosting ensemble.*encode with the ensemble instead"):
         again.encode(x)
     assert torch.equal(again.decode(boost.encode(x)), big.decode(boost.encode(x)))
 
@@ -129,102 +106,12 @@ def test_never_unpickles(tmp_path, monkeypatch):
     monkeypatch.setattr(pickle, "load", forbidden)
     monkeypatch.setattr(pickle, "loads", forbidden)
     again = sf.load(tmp_path / "m")
-    assert_same_state(again, model)
+    state_equal(again, model)
     _, optim, state = ckpt.load_checkpoint(tmp_path / "t")
     assert optim is not None and state is not None
     for d in (tmp_path / "m", tmp_path / "t"):
         for p in d.iterdir():
             assert p.suffix in (".json", ".safetensors"), p.name
-
-
-# ------------------------------------------------------------------------------------------------------
-# Resume
-# ------------------------------------------------------------------------------------------------------
-
-
-def _resume_case(tmp_path, build, batches, steps, every, stop_after, lr=1e-2):
-    """Uninterrupted run vs. a run stopped after ``stop_after`` batches and resumed in a NEW model."""
-    full = build()
-    hist_full = sf.train(full, batches, steps=steps, lr=lr, checkpoint_dir=str(tmp_path / "full"),
-                         checkpoint_every=every, log_every=1, **quiet())
-    first = build()
-    with pytest.warns(UserWarning, match="stopped early"):
-        sf.train(first, iter(batches[:stop_after]), steps=steps, lr=lr, checkpoint_dir=str(tmp_path / "run"),
-                 checkpoint_every=every, log_every=1, **quiet())
-    resumed = build()
-    hist = sf.train(resumed, batches, steps=steps, lr=lr, checkpoint_dir=str(tmp_path / "run"),
-                    checkpoint_every=every, log_every=1, resume=True, **quiet())
-    assert_same_state(resumed, full)
-    # the final checkpoints agree too
-    assert_same_state(sf.load(tmp_path / "run"), sf.load(tmp_path / "full"))
-    return hist_full, hist
-
-
-@pytest.mark.parametrize("activation", ACTS)
-def test_resume_sae_equals_uninterrupted(tmp_path, activation):
-    cfg = cfg_for(activation, dead_after_tokens=16)
-    batches = [data(16, 7, seed=20 + s, scale=1.5) for s in range(6)]
-    full_hist, hist = _resume_case(tmp_path, lambda: sf.SAE(cfg, seed=1), batches, steps=6, every=3, stop_after=3)
-    keys = ("stage", "step", "lr", "loss", "fvu", "aux", "sparsity", "l0", "dead_fraction")
-    assert [{k: h[k] for k in keys} for h in hist] == [{k: h[k] for k in keys} for h in full_hist]
-
-
-def test_resume_bagging_equals_uninterrupted(tmp_path):
-    cfg = cfg_for("topk", dead_after_tokens=16)
-    batches = [data(16, 7, seed=30 + s) for s in range(6)]
-    _resume_case(tmp_path, lambda: sf.Ensemble.bagging(cfg, members=3, seed=1), batches, steps=6, every=3,
-                 stop_after=4)  # the batch after the checkpoint is consumed again on resume
-
-
-@pytest.mark.parametrize("stop_after", [3, 4, 7])
-def test_resume_boosting_across_stage_boundary(tmp_path, stop_after):
-    # steps=4 per stage, checkpoints at (stage 0, step 2), end of stage 0, (stage 1, step 2), end.
-    # stop 3: resume mid stage 0 and run through stage 1; 4: resume at the stage boundary;
-    # 7: resume mid stage 1 (the optimizer state of stage 1 comes back).
-    cfg = cfg_for("relu")
-    batches = [data(12, 7, seed=40 + s, scale=2.0) for s in range(8)]
-    _resume_case(tmp_path, lambda: sf.Ensemble.boosting(cfg, members=2, seed=5), batches, steps=4, every=2,
-                 stop_after=stop_after)
-
-
-def test_resume_history_token_count_continues(tmp_path):
-    cfg = cfg_for("topk")
-    batches = [data(16, 7, seed=20 + s) for s in range(6)]
-    full_hist, hist = _resume_case(tmp_path, lambda: sf.SAE(cfg, seed=1), batches, steps=6, every=3, stop_after=3)
-    assert [h["tokens"] for h in hist] == [h["tokens"] for h in full_hist]
-
-
-@pytest.mark.parametrize(
-    "other",
-    [lambda cfg: sf.Ensemble.boosting(cfg, members=2, seed=1), lambda cfg: sf.Ensemble.bagging(cfg, members=3, seed=1)],
-    ids=["different-combine-rule", "different-member-count"],
-)
-def test_resume_rejects_a_different_ensemble(tmp_path, other):
-    cfg = cfg_for("relu")
-    batches = [data(16, 7, seed=s) for s in range(4)]
-    with pytest.warns(UserWarning, match="stopped early"):
-        sf.train(sf.Ensemble.bagging(cfg, members=2, seed=1), iter(batches[:2]), steps=4,
-                 checkpoint_dir=str(tmp_path), checkpoint_every=2, **quiet())
-    with pytest.raises(ValueError, match="different model"):
-        sf.train(other(cfg), batches, steps=4, checkpoint_dir=str(tmp_path), checkpoint_every=2, resume=True,
-                 **quiet())
-
-
-def test_resume_without_checkpoint_starts_fresh(tmp_path):
-    cfg = cfg_for("topk")
-    batches = [data(16, 7, seed=s) for s in range(3)]
-    a, b = sf.SAE(cfg, seed=1), sf.SAE(cfg, seed=1)
-    sf.train(a, batches, steps=3, **quiet())
-    sf.train(b, batches, steps=3, checkpoint_dir=str(tmp_path / "empty"), resume=True, **quiet())
-    assert_same_state(a, b)
-
-
-def test_resume_rejects_a_different_model(tmp_path):
-    batches = [data(16, 7, seed=s) for s in range(2)]
-    sf.train(sf.SAE(cfg_for("topk"), seed=1), batches, steps=2, checkpoint_dir=str(tmp_path), **quiet())
-    with pytest.raises(ValueError, match="different model"):
-        sf.train(sf.SAE(cfg_for("relu"), seed=1), batches, steps=2, checkpoint_dir=str(tmp_path), resume=True,
-                 **quiet())
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -326,7 +213,7 @@ def test_saving_over_a_checkpoint_leaves_no_stray_files(saved):
     assert len(names) == 2 and "config.json" in names, names
     assert old_name not in names
     assert not any(n.startswith(".") or n.endswith(".tmp") for n in names)
-    assert_same_state(sf.load(path), model)
+    state_equal(sf.load(path), model)
     # saving the same weights again changes nothing
     before = {p.name: p.read_bytes() for p in path.iterdir()}
     model.save(path)
@@ -351,45 +238,9 @@ def test_crash_while_writing_config_keeps_old_checkpoint(saved, monkeypatch):
         model.save(path)
     monkeypatch.setattr(ckpt, "atomic_write_bytes", real)
     intact = sf.load(path)
-    assert_same_state(intact, old)
+    state_equal(intact, old)
     assert not any(p.name.endswith(".tmp") for p in path.iterdir())
     # the next successful save cleans up the orphan written before the crash
     model.save(path)
     assert len(list(path.iterdir())) == 2
-    assert_same_state(sf.load(path), model)
-
-
-def test_crash_inside_atomic_write_keeps_target_and_removes_temp(tmp_path, monkeypatch):
-    target = tmp_path / "f.bin"
-    target.write_bytes(b"old")
-
-    def boom(src, dst):
-        raise OSError("rename failed")
-
-    monkeypatch.setattr(os, "replace", boom)
-    with pytest.raises(OSError, match="rename failed"):
-        ckpt.atomic_write_bytes(target, b"new contents")
-    monkeypatch.undo()
-    assert target.read_bytes() == b"old"
-    assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
-    ckpt.atomic_write_bytes(target, b"new contents")
-    assert target.read_bytes() == b"new contents"
-    assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
-
-
-# ------------------------------------------------------------------------------------------------------
-# Determinism
-# ------------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_training_is_deterministic_on_cpu(kind):
-    cfg = cfg_for("batchtopk" if kind == "sae" else "topk", dead_after_tokens=10)
-    batches = [data(10, 7, seed=50 + s) for s in range(3)]
-    runs = []
-    for _ in range(2):
-        model = make(kind, cfg, seed=4)
-        hist = sf.train(model, batches, steps=3, lr=1e-2, seed=7, log_every=1, **quiet())
-        runs.append((model, hist))
-    assert_same_state(runs[0][0], runs[1][0])
-    assert runs[0][1] == runs[1][1]
+    state_equal(sf.load(path), model)

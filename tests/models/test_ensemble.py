@@ -1,26 +1,20 @@
-"""Bagging and boosting ensembles: combination rules, equivalence with lone SAEs, as_sae folding."""
+"""saefast.models.ensemble: bagging and boosting ensembles — construction and members, the combination rules, training
+equal to training lone SAEs (bagging: each member; boosting: stage by stage on the residuals), the smaller ensembles
+of ``head`` and ``as_sae`` folding an ensemble into one SAE."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
 import torch
-from conftest import assert_close
+from helpers import ACTS, assert_close, data, state_close, state_equal, untie_encoder
+from helpers import cfg_for as _cfg_for
 
 import saefast as sf
 
-ACTS = ["topk", "batchtopk", "relu", "jumprelu"]
-FLOAT_PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec", "log_threshold")
-
-
-def cfg_for(activation: str, d_in: int = 9, n_latents: int = 14, k: int = 3, **kw) -> sf.SAEConfig:
-    return sf.SAEConfig(d_in=d_in, n_latents=n_latents, k=k, activation=activation, **kw)
-
-
-def data(n: int, d: int, seed: int, scale: float = 1.0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return scale * torch.randn(n, d, generator=g) + 0.4
+cfg_for = functools.partial(_cfg_for, d_in=9, n_latents=14, k=3)
 
 
 def perturb(model, seed: int, b_enc_shift: float = 0.0) -> None:
@@ -32,22 +26,6 @@ def perturb(model, seed: int, b_enc_shift: float = 0.0) -> None:
         model.W_enc.add_(0.2 * torch.randn(model.W_enc.shape, generator=g))
         if model.log_threshold is not None:
             model.log_threshold.copy_(torch.log(0.1 + 0.5 * torch.rand(model.log_threshold.shape, generator=g)))
-
-
-def state_equal(a: dict, b: dict) -> None:
-    assert set(a) == set(b)
-    for name in a:
-        assert a[name].dtype == b[name].dtype, name
-        assert torch.equal(a[name], b[name]), f"{name} differs"
-
-
-def state_close(a: dict, b: dict, atol: float) -> None:
-    assert set(a) == set(b)
-    for name in a:
-        if a[name].is_floating_point():
-            assert_close(a[name], b[name], atol=atol, msg=name)
-        else:
-            assert torch.equal(a[name], b[name]), f"{name} differs"
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -160,10 +138,7 @@ def test_bagging_training_equals_training_each_member_alone(activation):
     bag = sf.Ensemble.bagging(cfg, members=3, seed=5)
     # Move the encoder off its tied initialisation: with W_enc = W_dec (unit rows, b_enc = 0) the encoder
     # gradient of a top-1 SAE is analytically 0, so it is pure rounding noise that Adam would blow up to ±lr.
-    g = torch.Generator().manual_seed(6)
-    with torch.no_grad():
-        bag.W_enc.add_(0.3 * torch.randn(bag.W_enc.shape, generator=g))
-        bag.b_enc.add_(0.1 * torch.randn(bag.b_enc.shape, generator=g))
+    untie_encoder(bag, seed=6)
     initial = [bag.member(j).state_dict() for j in range(3)]
     history = sf.train(bag, batches, steps=5, lr=3e-3, log_every=1, progress=False)
     if activation in ("topk", "batchtopk"):
