@@ -18,7 +18,7 @@ import torch
 from . import native, ref
 from .backend import resolve_backend
 from .codes import SparseCodes
-from .registration import triton_custom_op
+from .registration import FusedKernels, triton_custom_op
 
 
 def _sparse_decode_impl(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor, alpha: torch.Tensor,
@@ -76,18 +76,8 @@ class DecodeKernels(NamedTuple):
     """``(grad_values, grad_weight)`` in one latent-ordered pass, where the backend has it (native on the CPU)."""
 
 
-_TRITON = DecodeKernels(_triton_sparse_decode, _triton_grad_values, _triton_grad_weight)
-_NATIVE: DecodeKernels | None = None
-
-
-def decode_kernels(backend: str) -> DecodeKernels:
-    """The decode family of a resolved fused backend (``triton`` or ``native``)."""
-    if backend == "native":
-        native.load()
-        if _NATIVE is None:
-            raise ValueError(f"backend 'native' is unavailable: {native.why_unavailable()}")
-        return _NATIVE
-    return _TRITON
+decode_kernels = FusedKernels(DecodeKernels(_triton_sparse_decode, _triton_grad_values, _triton_grad_weight))
+"""``decode_kernels(backend)``: the decode family of a resolved fused backend (``triton`` or ``native``)."""
 
 
 def _decode_setup(ctx, inputs, output):
@@ -118,21 +108,21 @@ def _decode_backward(kernels: DecodeKernels, ctx, grad):
     return grad_values, None, grad_W, None, grad_bias, None, None
 
 
-torch.library.register_autograd("saefast::sparse_decode", functools.partial(_decode_backward, _TRITON),
-                                setup_context=_decode_setup)
+torch.library.register_autograd("saefast::sparse_decode",
+                                functools.partial(_decode_backward, decode_kernels.triton), setup_context=_decode_setup)
 
 
 @native.on_load
 def _register_native() -> None:
-    global _NATIVE
     for name, fake in (("native_sparse_decode", _sparse_decode_fake), ("native_sparse_decode_grad_values",
                        _grad_values_fake), ("native_sparse_decode_grad_weight", _grad_weight_fake),
                        ("native_sparse_decode_backward", _fused_backward_fake)):
         torch.library.register_fake(f"saefast::{name}")(fake)
     ops = torch.ops.saefast
-    _NATIVE = DecodeKernels(ops.native_sparse_decode, ops.native_sparse_decode_grad_values,
-                            ops.native_sparse_decode_grad_weight, ops.native_sparse_decode_backward)
-    torch.library.register_autograd("saefast::native_sparse_decode", functools.partial(_decode_backward, _NATIVE),
+    decode_kernels.native = DecodeKernels(ops.native_sparse_decode, ops.native_sparse_decode_grad_values,
+                                          ops.native_sparse_decode_grad_weight, ops.native_sparse_decode_backward)
+    torch.library.register_autograd("saefast::native_sparse_decode",
+                                    functools.partial(_decode_backward, decode_kernels.native),
                                     setup_context=_decode_setup)
 
 

@@ -25,7 +25,7 @@ from . import native, ref
 from .backend import resolve_backend
 from .codes import SparseCodes
 from .decode import decode_kernels
-from .registration import triton_custom_op
+from .registration import FusedKernels, triton_custom_op
 from .topk_chunks import dead_latents, topk_over_latents
 
 BATCHTOPK_CAPACITY = 4
@@ -85,18 +85,8 @@ class EncodeKernels(NamedTuple):
     threshold_encode: Callable[..., Any]
 
 
-_TRITON = EncodeKernels(_triton_topk_encode, _triton_threshold_encode)
-_NATIVE: EncodeKernels | None = None
-
-
-def encode_kernels(backend: str) -> EncodeKernels:
-    """The encoders of a resolved fused backend (``triton`` or ``native``)."""
-    if backend == "native":
-        native.load()
-        if _NATIVE is None:
-            raise ValueError(f"backend 'native' is unavailable: {native.why_unavailable()}")
-        return _NATIVE
-    return _TRITON
+encode_kernels = FusedKernels(EncodeKernels(_triton_topk_encode, _triton_threshold_encode))
+"""``encode_kernels(backend)``: the encoders of a resolved fused backend (``triton`` or ``native``)."""
 
 
 def _encode_setup(ctx, inputs, output):
@@ -181,10 +171,10 @@ _register_autograd("triton", "")
 
 @native.on_load
 def _register_native() -> None:
-    global _NATIVE
     torch.library.register_fake("saefast::native_topk_encode")(_topk_encode_fake)
     torch.library.register_fake("saefast::native_threshold_encode")(_threshold_encode_fake)
-    _NATIVE = EncodeKernels(torch.ops.saefast.native_topk_encode, torch.ops.saefast.native_threshold_encode)
+    encode_kernels.native = EncodeKernels(torch.ops.saefast.native_topk_encode,
+                                          torch.ops.saefast.native_threshold_encode)
     _register_autograd("native", "native_")
 
 
