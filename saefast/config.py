@@ -143,7 +143,7 @@ class TrainConfig:
     :func:`saefast.use_backend` choice, else ``auto``."""
     bootstrap: bool = False
     """Bootstrap bagging: every member trains on its own resample (with replacement, same size ``N``) of every
-    batch, rows ``x[bootstrap_indices(N, member_seed, step, seed)]`` (:func:`saefast.train.bootstrap_indices`),
+    batch, rows ``x[bootstrap_indices(N, member_seed, step, seed)]`` (:func:`saefast.training.bootstrap_indices`),
     ``b_dec`` initialised from its first resample. Depends only on the member's init seed, the step and ``seed``,
     so training ``SAE(cfg, seed=ens.seed + j)`` alone with this option gives member ``j``. Single SAEs and
     bagging ensembles only (a boosting stage reads its residual)."""

@@ -439,9 +439,8 @@ def per_member_inputs(encode, x: torch.Tensor, *args, **kwargs):
     (``smallest_kept``, ``l0``) by ``torch.cat``; AuxK codes are None when every member's are.
     Each call reads its member's input ``x[:, j]``, so ``pre[n, j] = W_enc[j](x[n, j] − b_dec[j]) + b_enc[j]``.
     """
-    backend = resolve_backend(kwargs.get("backend"), x.device)
-    if x.dim() == 2 or backend != "triton":  # native: one grouped GEMM; torch: one batched einsum
-        return encode(x, *args, **kwargs)
+    if x.dim() == 2 or resolve_backend(kwargs.get("backend"), x.device) != "triton":
+        return encode(x, *args, **kwargs)  # native: one grouped GEMM; torch: one batched einsum
     J = x.shape[1]
 
     def part(value, j):
