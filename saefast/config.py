@@ -131,13 +131,17 @@ class TrainConfig:
     seed: int = 0
     """Seeds torch for the run (data order is the caller's)."""
     progress: bool = True
-    """Show a tqdm progress bar."""
+    """Show progress: a live bar on a terminal, one plain line every 30 s otherwise (:mod:`saefast.progress`)."""
     checkpoint_dir: str | None = None
-    """Save model + optimizer here every ``checkpoint_every`` steps and at the end, for resuming."""
+    """Save model + optimizer here every ``checkpoint_minutes`` / ``checkpoint_every`` steps, at the end, and when a
+    SIGINT or SIGTERM stops the run (after the step under way), for resuming."""
     checkpoint_every: int = 0
-    """Steps between checkpoints (0: only at the end, when ``checkpoint_dir`` is set)."""
+    """Steps between checkpoints (0: none counted in steps)."""
+    checkpoint_minutes: float = 5.0
+    """Minutes of wall time between checkpoints (0: none counted in time): what a ``kill -9`` can lose."""
     resume: bool = False
-    """Resume from ``checkpoint_dir`` if it holds a checkpoint (skipping the batches already consumed)."""
+    """Resume from ``checkpoint_dir`` if it holds a checkpoint (skipping the batches already consumed); every
+    setting that shapes the result must match the checkpoint's (:data:`RESUME_FIELDS`)."""
     backend: str | None = None
     """Op backend (``auto``/``torch``/``triton``/``native``, see :mod:`saefast.ops`); None: the current
     :func:`saefast.use_backend` choice, else ``auto``."""
@@ -163,12 +167,19 @@ class TrainConfig:
             raise ValueError("log_every must be >= 1")
         if self.checkpoint_every < 0:
             raise ValueError("checkpoint_every must be >= 0")
+        if not self.checkpoint_minutes >= 0:
+            raise ValueError(f"checkpoint_minutes must be >= 0, got {self.checkpoint_minutes}")
         if self.resume and not self.checkpoint_dir:
             raise ValueError("resume=True needs checkpoint_dir")
         if not isinstance(self.bootstrap, bool):
             raise ValueError(f"bootstrap must be a bool, got {self.bootstrap!r}")
         if self.backend is not None and self.backend not in ("auto", "torch", "triton", "native"):
             raise ValueError(f"unknown backend {self.backend!r}; choose auto, torch, triton or native")
+
+    def resume_fields(self) -> dict[str, Any]:
+        """The settings a resumed run must share with its checkpoint (:data:`RESUME_FIELDS`), JSON-able."""
+        return {name: list(value) if isinstance(value, tuple) else value
+                for name, value in ((name, getattr(self, name)) for name in RESUME_FIELDS)}
 
     @property
     def effective_warmup(self) -> int:
@@ -193,3 +204,8 @@ class TrainConfig:
             return self.lr * (1 - progress)
         return self.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
+
+RESUME_FIELDS = ("steps", "lr", "betas", "eps", "warmup_steps", "decay", "decay_fraction", "grad_clip", "autocast",
+                 "seed", "bootstrap")
+"""The :class:`TrainConfig` fields that shape the trained weights: resuming with any of them changed would not
+give the run the checkpoint began (logging, checkpointing, progress and the backend do not count)."""

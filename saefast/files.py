@@ -29,14 +29,32 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    """The process's file-mode creation mask (read from ``/proc`` where it can be, which leaves it untouched;
+    elsewhere set and restored at once)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], T]) -> T:
     """Create ``path`` atomically: ``write(handle)`` fills a temp file in the same directory, which is fsynced and
     renamed over ``path`` (then the directory is fsynced). A crash leaves the old file or the new one, never a
-    partial one; a leftover ``.<name>.*.tmp`` is the only trace. Returns what ``write`` returns."""
+    partial one; a leftover ``.<name>.*.tmp`` is the only trace. The file gets the mode ``0o666 & ~umask`` a plain
+    ``open`` would give it (e.g. 0644), not ``mkstemp``'s private 0600, so colleagues can read results on a shared
+    machine. Returns what ``write`` returns."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as handle:
             result = write(handle)
             handle.flush()

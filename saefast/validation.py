@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 
@@ -21,3 +23,18 @@ def check_activations(x: object, d_in: int, name: str = "x", check_finite: bool 
         bad = int((~torch.isfinite(x)).any(-1).sum())
         raise ValueError(f"{name} contains NaN or Inf values (in {bad} of {x.shape[0]} rows)")
     return x
+
+
+def changed_fields(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """``(name, old value, new value)`` for every field where ``new`` differs from ``old``, nested dicts compared
+    field by field (named ``a.b``), a field missing on one side given as ``"<absent>"``: so that a refusal to resume
+    or append can name each setting that changed and both its values."""
+    changes = []
+    for key in [*old, *(key for key in new if key not in old)]:
+        name = f"{prefix}{key}"
+        before, after = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if isinstance(before, dict) and isinstance(after, dict):
+            changes += changed_fields(before, after, f"{name}.")
+        elif before != after:
+            changes.append((name, before, after))
+    return changes

@@ -27,6 +27,16 @@ def _seed_torch():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _fresh_batchtopk_capacity():
+    """Every test starts from BatchTopK's starting capacity (``saefast.ops.encode._AdaptiveCapacity`` is per
+    process: a test that grew it must not change which path a later test takes)."""
+    from saefast.ops import encode
+
+    encode._adaptive.clear()
+    yield
+
+
 @pytest.fixture(params=sorted(BAD_INPUT_MODELS))
 def each_model(request):
     """An SAE, a bagging and a boosting ensemble of ``helpers.cfg_for()`` (the bad-input tests' sizes)."""

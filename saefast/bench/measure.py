@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from .quiet import native_quiet
+
 
 def synchronize(device: torch.device) -> None:
     """Wait for ``device`` (CUDA) to finish its queued work; nothing on the CPU."""
@@ -54,14 +56,16 @@ class PeakMemory:
             from torch.profiler import ProfilerActivity, profile
 
             self._profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-            self._profiler.__enter__()
+            with native_quiet():  # the profiler's native start/stop log lines (see .quiet)
+                self._profiler.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         if self.device.type == "cuda":
             self.peak = int(torch.cuda.max_memory_allocated(self.device))
             return
-        self._profiler.__exit__(*exc)
+        with native_quiet():
+            self._profiler.__exit__(*exc)
         running = peak = 0
         for event in sorted(self._profiler.events(), key=lambda e: e.time_range.start):
             running += event.self_cpu_memory_usage

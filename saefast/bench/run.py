@@ -13,13 +13,16 @@ import torch
 
 from .cases import CASES, IMPLEMENTATIONS, Case, make_case, max_error, unavailable
 from .measure import PeakMemory, device_peaks, synchronize, time_interleaved
+from .quiet import quiet
 from .shapes import DTYPES, PRESETS, Shape
 
 
 def run_benchmarks(preset: str = "cpu-small", cases: Sequence[str] = CASES, backends: Sequence[str] = IMPLEMENTATIONS,
                    warmup: int = 1, repeats: int = 5, device: str | torch.device | None = None,
-                   progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+                   progress: Callable[[str], None] | None = None, verbose: bool = False) -> dict[str, Any]:
     """Run ``cases`` × ``backends`` for every shape of ``preset``; returns the report (see the module docstring).
+
+    torch.compile's warnings and the profiler's native log lines are hidden unless ``verbose`` (see :mod:`.quiet`).
 
     Relative tolerance of the correctness guard: 1e-4 of the eager output's max (fp32), 5e-2 (bf16/fp16)."""
     if preset not in PRESETS:
@@ -33,16 +36,17 @@ def run_benchmarks(preset: str = "cpu-small", cases: Sequence[str] = CASES, back
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     revision = git_revision()
     shapes = PRESETS[preset]
-    peak_flops, peak_bytes = device_peaks(device, DTYPES[shapes[0].dtype])
     results = []
-    for shape in shapes:
-        batches = token_batches(shape, device)
-        for case_name in cases:
-            if progress:
-                progress(f"{shape.name}: {case_name}")
-            case = make_case(case_name, shape, device)
-            results.extend(_run_case(case_name, case, shape, backends, batches, device, DTYPES[shape.dtype], warmup,
-                                     repeats, peak_flops, peak_bytes))
+    with quiet(verbose):
+        peak_flops, peak_bytes = device_peaks(device, DTYPES[shapes[0].dtype])
+        for shape in shapes:
+            batches = token_batches(shape, device)
+            for case_name in cases:
+                if progress:
+                    progress(f"{shape.name}: {case_name}")
+                case = make_case(case_name, shape, device)
+                results.extend(_run_case(case_name, case, shape, backends, batches, device, DTYPES[shape.dtype],
+                                         warmup, repeats, peak_flops, peak_bytes))
     return {"device": torch.cuda.get_device_name(device) if device.type == "cuda"
             else platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "triton": _triton_version(),

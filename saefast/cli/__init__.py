@@ -5,19 +5,42 @@ Every subcommand has ``--help`` and sensible defaults; bad input exits with stat
 
 from __future__ import annotations
 
+import shlex
 import sys
 
+from ..interrupts import Interrupted
 from .commands import DTYPES, KINDS, TRAIN_DEFAULTS, CLIError
 from .parser import build_parser
 
 __all__ = ["DTYPES", "KINDS", "TRAIN_DEFAULTS", "CLIError", "build_parser", "main"]
 
 
+RESUMABLE = {"train": "--resume", "sharpen": "--resume", "harvest": None}
+"""Commands that continue an interrupted run, and the flag that asks for it (None: re-running resumes)."""
+
+
+def resume_command(command: str, argv: list[str]) -> str:
+    """The shell command that continues an interrupted ``saefast <argv>``: the same arguments, plus the command's
+    resume flag where it needs one."""
+    flag = RESUMABLE.get(command)
+    return shlex.join(["saefast", *argv, *([flag] if flag and flag not in argv else [])])
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: parse, run, and turn bad input into a one-line error with exit status 2."""
-    args = build_parser().parse_args(argv)
+    """Entry point: parse, run, and turn bad input into a one-line error with exit status 2, and a SIGINT or
+    SIGTERM into one line saying what was saved and how to resume, with exit status 130 or 143."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help, --version, or a usage error (printed, one line)
+        return done.code if isinstance(done.code, int) else 2
     try:
         return args.run(args)
+    except Interrupted as stop:
+        hint = f"; resume with: {resume_command(args.command, argv)}" if stop.saved and args.command in RESUMABLE \
+            else ""
+        print(f"saefast {args.command}: {stop}{hint}", file=sys.stderr, flush=True)
+        return stop.exit_status
     except (ValueError, TypeError, FileNotFoundError, KeyError, OSError, ImportError) as err:  # incl. CLIError
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         print(f"saefast {args.command}: error: {message}", file=sys.stderr)

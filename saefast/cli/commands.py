@@ -25,17 +25,24 @@ def _dtype(name: str):
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
 
 
+def _stderr_line(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 def run_harvest(args: argparse.Namespace) -> int:
-    """``saefast harvest``."""
+    """``saefast harvest`` (re-running it on the same --out resumes; a SIGINT/SIGTERM stops after the batch under
+    way, keeping the shards written)."""
     from ..data.harvest import harvest
     from ..data.hf import load_model
     from ..data.hooks import layer_hook, resolve_hooks
     from ..data.text import text_source
+    from ..devices import check_device
 
     if args.tokens < 1:
         raise CLIError(f"--tokens must be >= 1, got {args.tokens}")
     if args.layer is not None and args.hook:
         raise CLIError("give either --layer or --hook, not both")
+    check_device(args.device)
     texts = text_source(args.text)  # fails fast on a missing file, before the model loads
     model, tokenizer = load_model(args.model, device=args.device, progress=not args.no_progress)
     if args.hook:
@@ -46,7 +53,7 @@ def run_harvest(args: argparse.Namespace) -> int:
     store = harvest(model, args.out, hooks, args.tokens, tokenizer=tokenizer, texts=texts, context=args.context,
                     batch_size=args.batch_size, dtype=_dtype(args.dtype), shard_tokens=args.shard_tokens,
                     exclude_special=not args.keep_special, progress=not args.no_progress,
-                    metadata={"model": args.model, "text": args.text})
+                    metadata={"model": args.model, "text": args.text}, log=_stderr_line)
     print(f"wrote {store.n_tokens:,} tokens × {len(hooks)} hook(s) ({', '.join(hooks)}; d={store.d}) to {args.out}")
     return 0
 
@@ -72,14 +79,29 @@ def read_config_file(path: str) -> dict[str, Any]:
 
 TRAIN_DEFAULTS = {"kind": "single", "members": 4, "chains": 1, "bootstrap": False, "latents": None, "k": 32,
                   "activation": "topk", "steps": 1000, "lr": 1e-3, "batch_size": 1024, "seed": 0, "data_seed": 0,
-                  "hook": None, "device": "cpu", "checkpoint_every": 0, "backend": "auto"}
+                  "hook": None, "device": "cpu", "checkpoint_every": 0, "checkpoint_minutes": 5.0, "backend": "auto"}
+
+POSITIVE = ("members", "chains", "latents", "k", "steps", "batch_size")
+"""Train options that count something and must be >= 1."""
+
+RUN_FORMAT, RUN_VERSION, RUN_FILE = "saefast-run", 1, "run.json"
+"""``OUT/run.json``: what ``saefast train`` was asked to do, and how it ended."""
+
+DATA_FIELDS = ("data", "hook", "batch_size", "data_seed")
+"""Run options outside the checkpoint that fix the batches a resumed run sees."""
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
 
 
 def parse_train_options(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """Merge defaults < config file < flags into (run options, SAEConfig extras, TrainConfig extras)."""
+    """Merge defaults < config file < flags into (run options, SAEConfig extras, TrainConfig extras), and check
+    every option before anything is read or computed: sizes >= 1, no option that the chosen kind ignores."""
     options = dict(TRAIN_DEFAULTS)
     sae_extra: dict[str, Any] = {}
     train_extra: dict[str, Any] = {}
+    given: set[str] = set()  # set by the user (file or flag), not by a default
     if args.config:
         file = read_config_file(args.config)
         sae_extra = dict(file.pop("sae", {}))
@@ -89,43 +111,114 @@ def parse_train_options(args: argparse.Namespace) -> tuple[dict[str, Any], dict[
             raise CLIError(f"unknown key(s) in {args.config}: {', '.join(sorted(unknown))} "
                            f"(known: {', '.join(sorted(options))}, data, out, [sae], [train])")
         options.update(file)
+        given |= set(file)
     for key in options:
         value = getattr(args, key, None)
         if value is not None:
             options[key] = value
+            given.add(key)
     options["data"] = args.data or options.get("data")
     options["out"] = args.out or options.get("out")
     for key in ("data", "out"):
         if not options[key]:
-            raise CLIError(f"--{key} is required (or set {key!r} in the config file)")
+            raise CLIError(f"{_flag(key)} is required (or set {key!r} in the config file)")
     if options["kind"] not in KINDS:
         raise CLIError(f"--kind must be one of {', '.join(KINDS)}, got {options['kind']!r}")
-    if int(options["chains"]) > 1 and options["kind"] != "boosting":
-        raise CLIError(f"--chains applies to --kind boosting (independent boosting chains), not {options['kind']}")
-    if options["bootstrap"] and options["kind"] == "boosting":
+    for key in POSITIVE:
+        value = options[key]
+        if value is None and key == "latents":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise CLIError(f"{_flag(key)} must be a whole number >= 1, got {value!r}")
+    for key in ("seed", "data_seed", "checkpoint_every"):
+        if isinstance(options[key], bool) or not isinstance(options[key], int) or options[key] < 0:
+            raise CLIError(f"{_flag(key)} must be a whole number >= 0, got {options[key]!r}")
+    if not isinstance(options["lr"], (int, float)) or not options["lr"] > 0:
+        raise CLIError(f"--lr must be > 0, got {options['lr']!r}")
+    if not isinstance(options["checkpoint_minutes"], (int, float)) or not options["checkpoint_minutes"] >= 0:
+        raise CLIError(f"--checkpoint-minutes must be >= 0 (0: no checkpoints in time), got "
+                       f"{options['checkpoint_minutes']!r}")
+    kind = options["kind"]
+    if "members" in given and kind == "single":
+        raise CLIError("--members applies to --kind bagging or boosting (an ensemble of J SAEs), not single; "
+                       "for one bigger SAE, raise --latents")
+    if int(options["chains"]) > 1 and kind != "boosting":
+        raise CLIError(f"--chains applies to --kind boosting (independent boosting chains), not {kind}")
+    if options["bootstrap"] and kind == "boosting":
         raise CLIError("--bootstrap applies to --kind single or bagging (a boosting stage reads the residual)")
-    for key in ("members", "chains", "k", "steps", "batch_size"):
-        if int(options[key]) < 1:
-            raise CLIError(f"--{key.replace('_', '-')} must be >= 1, got {options[key]}")
+    if "k" in given and options["activation"] in ("relu", "jumprelu"):
+        raise CLIError(f"--k applies to --activation topk or batchtopk; {options['activation']} sets its sparsity "
+                       f"with a penalty ([sae] {'l1_coef' if options['activation'] == 'relu' else 'l0_coef'})")
     return options, sae_extra, train_extra
+
+
+def read_run(out: Path) -> dict[str, Any] | None:
+    """``OUT/run.json`` if it is one of ours (any other JSON, or none, gives None)."""
+    try:
+        run = json.loads((out / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return run if isinstance(run, dict) and run.get("format", RUN_FORMAT) == RUN_FORMAT and "kind" in run else None
+
+
+def check_run_dir(out: Path, data: Path, resume: bool) -> dict[str, Any] | None:
+    """Check ``--out`` before training: it must be new, empty or a run of ours; ``--resume`` needs its checkpoint,
+    and without ``--resume`` a checkpoint there is kept, not overwritten. Returns the checkpoint's train state
+    (``--resume``) or None."""
+    from ..models.checkpoint import CONFIG_FILE, read_config
+
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out} is a file; give a directory for the run")
+    if out.resolve() == data.resolve():
+        raise CLIError(f"--out {out} is the activation store itself; give the run its own directory")
+    checkpoint = out / CONFIG_FILE
+    ours = read_run(out) is not None or checkpoint.is_file()
+    if out.is_dir() and any(out.iterdir()) and not ours:
+        raise CLIError(f"--out {out} is not empty and holds no saefast run (no {RUN_FILE} or {CONFIG_FILE}); "
+                       f"choose a new or empty directory")
+    if not resume:
+        if checkpoint.is_file():
+            raise CLIError(f"{out} already holds a trained model; pass --resume to continue it or choose another "
+                           f"--out")
+        return None
+    if not checkpoint.is_file():
+        why = (" (the run there stopped before its first checkpoint: run again without --resume)" if ours
+               else "; check --out, or drop --resume to start a new run")
+        raise CLIError(f"--resume: there is no checkpoint to resume in {out}{why}")
+    return read_config(out).get("train_state") or {}
+
+
+def _write_run(out: Path, run: dict[str, Any]) -> None:
+    atomic_write_bytes(out / RUN_FILE, json.dumps({"format": RUN_FORMAT, "version": RUN_VERSION, **run},
+                                                  indent=2).encode())
 
 
 def run_train(args: argparse.Namespace) -> int:
     """``saefast train``."""
-    import torch
-
     from ..config import SAEConfig, TrainConfig
     from ..data.store import ActivationStore
+    from ..devices import check_device
+    from ..interrupts import Interrupted
     from ..models import SAE, Ensemble
     from ..ops import resolve_backend
-    from ..training import train
+    from ..training import differences, train
 
     options, sae_extra, train_extra = parse_train_options(args)
-    store = ActivationStore(options["data"], hook=options["hook"])
+    device = check_device(options["device"])
+    out, data = Path(options["out"]), Path(options["data"])
+    state = check_run_dir(out, data, args.resume)
+    store = ActivationStore(data, hook=options["hook"])
+    previous = read_run(out) if args.resume else None
+    if previous:  # the batches depend on these too, and the checkpoint does not record them
+        now = {"data": str(data), "hook": store.hook, "batch_size": options["batch_size"],
+               "data_seed": options["data_seed"]}
+        changed = differences({key: previous[key] for key in DATA_FIELDS if key in previous},
+                              {key: now[key] for key in DATA_FIELDS if key in previous})
+        if changed:
+            raise CLIError(f"--resume: {out} was trained with other data settings: {'; '.join(changed)}")
     latents = options["latents"] or 4 * store.d
     cfg = SAEConfig(d_in=store.d, n_latents=int(latents), k=int(options["k"]), activation=options["activation"],
                     **sae_extra)
-    device = torch.device(options["device"])
     resolve_backend(options["backend"], device, cfg.activation)  # an unusable backend fails before training starts
     if options["kind"] == "single":
         model = SAE(cfg, seed=int(options["seed"]))
@@ -133,50 +226,65 @@ def run_train(args: argparse.Namespace) -> int:
         model = Ensemble(cfg, int(options["members"]), options["kind"], seed=int(options["seed"]),
                          chains=int(options["chains"]))
     model.to(device)
-    out = Path(options["out"])
     train_options = {"steps": int(options["steps"]), "lr": float(options["lr"]), "seed": int(options["seed"]),
                      "progress": not args.no_progress, "checkpoint_dir": str(out),
-                     "checkpoint_every": int(options["checkpoint_every"]), "resume": args.resume,
+                     "checkpoint_every": int(options["checkpoint_every"]),
+                     "checkpoint_minutes": float(options["checkpoint_minutes"]), "resume": args.resume,
                      "backend": options["backend"], **train_extra}
     if options["bootstrap"]:  # the flag or the file's top level; a [train] table may also set it
         train_options["bootstrap"] = True
     config = TrainConfig(**train_options)
+    stages = len(model.stages())
+    done_before = int(state.get("stage", 0)) * config.steps + int(state.get("step", 0)) if state else 0
+    run = {"kind": options["kind"], "members": getattr(model, "members", 1), "chains": getattr(model, "chains", 1),
+           "bootstrap": config.bootstrap, "data": str(data), "hook": store.hook, "sae": cfg.to_dict(),
+           "train": dict(train_options), "batch_size": int(options["batch_size"]),
+           "data_seed": int(options["data_seed"]), "device": str(device), "status": "running",
+           "resumed": bool(args.resume)}
+    if not args.resume:  # from here on --out is recognisably a run of ours, even before its first checkpoint
+        _write_run(out, run)
     batches = store.batches(int(options["batch_size"]), seed=int(options["data_seed"]), epochs=None,
                             drop_last=store.n_tokens >= int(options["batch_size"]), device=device)
-    resumed = args.resume and (out / "config.json").is_file()
-    if (out / "config.json").is_file() and not args.resume:
-        raise CLIError(f"{out} already holds a trained model; pass --resume to continue it or choose another --out")
     start = time.perf_counter()
-    history = train(model, batches, config=config)
+    try:
+        history = train(model, batches, config=config)
+    except Interrupted as stop:
+        _write_run(out, {**run, "status": "interrupted", "stopped_by": stop.signum})
+        raise
     seconds = time.perf_counter() - start
-    stages = model.members if options["kind"] == "boosting" else 1
-    # A resumed run trained only part of the steps in this process: its rate would be meaningless.
-    tokens_per_s = None if resumed else config.steps * stages * int(options["batch_size"]) / seconds
-    run = {"kind": options["kind"], "members": getattr(model, "members", 1), "chains": getattr(model, "chains", 1),
-           "bootstrap": config.bootstrap, "data": str(options["data"]),
-           "hook": store.hook, "sae": cfg.to_dict(), "train": dict(train_options),
-           "batch_size": int(options["batch_size"]), "data_seed": int(options["data_seed"]),
-           "seconds": seconds, "tokens_per_s": tokens_per_s, "resumed": resumed,
-           "final": history[-1] if history else None}
-    atomic_write_bytes(out / "run.json", json.dumps(run, indent=2).encode())
-    atomic_write_bytes(out / "history.json", json.dumps(history, indent=2).encode())
+    trained = config.steps * stages - done_before  # steps taken in this process
+    if trained == 0:  # a finished run resumed with its own settings (train() checked them)
+        print(f"{out} already finished its {config.steps} steps" + (" per stage" if stages > 1 else "")
+              + f": nothing to train (saefast eval --model {out} --data … measures it)")
+        return 0
+    tokens_per_s = trained * int(options["batch_size"]) / seconds if seconds > 0 else None
     final = history[-1] if history else {}
-    print(f"trained {options['kind']} ({run['members']} × {cfg.n_latents} latents, k={cfg.k}) on {store.hook}: "
-          f"fvu {final.get('fvu', float('nan')):.4f}, l0 {final.get('l0', float('nan')):.1f}, "
-          + ("resumed" if resumed else f"{tokens_per_s:,.0f} tokens/s") + f" → {out}")
+    run.update(status="finished", seconds=seconds, steps_this_session=trained, tokens_per_s=tokens_per_s,
+               final=final or None)
+    _write_run(out, run)
+    atomic_write_bytes(out / "history.json", json.dumps(history, indent=2).encode())
+    members = run["members"] * run["chains"]
+    what = "members' mean " if members > 1 else ""
+    print(f"trained {options['kind']} ({members} × {cfg.n_latents} latents" + (f", k={cfg.k}" if cfg.activation in
+          ("topk", "batchtopk") else "") + f") on {store.hook}: {what}fvu {final.get('fvu', float('nan')):.4f}, "
+          f"{what}l0 {final.get('l0', float('nan')):.1f}, {tokens_per_s or 0:,.0f} tokens/s"
+          + (" (resumed)" if args.resume else "") + f" → {out}")
+    if members > 1:
+        print("  (each member on its own input, a boosting stage on its residual; `saefast eval` measures the "
+              "ensemble's reconstruction)")
     return 0
 
 
 def run_eval(args: argparse.Namespace) -> int:
     """``saefast eval``."""
-    import torch
-
     from ..data.store import ActivationStore
+    from ..devices import check_device
     from ..eval import evaluate
     from ..models import load
     from ..ops import use_backend
 
-    model = load(args.model, map_location=args.device)
+    device = check_device(args.device)
+    model = load(args.model, map_location=device)
     store = ActivationStore(args.data, hook=args.hook)
     if store.d != model.cfg.d_in:
         raise CLIError(f"the model expects d_in={model.cfg.d_in} but {args.data} holds d={store.d} ({store.hook})")
@@ -185,7 +293,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if not 0 <= start < stop <= store.n_tokens:
         raise CLIError(f"--start/--stop must satisfy 0 <= start < stop <= {store.n_tokens}, got {start}, {stop}")
     view = store.subset(start, stop)
-    batches = view.batches(args.batch_size, shuffle=False, device=torch.device(args.device))
+    batches = view.batches(args.batch_size, shuffle=False, device=device)
     with use_backend(args.backend):
         result = evaluate(model, batches)
     result.update(model=str(args.model), data=str(args.data), hook=store.hook, start=start, stop=stop)
@@ -225,8 +333,16 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def run_sharpen(args: argparse.Namespace) -> int:
-    """``saefast sharpen``."""
+    """``saefast sharpen`` (``--resume`` continues an interrupted run after its last complete cycle)."""
+    from ..sharpen.runner import HISTORY_FILE
     from ..sharpen.tasks import format_history, run_task
+
+    saved = Path(args.out) / HISTORY_FILE  # checked here too, before a task's model loads
+    if saved.is_file() and not args.resume:
+        raise CLIError(f"{args.out} already holds a sharpen run; pass --resume to continue it or choose another --out")
+    if args.resume and not saved.is_file():
+        raise CLIError(f"--resume: {args.out} holds no completed sharpen cycle to continue (no {HISTORY_FILE}); "
+                       f"run without --resume")
 
     overrides = {key: getattr(args, key) for key in ("cycles", "top_n", "top_percent", "aux_coef", "target", "members",
                                                     "combine", "epochs", "finetune_epochs", "sae_steps", "backend")
@@ -240,7 +356,9 @@ def run_sharpen(args: argparse.Namespace) -> int:
         print(f"cycle {row['cycle']}: test accuracy {row['test_accuracy']:.4f}, ARI {row['ari']:.3f}, "
               f"U {row['uncertainty']:.3f} bits, silhouette {row['silhouette_labels']:.3f}", flush=True)
 
-    report = run_task(args.task, out=args.out, seed=args.seed, log=log, **overrides)
+    if args.resume:
+        print(f"resuming the sharpen run in {args.out}", flush=True)
+    report = run_task(args.task, out=args.out, seed=args.seed, log=log, resume=args.resume, **overrides)
     print(format_history(report["history"]))
     print(f"wrote {args.out}/results.json, {args.out}/history.png and each cycle's SAE and masks")
     return 0
@@ -249,13 +367,18 @@ def run_sharpen(args: argparse.Namespace) -> int:
 def run_bench(args: argparse.Namespace) -> int:
     """``saefast bench``."""
     from ..bench import CASES, IMPLEMENTATIONS, format_markdown, plot_report, run_benchmarks
+    from ..devices import check_device
+
+    if args.device is not None:
+        check_device(args.device)
 
     def progress(what: str) -> None:
         if not args.no_progress:
             print(f"  {what}", file=sys.stderr, flush=True)
 
     report = run_benchmarks(args.preset, cases=args.cases or CASES, backends=args.backends or IMPLEMENTATIONS,
-                            warmup=args.warmup, repeats=args.repeats, device=args.device, progress=progress)
+                            warmup=args.warmup, repeats=args.repeats, device=args.device, progress=progress,
+                            verbose=args.verbose)
     table = format_markdown(report)
     print(table)
     for path, data in ((args.json, json.dumps(report, indent=2).encode()), (args.markdown, (table + "\n").encode())):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from typing import NoReturn
 
+from ..version import __version__
 from .commands import (
     DTYPES,
     KINDS,
@@ -16,9 +18,39 @@ from .commands import (
 )
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1."""
+    return _whole(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: a whole number >= 0."""
+    return _whole(text, 0)
+
+
+def _whole(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+    return value
+
+
+class OneLineErrors(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line, ``saefast <command>: error: …``, exit status 2 (like
+    every other bad input), instead of the usage text followed by the error."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print ``<prog>: error: <message>`` and exit with status 2."""
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``saefast`` command."""
-    parser = argparse.ArgumentParser(prog="saefast", description="Train and apply ensembles of sparse autoencoders.")
+    parser = OneLineErrors(prog="saefast", description="Train and apply ensembles of sparse autoencoders.")
+    parser.add_argument("--version", action="version", version=f"saefast {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     h = commands.add_parser("harvest", help="run a model over text and store activations at hook points",
@@ -26,16 +58,17 @@ def build_parser() -> argparse.ArgumentParser:
                             "(resumes an interrupted harvest into the same --out).")
     h.add_argument("--model", default="smollm2",
                    help="'smollm2' (embedded SmolLM2-135M) or a local Hugging Face directory / .gguf file")
-    h.add_argument("--layer", type=int, help="decoder block whose output to store (default: the middle one)")
+    h.add_argument("--layer", type=non_negative_int,
+                   help="decoder block whose output to store (default: the middle one)")
     h.add_argument("--hook", action="append", help="module name or glob pattern (repeatable) instead of --layer")
-    h.add_argument("--tokens", type=int, default=100_000, help="token budget (default: 100000)")
+    h.add_argument("--tokens", type=positive_int, default=100_000, help="token budget (default: 100000)")
     h.add_argument("--out", required=True, help="store directory")
     h.add_argument("--text", default="pydoc", help="'pydoc' (the stdlib's pydoc topics) or .txt files/directories, "
                    "comma-separated")
-    h.add_argument("--context", type=int, default=256, help="tokens per window, BOS included (default: 256)")
-    h.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: 8)")
+    h.add_argument("--context", type=positive_int, default=256, help="tokens per window, BOS included (default: 256)")
+    h.add_argument("--batch-size", type=positive_int, default=8, help="windows per forward pass (default: 8)")
     h.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="storage dtype (default: bfloat16)")
-    h.add_argument("--shard-tokens", type=int, default=65_536, help="tokens per shard file (default: 65536)")
+    h.add_argument("--shard-tokens", type=positive_int, default=65_536, help="tokens per shard file (default: 65536)")
     h.add_argument("--keep-special", action="store_true", help="keep BOS/pad positions (excluded by default)")
     h.add_argument("--device", default="cpu", help="torch device for the model (default: cpu)")
     h.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -62,8 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data-seed", type=int, help="seed of the shuffled data order (default: 0)")
     t.add_argument("--hook", help="which hook of a multi-hook store")
     t.add_argument("--device", help="torch device (default: cpu)")
-    t.add_argument("--checkpoint-every", type=int, help="also checkpoint every N steps (default: only at the end)")
-    t.add_argument("--resume", action="store_true", help="resume from the checkpoint in --out")
+    t.add_argument("--checkpoint-every", type=int, help="also checkpoint every N steps (default: 0, none)")
+    t.add_argument("--checkpoint-minutes", type=float,
+                   help="checkpoint every N minutes of wall time (default: 5; 0: none); a checkpoint is also written "
+                   "at the end and when SIGINT/SIGTERM stops the run")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its checkpoint, with the same settings (bit for bit on CPU)")
     t.add_argument("--backend", choices=("auto", "torch", "triton", "native"),
                    help="op backend (default: auto = triton on CUDA, native on the CPU, else torch)")
     t.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -75,9 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True, help="activation store directory")
     e.add_argument("--json", help="write the metrics to this file")
     e.add_argument("--hook", help="which hook of a multi-hook store")
-    e.add_argument("--start", type=int, help="first token row (default: 0)")
-    e.add_argument("--stop", type=int, help="end token row (default: all)")
-    e.add_argument("--batch-size", type=int, default=4096, help="tokens per batch (default: 4096)")
+    e.add_argument("--start", type=non_negative_int, help="first token row (default: 0)")
+    e.add_argument("--stop", type=positive_int, help="end token row (default: all)")
+    e.add_argument("--batch-size", type=positive_int, default=4096, help="tokens per batch (default: 4096)")
     e.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     e.add_argument("--backend", choices=("auto", "torch", "triton", "native"), default="auto",
                    help="op backend (default: auto)")
@@ -92,13 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--quick", action="store_true", help="a small, fast run")
     size.add_argument("--large", action="store_true", help="a bigger run (4 × d latents, 1000 steps, ~100k tokens)")
     d.add_argument("--model", help="embedded name or local model path (default: smollm2)")
-    d.add_argument("--layer", type=int, help="decoder block to harvest (default: 15)")
+    d.add_argument("--layer", type=non_negative_int, help="decoder block to harvest (default: 15)")
     d.add_argument("--text", help="'pydoc' or .txt files/directories, comma-separated")
-    d.add_argument("--tokens", type=int, help="training tokens")
-    d.add_argument("--steps", type=int, help="optimizer steps per model (per stage for boosting)")
-    d.add_argument("--members", type=int, help="ensemble size")
-    d.add_argument("--latents", type=int, help="latents per member")
-    d.add_argument("--k", type=int, help="top-k")
+    d.add_argument("--tokens", type=positive_int, help="training tokens")
+    d.add_argument("--steps", type=positive_int, help="optimizer steps per model (per stage for boosting)")
+    d.add_argument("--members", type=positive_int, help="ensemble size")
+    d.add_argument("--latents", type=positive_int, help="latents per member")
+    d.add_argument("--k", type=positive_int, help="top-k")
     d.add_argument("--seed", type=int, help="seed")
     d.add_argument("--no-stability", action="store_true", help="skip the second-seed runs (halves training time)")
     d.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -112,21 +149,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="digits: MLP 64-16-16-10 on scikit-learn's 8x8 digits (default); fortunes: SmolLM2-135M on "
                    "Debian fortunes categories (apt-get install fortunes)")
     s.add_argument("--out", default="sharpen_out", help="output directory (default: sharpen_out)")
-    s.add_argument("--cycles", type=int, help="sharpening cycles after the baseline (default: 2)")
+    s.add_argument("--cycles", type=non_negative_int, help="sharpening cycles after the baseline (default: 2)")
     s.add_argument("--target", choices=("class", "complement", "example", "random"),
                    help="class (SAE-ception, default) or a control: complement mask, per-example top-N, random unit "
                    "vectors")
     picks = s.add_mutually_exclusive_group()
-    picks.add_argument("--top-n", type=int, help="latents kept per class (default: 25)")
+    picks.add_argument("--top-n", type=positive_int, help="latents kept per class (default: 25)")
     picks.add_argument("--top-percent", type=float, help="instead: this percentage of the latents per class")
     s.add_argument("--aux-coef", type=float, help="weight λ of the cosine loss (task default)")
-    s.add_argument("--members", type=int, help="SAEs per cycle (an ensemble when > 1; default: 1)")
+    s.add_argument("--members", type=positive_int, help="SAEs per cycle (an ensemble when > 1; default: 1)")
     s.add_argument("--combine", choices=("bagging", "boosting"), help="how ensemble members combine")
-    s.add_argument("--epochs", type=int, help="baseline task epochs")
-    s.add_argument("--finetune-epochs", type=int, help="task epochs per cycle")
-    s.add_argument("--sae-steps", type=int, help="SAE optimizer steps per cycle")
+    s.add_argument("--epochs", type=non_negative_int, help="baseline task epochs")
+    s.add_argument("--finetune-epochs", type=non_negative_int, help="task epochs per cycle")
+    s.add_argument("--sae-steps", type=positive_int, help="SAE optimizer steps per cycle")
     s.add_argument("--backend", choices=("auto", "torch", "triton", "native"), help="op backend of the SAE work")
     s.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    s.add_argument("--resume", action="store_true",
+                   help="continue the run in --out after its last complete cycle (same settings; same results)")
     s.add_argument("--no-progress", action="store_true", help="hide progress bars")
     s.set_defaults(run=run_sharpen)
 
@@ -143,9 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--cases", nargs="+", choices=CASES, help="default: all")
     b.add_argument("--backends", nargs="+", choices=IMPLEMENTATIONS,
                    help="implementations to time (default: all; unavailable ones report why)")
-    b.add_argument("--warmup", type=int, default=1, help="untimed calls per backend (default: 1)")
-    b.add_argument("--repeats", type=int, default=5, help="timed calls per backend (default: 5; the median counts)")
+    b.add_argument("--warmup", type=non_negative_int, default=1,
+                   help="untimed calls per backend (default: 1)")
+    b.add_argument("--repeats", type=positive_int, default=5,
+                   help="timed calls per backend (default: 5; the median counts)")
     b.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     b.add_argument("--no-progress", action="store_true", help="do not print the case being run")
+    b.add_argument("--verbose", action="store_true",
+                   help="also show torch.compile's warnings and the profiler's native log lines (hidden by default)")
     b.set_defaults(run=run_bench)
     return parser

@@ -12,6 +12,12 @@ are ordinary tokens).
 Resume: each shard records how many windows were consumed and a SHA-256 of their token ids; re-running the same
 call on the same ``out`` skips them (checking the hash) and continues, giving the same store bit for bit. A changed
 model, hook, text, context or exclusion rule changes the metadata, which the writer refuses (StoreError).
+
+Interruptions: a shard is the unit of work (the interval). A SIGINT or SIGTERM (from the main thread) stops after
+the forward batch under way and raises :class:`~saefast.interrupts.Interrupted`; ``kill -9`` or a crash just stops.
+Either way the rows not yet written as a shard are dropped and harvested again on resume, so that the resumed store
+is the uninterrupted one file for file: shard boundaries show in the order of shuffled batches (blocks never cross
+a shard), and flushing a short shard at the signal would change the training that reads the store.
 """
 
 from __future__ import annotations
@@ -19,14 +25,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from ..interrupts import deferred_interrupts
+from ..progress import progress_bar
 from .hf import SOURCE_ATTR
 from .hooks import Capture, abbreviate_names, decoder_blocks, layer_hook, resolve_hooks  # noqa: F401 (re-exported)
 from .store import STORE_DTYPES, ActivationStore, StoreError, StoreWriter
@@ -98,6 +106,13 @@ def model_label(model: nn.Module) -> str:
 
 
 
+def _say(line: str, log: Callable[[str], None] | None, progress: bool) -> None:
+    if log is not None:
+        log(line)
+    elif progress:
+        print(line, file=sys.stderr, flush=True)
+
+
 def _kept_mask(ids: torch.Tensor, special: torch.Tensor, exclude_first: int) -> torch.Tensor:
     mask = ~torch.isin(ids, special) if special.numel() else torch.ones_like(ids, dtype=torch.bool)
     mask[:, :exclude_first] = False
@@ -152,6 +167,7 @@ def harvest(
     device: str | torch.device | None = None,
     progress: bool = True,
     metadata: dict[str, Any] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> ActivationStore:
     """Store exactly ``tokens`` hidden-state rows of modules ``hooks`` of ``model`` in the store ``out``.
 
@@ -166,6 +182,9 @@ def harvest(
     ``tokens`` rows is returned as is. Too little input raises ValueError saying how many tokens there were —
     before any compute when the input is sized (texts, lists, :class:`~saefast.text.TokenWindows`).
     ``metadata`` (JSON-able) is stored next to the harvest's own record under the key ``"harvest"``.
+    A resumed harvest says so in one line, ``resuming the harvest in OUT at N of M tokens``, passed to ``log``
+    (default: printed to stderr when ``progress``). A SIGINT or SIGTERM stops after the batch under way, keeping
+    the shards written, and raises :class:`~saefast.interrupts.Interrupted` (module docstring).
     """
     _check_positive_int("tokens", tokens)
     _check_positive_int("batch_size", batch_size)
@@ -221,7 +240,7 @@ def harvest(
     model.eval()  # dropout off; restored on the way out
     try:
         return _harvest(model, out, names, tokens, source, text_meta, context, batch_size, dtype,
-                        shard_tokens, special_ids, exclude_first, device, progress, metadata)
+                        shard_tokens, special_ids, exclude_first, device, progress, metadata, log)
     finally:
         model.train(was_training)
 
@@ -229,7 +248,8 @@ def harvest(
 def _harvest(model: nn.Module, out: str | os.PathLike, names: list[str], tokens: int,
              source: Iterable[torch.Tensor], text_meta: dict[str, Any], context: int, batch_size: int,
              dtype: torch.dtype, shard_tokens: int, special_ids: list[int], exclude_first: int,
-             device: torch.device, progress: bool, metadata: dict[str, Any] | None) -> ActivationStore:
+             device: torch.device, progress: bool, metadata: dict[str, Any] | None,
+             log: Callable[[str], None] | None = None) -> ActivationStore:
     """:func:`harvest` after its arguments are checked: open the store, resume it, fill it."""
     special = torch.tensor(special_ids, dtype=torch.long)
     with Capture(model, names) as capture, torch.inference_mode():
@@ -252,6 +272,8 @@ def _harvest(model: nn.Module, out: str | os.PathLike, names: list[str], tokens:
                          f"requested; remove it or harvest into another directory")
     done = writer.tokens
     state = dict(writer.state or {})
+    if done:
+        _say(f"resuming the harvest in {out} at {done:,} of {tokens:,} tokens", log, progress)
     if done and "windows" not in state:
         raise StoreError(f"{out} holds {done} tokens but no harvest state: it was not written by harvest()")
     if done >= tokens:  # interrupted between the last shard and finish(), or written with a larger budget
@@ -277,10 +299,10 @@ def _harvest(model: nn.Module, out: str | os.PathLike, names: list[str], tokens:
 
     pending: list[tuple[dict[str, torch.Tensor], torch.Tensor]] = []
     pending_n = 0
-    bar = tqdm(total=tokens, initial=done, unit="tok", unit_scale=True, disable=not progress,
-               desc=f"harvest {', '.join(names)}", dynamic_ncols=True)
+    bar = progress_bar(total=tokens, initial=done, unit="tok", unit_scale=True, enabled=progress,
+                       desc=f"harvest {', '.join(names)}", dynamic_ncols=True)
     try:
-        with Capture(model, names) as capture, torch.inference_mode():
+        with Capture(model, names) as capture, torch.inference_mode(), deferred_interrupts() as request:
             while done < tokens:
                 batch_list = []
                 for window in stream:
@@ -309,6 +331,9 @@ def _harvest(model: nn.Module, out: str | os.PathLike, names: list[str], tokens:
                                          "batch_size": batch_size})
                     done += pending_n
                     pending, pending_n = [], 0
+                if done < tokens:  # a finished harvest completes; else stop here, keeping the shards written
+                    request.check(saved=f"{done:,} of {tokens:,} tokens in {out} (the {pending_n:,} harvested "
+                                  f"since the last shard come again on resume)" if done else "")
     finally:
         bar.close()
     writer.finish()

@@ -8,8 +8,9 @@ reach memory on the ``triton`` and ``native`` backends.
 Kernels: ``kernels/saefast_triton/topk_encode.py`` (``triton``), ``csrc/cpu/encode.cpp`` (``native``); oracle:
 :mod:`saefast.ops.ref`. The backward gives gradient only to the selected latents, through the sparse decode
 kernels with ``W_enc`` in the decoder's place. BatchTopK and JumpReLU work on a bounded number of candidates per
-row; a batch those might not cover exactly is recomputed on the dense eager path (a one-time warning), so the
-result never differs from the reference.
+row; a batch those might not cover exactly is recomputed on the dense eager path, so the result never differs from
+the reference. BatchTopK's default capacity then adapts to the batches, silently (:class:`_AdaptiveCapacity`); a
+capacity given by the caller, and JumpReLU's, warn once instead.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ from .registration import FusedKernels, triton_custom_op
 from .topk_chunks import dead_latents, topk_over_latents
 
 BATCHTOPK_CAPACITY = 4
-"""Default candidates per row of the fused BatchTopK, as a multiple of ``k`` (``kc = min(M, capacity·k)``)."""
+"""Starting candidates per row of the fused BatchTopK, as a multiple of ``k`` (``kc = min(M, capacity·k)``); the
+default capacity adapts from there (see :class:`_AdaptiveCapacity`). Set ``saefast.ops.encode.BATCHTOPK_CAPACITY``
+(this module's name: ``saefast.ops.BATCHTOPK_CAPACITY`` is a copy) to change the start."""
 
 JUMPRELU_MIN_CAPACITY = 64
 """Default slots per row of the fused JumpReLU: ``min(M, max(JUMPRELU_MIN_CAPACITY, M // JUMPRELU_CAPACITY_DIVISOR))``
@@ -38,6 +41,77 @@ JUMPRELU_MIN_CAPACITY = 64
 JUMPRELU_CAPACITY_DIVISOR = 16
 
 _capacity_warned = False
+
+_CAPACITY_HEADROOM = 1.5
+"""A grown BatchTopK capacity gives the largest row seen at least this much room (batches vary)."""
+
+_CAPACITY_WINDOW = 50
+"""Calls after which a grown BatchTopK capacity is cut back to what they needed (with the headroom)."""
+
+_DENSE_FRACTION = 16
+"""A BatchTopK capacity grown past ``M / _DENSE_FRACTION`` candidates runs the dense path instead. Measured on
+``native`` (forward + backward, N = 1024, M = 4096, k = 16): the fused path costs 0.6× the dense one at
+``kc = 4k``, 0.75× at ``M/16``, about 1× at ``M/8``; an overflowing batch (fused, then dense) 1.3×."""
+
+
+class _AdaptiveCapacity:
+    """The default capacity of the fused BatchTopK (training, ``what="batchtopk"``) or its threshold encode
+    (inference, ``"threshold"``) for one ``(M, k, device type)``, as a multiple of ``k``.
+
+    Why: BatchTopK keeps the batch's ``N·k`` largest activations, not ``k`` per row, so a row with a large norm keeps
+    many more than ``k`` (by design). On inputs whose norms vary a lot (real activations; a fresh model's rows are
+    uneven too) that is often more than the ``4k`` candidates of :data:`BATCHTOPK_CAPACITY`, and every such batch
+    ran the fused path, found the overflow, and then ran the dense path as well.
+
+    So: start at :data:`BATCHTOPK_CAPACITY`. A batch that overflows runs the exact dense path (nothing is ever
+    dropped) and, from that batch's exact need (the most latents a row kept), the capacity doubles until ``kc``
+    gives that need :data:`_CAPACITY_HEADROOM` room. Grown past ``M / _DENSE_FRACTION`` candidates, the fused path
+    would cost about as much as the dense one, so the dense path runs directly. Every :data:`_CAPACITY_WINDOW`
+    calls, a grown capacity is cut back to what those calls needed (with the headroom; never below the start), so
+    an early transient does not cost for the rest of the run. The results are the same whatever the capacity (it
+    only decides how much work the fused path does), so none of this warns. Shared by the models of a process
+    with the same ``(M, k)``: a performance hint, never a result."""
+
+    __slots__ = ("start", "capacity", "window_calls", "window_need")
+
+    def __init__(self, start: int):
+        self.start = self.capacity = start
+        self.window_calls = self.window_need = 0
+
+    def candidates(self, M: int, k: int) -> int | None:
+        """``kc`` for the next call, or None: run the dense path (grown past ``M / _DENSE_FRACTION``)."""
+        kc = min(M, self.capacity * k)
+        return None if self.capacity > self.start and kc > M // _DENSE_FRACTION else kc
+
+    def _fit(self, need: int, k: int) -> int:
+        capacity = self.start
+        while capacity * k < max(_CAPACITY_HEADROOM * need, need + 1):
+            capacity *= 2
+        return capacity
+
+    def overflowed(self, need: int, k: int) -> None:
+        """A batch's rows needed ``need`` candidates (its exact maximum), more than the fused path had: grow."""
+        self.capacity = max(self.capacity, self._fit(need, k))
+        self.window_calls = self.window_need = 0
+
+    def observed(self, need: int, k: int) -> None:
+        """A call that fitted (or ran dense) needed ``need`` candidates; at the end of a window, cut back."""
+        self.window_calls += 1
+        self.window_need = max(self.window_need, need)
+        if self.window_calls >= _CAPACITY_WINDOW:
+            self.capacity = min(self.capacity, self._fit(self.window_need, k))
+            self.window_calls = self.window_need = 0
+
+
+_adaptive: dict[tuple[str, int, int, str], _AdaptiveCapacity] = {}
+
+
+def _adaptive_capacity(what: str, M: int, k: int, device: torch.device) -> _AdaptiveCapacity:
+    key = (what, M, k, device.type)
+    state = _adaptive.get(key)
+    if state is None or state.start != BATCHTOPK_CAPACITY:  # (a changed BATCHTOPK_CAPACITY starts afresh)
+        state = _adaptive[key] = _AdaptiveCapacity(_candidates_multiple(BATCHTOPK_CAPACITY))
+    return state
 
 
 def _topk_encode_impl(x: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, k: int, dead: torch.Tensor | None,
@@ -250,23 +324,34 @@ def _autocast_operands(backend: str, x: torch.Tensor, W_enc: torch.Tensor) -> tu
     return x.to(dtype), W_enc.to(dtype)
 
 
-def _candidates(M: int, k: int, capacity: int) -> int:
-    """Candidates per row of the fused BatchTopK: ``kc = min(M, capacity·k)``."""
+def _candidates_multiple(capacity: Any) -> int:
     if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
         raise ValueError(f"capacity must be an int >= 1, got {capacity!r}")
-    return min(M, capacity * k)
+    return capacity
 
 
-def _warn_capacity(what: str, kc: int, capacity: int, knob: str = "saefast.ops.BATCHTOPK_CAPACITY") -> None:
+def _candidates(M: int, k: int, capacity: int) -> int:
+    """Candidates per row of the fused BatchTopK: ``kc = min(M, capacity·k)``."""
+    return min(M, _candidates_multiple(capacity) * k)
+
+
+def _warn_capacity(what: str, happened: str, knob: str, stacklevel: int = 3) -> None:
+    """Once per process: the fused ``what`` overflowed (``happened`` says how) and the batch ran the dense path;
+    ``knob`` says what to change."""
     global _capacity_warned
     if not _capacity_warned:
         _capacity_warned = True
         warnings.warn(
-            f"saefast: fused {what} exceeded its capacity ({kc} candidates per row, capacity={capacity}): a row may "
-            f"have more qualifying latents than candidates, so the batch was recomputed exactly on the dense eager "
-            f"path (slower). Raise the capacity ({knob}) if this recurs. Shown once.",
-            RuntimeWarning, stacklevel=3,
+            f"saefast: fused {what} exceeded its capacity: {happened}, so the batch was recomputed on the exact dense "
+            f"path, which builds the [N, J, M] pre-activations: such a step costs about twice a fused one, more for "
+            f"large M (the results are the same). If it recurs, {knob}. Shown once.",
+            RuntimeWarning, stacklevel=stacklevel + 1,
         )
+
+
+def _warn_batchtopk_capacity(what: str, kc: int, capacity: int) -> None:
+    _warn_capacity(what, f"a row had more qualifying latents than its {kc} candidates (capacity={capacity})",
+                   "pass a larger capacity=, or none: the default capacity adapts to the batches", stacklevel=4)
 
 
 def _dense_aux(pre: torch.Tensor, dead: torch.Tensor | None, aux_k: int) -> SparseCodes | None:
@@ -284,17 +369,26 @@ def batchtopk_encode(
     batch, exactly :func:`saefast.ops.ref.batchtopk_activation`. Returns ``(codes, smallest_kept [J], aux_codes)``;
     ``aux_codes`` (and ``max_dead``) as in :func:`topk_encode`. Differentiable in every input tensor.
 
-    ``triton``: candidates are each row's top ``kc = min(M, capacity·k)`` (``capacity`` default
-    :data:`BATCHTOPK_CAPACITY`) from the fused kernel; the codes are ``[N, J, kc]`` with 0 in the unkept slots.
-    If a row's ``kc``-th candidate is kept with a positive value, that row might hold more qualifying latents:
-    the batch is then recomputed on the dense eager path (a one-time warning), so the result is always exact.
+    ``triton``, ``native``: candidates are each row's top ``kc = min(M, capacity·k)`` from the fused kernel; the
+    codes are ``[N, J, kc]`` with 0 in the unkept slots. If a row's ``kc``-th candidate is kept with a positive
+    value, that row might hold more qualifying latents: the batch is then recomputed on the dense eager path, so
+    the result is always exact. ``capacity=None`` (default) adapts: it starts at :data:`BATCHTOPK_CAPACITY` and
+    grows after an overflow (shrinking back later), with no warning (see :class:`_AdaptiveCapacity`); an int fixes
+    it, and an overflow then warns once.
     """
     backend = resolve_backend(backend, x.device, "batchtopk")
     M = W_enc.shape[1]
     if backend == "torch":
         return _batchtopk_dense(x, W_enc, b_enc, b_dec, k, dead, aux_k)
-    capacity = BATCHTOPK_CAPACITY if capacity is None else capacity
-    kc = _candidates(M, k, capacity)
+    adaptive = _adaptive_capacity("batchtopk", M, k, x.device) if capacity is None else None
+    if adaptive is None:
+        kc = _candidates(M, k, capacity)
+    else:
+        kc = adaptive.candidates(M, k)
+        if kc is None:  # grown past M / _DENSE_FRACTION candidates: the dense path is as cheap
+            dense = _batchtopk_dense(x, W_enc, b_enc, b_dec, k, dead, aux_k)
+            adaptive.observed(dense[0].k, k)  # (the packing already read its row maximum)
+            return dense
     cand, aux = topk_encode(x, W_enc, b_enc, b_dec, kc, dead, aux_k, backend=backend,
                             max_dead=max_dead)  # ReLU'd, sorted descending
     N, J, _ = cand.values.shape
@@ -302,10 +396,19 @@ def batchtopk_encode(
     kept = flat.detach().topk(N * k, dim=-1, sorted=False)
     keep = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, kept.indices, True).view(J, N, kc).transpose(0, 1)
     if kc < M:
-        last = cand.values.detach()[..., -1]
-        if bool((keep[..., -1] & (last > 0)).any()):
-            _warn_capacity("BatchTopK", kc, capacity)
-            return _batchtopk_dense(x, W_enc, b_enc, b_dec, k, dead, aux_k)
+        positive = keep & (cand.values.detach() > 0)
+        # One host read: the overflow flag (low bit) and the most candidates a row kept.
+        packed = int(positive.sum(-1).max() * 2 + positive[..., -1].any()) if N else 0
+        need, overflow = packed >> 1, bool(packed & 1)
+        if overflow:
+            dense = _batchtopk_dense(x, W_enc, b_enc, b_dec, k, dead, aux_k)
+            if adaptive is None:
+                _warn_batchtopk_capacity("BatchTopK", kc, capacity)
+            else:
+                adaptive.overflowed(dense[0].k, k)
+            return dense
+        if adaptive is not None:
+            adaptive.observed(need, k)
     values = torch.where(keep, cand.values, torch.zeros_like(cand.values))
     positive = kept.values.masked_fill(kept.values <= 0, float("inf"))
     smallest = positive.min(dim=-1).values
@@ -326,27 +429,43 @@ def threshold_encode(
     """BatchTopK inference codes ``z = pre·[pre > θ]`` (θ ``[J, M]`` ≥ 0), exactly
     :func:`saefast.ops.ref.threshold_activation`. Differentiable in ``x``, ``W_enc``, ``b_enc``, ``b_dec``.
 
-    ``triton``: the threshold is applied to each row's top ``kc = min(M, capacity·k)`` candidates (``[N, J, kc]``
-    codes, 0 in the slots below threshold). Latents outside the candidates are ≤ the ``kc``-th candidate, so a
-    row whose ``kc``-th candidate exceeds the member's smallest threshold might miss some: the batch is then
-    recomputed on the dense eager path (a one-time warning).
+    ``triton``, ``native``: the threshold is applied to each row's top ``kc = min(M, capacity·k)`` candidates
+    (``[N, J, kc]`` codes, 0 in the slots below threshold). Latents outside the candidates are ≤ the ``kc``-th
+    candidate, so a row whose ``kc``-th candidate exceeds the member's smallest threshold might miss some: the batch
+    is then recomputed on the dense eager path. ``capacity`` as in :func:`batchtopk_encode` (None adapts, silently;
+    an int is fixed and warns once on overflow).
     """
     backend = resolve_backend(backend, x.device, "batchtopk")
     M = W_enc.shape[1]
+    adaptive = None
     if backend != "torch":
-        capacity = BATCHTOPK_CAPACITY if capacity is None else capacity
-        kc = _candidates(M, k, capacity)
-        cand, _ = topk_encode(x, W_enc, b_enc, b_dec, kc, backend=backend)
-        N = cand.values.shape[0]
-        # ReLU'd candidates: with θ ≥ 0, ReLU(pre) > θ ⇔ pre > θ, and then ReLU(pre) = pre.
-        raw = cand.values
-        theta = threshold.to(raw.dtype).unsqueeze(0).expand(N, -1, -1).gather(-1, cand.indices)
-        if kc < M and bool((raw.detach()[..., -1] > threshold.to(raw.dtype).min(-1).values).any()):
-            _warn_capacity("BatchTopK threshold", kc, capacity)
-        else:
-            return SparseCodes(torch.where(raw > theta, raw, torch.zeros_like(raw)), cand.indices, M)
+        adaptive = _adaptive_capacity("threshold", M, k, x.device) if capacity is None else None
+        kc = _candidates(M, k, capacity) if adaptive is None else adaptive.candidates(M, k)
+        if kc is not None:
+            cand, _ = topk_encode(x, W_enc, b_enc, b_dec, kc, backend=backend)
+            N = cand.values.shape[0]
+            # ReLU'd candidates: with θ ≥ 0, ReLU(pre) > θ ⇔ pre > θ, and then ReLU(pre) = pre.
+            raw = cand.values
+            theta = threshold.to(raw.dtype).unsqueeze(0).expand(N, -1, -1).gather(-1, cand.indices)
+            # need: the most candidates of a row above its member's smallest threshold (all kc: it may miss some)
+            need = 0
+            if kc < M and N:
+                need = int((raw.detach() > threshold.to(raw.dtype).min(-1).values.unsqueeze(-1)).sum(-1).max())
+            if need < kc or kc == M:
+                if adaptive is not None:
+                    adaptive.observed(need, k)
+                return SparseCodes(torch.where(raw > theta, raw, torch.zeros_like(raw)), cand.indices, M)
+            if adaptive is None:
+                _warn_batchtopk_capacity("BatchTopK threshold", kc, capacity)
     pre = ref.pre_activations(x, W_enc, b_enc, b_dec)
-    return SparseCodes.from_dense(ref.threshold_activation(pre, threshold.to(pre.dtype)))
+    codes = SparseCodes.from_dense(ref.threshold_activation(pre, threshold.to(pre.dtype)))
+    if adaptive is not None:  # the exact need: the most latents of a row above its member's smallest threshold
+        need = int((pre.detach() > threshold.to(pre.dtype).min(-1).values.view(1, -1, 1)).sum(-1).max())
+        if kc is None:
+            adaptive.observed(need, k)
+        else:
+            adaptive.overflowed(need, k)
+    return codes
 
 
 def jumprelu_capacity(M: int, capacity: int | None = None) -> int:
@@ -388,7 +507,9 @@ def jumprelu_encode(
     values, indices, counts, overflow = encode_kernels(backend).threshold_encode(
         x.contiguous(), W_enc.contiguous(), bias.contiguous(), lower.contiguous(), cap)
     if bool(overflow):
-        _warn_capacity("JumpReLU", cap, cap, knob="jumprelu_encode(capacity=...), saefast.ops.JUMPRELU_MIN_CAPACITY")
+        _warn_capacity("JumpReLU", f"a row had more pre-activations above θ − ε/2 than its {cap} slots (common in "
+                       f"the first steps, while the thresholds are near 0)",
+                       "raise saefast.ops.encode.JUMPRELU_MIN_CAPACITY or pass jumprelu_encode(capacity=...)")
         return _jumprelu_dense(x, W_enc, b_enc, b_dec, theta, bandwidth)
     N = values.shape[0]
     valid = torch.arange(cap, device=values.device) < counts.unsqueeze(-1)

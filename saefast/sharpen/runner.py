@@ -4,6 +4,7 @@ to the sharpened targets, repeat (:class:`SAECeption`)."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -12,17 +13,21 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..config import SAEConfig
 from ..data.hooks import abbreviate_names, module_names
 from ..devices import to_device
 from ..eval import evaluate
 from ..files import atomic_write_bytes
-from ..models import SAE, Ensemble, SparseDictionary
+from ..interrupts import Interrupted, StopRequest, deferred_interrupts
+from ..models import SAE, Ensemble, SparseDictionary, load
+from ..progress import progress_bar
 from ..training import train as train_sae
+from ..validation import changed_fields
 from .aux_loss import AuxiliaryLoss, cosine_loss
 from .checks import check_labels, inference
 from .stats import class_masks, class_stats
@@ -154,7 +159,7 @@ class SharpenConfig:
     backend: str | None = None
     """Op backend of the SAE work (see :mod:`saefast.ops`)."""
     progress: bool = False
-    """tqdm bars."""
+    """Progress bars (a live bar on a terminal, a plain line every 30 s in a log; see :mod:`saefast.progress`)."""
 
     def __post_init__(self) -> None:
         for name in ("cycles", "epochs", "finetune_epochs", "skip_positions"):
@@ -173,6 +178,11 @@ class SharpenConfig:
             raise ValueError("set exactly one of top_n and top_percent")
         if self.target == "example" and self.top_n is None:
             raise ValueError("target='example' keeps each example's top_n latents: set top_n")
+        if self.top_n is not None and (isinstance(self.top_n, bool) or not isinstance(self.top_n, int)
+                                       or self.top_n < 1):
+            raise ValueError(f"SharpenConfig.top_n must be a positive int, got {self.top_n!r}")
+        if self.top_percent is not None and not 0 < self.top_percent <= 100:
+            raise ValueError(f"SharpenConfig.top_percent must be in (0, 100], got {self.top_percent!r}")
         for name in ("lr", "sae_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"SharpenConfig.{name} must be > 0")
@@ -182,6 +192,15 @@ class SharpenConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form."""
         return dataclasses.asdict(self)
+
+
+RESUME_FREE = ("cycles", "progress")
+""":class:`SharpenConfig` fields a resumed run may change: neither changes what a cycle computes (more ``cycles``
+extends a finished run)."""
+
+HISTORY_FILE = "history.json"
+MODEL_FILE = "model.safetensors"
+RNG_FILE = "rng.safetensors"
 
 
 @dataclass
@@ -226,13 +245,21 @@ class SAECeption:
     sequence's class; the auxiliary loss averages over those tokens; class-structure metrics use each example's
     mean code over its tokens.
 
-    With ``out``: after every cycle ``out/cycle_<c>/sae`` (checkpoint), ``out/cycle_<c>/masks.safetensors`` and
-    ``out/history.json`` are written atomically.
+    With ``out``: after every cycle ``out/cycle_<c>/sae`` (checkpoint), ``out/cycle_<c>/masks.safetensors``, the
+    task model's ``state_dict`` ``out/cycle_<c>/model.safetensors`` and torch's global RNG state
+    ``out/cycle_<c>/rng.safetensors`` are written atomically, then ``out/history.json``, last: a cycle counts once it
+    is in the history. An ``out`` that already holds a run is refused unless ``resume=True``, which loads the history,
+    every cycle's SAE and masks and the last cycle's model and RNG state, and continues with the next cycle — giving
+    the uninterrupted run's results (bit for bit on CPU). Its settings must equal the saved ones (all but
+    :data:`RESUME_FREE`), as must the data (a SHA-256 of the splits).
+
+    Run from the main thread, a SIGINT or SIGTERM abandons the cycle under way (after the SAE's training step or the
+    task's batch under way) and raises :class:`~saefast.interrupts.Interrupted`, saying which cycles are saved.
     """
 
     def __init__(self, model: nn.Module, sae: SAEConfig, train: Split | tuple, test: Split | tuple,
                  config: SharpenConfig | None = None, out: str | Path | None = None, log: Callable | None = None,
-                 **options: Any):
+                 resume: bool = False, **options: Any):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not isinstance(sae, SAEConfig):
@@ -252,6 +279,11 @@ class SAECeption:
         self.n_classes = int(max(self.train_split.labels.max(), self.test_split.labels.max())) + 1
         self.device = next(model.parameters()).device
         self.out = Path(out) if out is not None else None
+        if resume and self.out is None:
+            raise ValueError("resume=True continues the run saved in out: pass out=")
+        self.resume = bool(resume)
+        self._stop = StopRequest()  # run() shares the signal handlers' request
+        self._data: str | None = None
         self.log = log
         self.history: list[dict[str, Any]] = []
         self.saes: list[SparseDictionary] = []
@@ -272,10 +304,12 @@ class SAECeption:
         totals = {name: torch.zeros((), device=self.device) for name in ("task_loss", "aux_loss")}
         self.model.train()
         try:
-            for _ in tqdm(range(epochs), desc=f"cycle {cycle} task", disable=not cfg.progress, leave=False):
+            for _ in progress_bar(range(epochs), desc=f"cycle {cycle} task", unit="epoch", enabled=cfg.progress,
+                                  leave=False):
                 for total in totals.values():  # only the last epoch's sums are returned
                     total.zero_()
                 for index in _chunks(len(split), cfg.batch_size, generator):
+                    self._stop.check()  # a stop abandons the cycle: nothing of it is saved
                     logits = _forward(self.model, split.take(index), self.device)
                     loss = F.cross_entropy(logits, to_device(split.labels[index], self.device))
                     totals["task_loss"] += loss.detach().float() * index.numel()
@@ -392,53 +426,170 @@ class SAECeption:
             "layer_davies_bouldin": davies_bouldin(pooled_acts, labels),
         }
 
+    def _data_sha256(self) -> str:
+        """SHA-256 of both splits (every input tensor and the labels): a resumed run must see the same data."""
+        digest = hashlib.sha256()
+        for split in (self.train_split, self.test_split):
+            fields = sorted(split.inputs.items()) if isinstance(split.inputs, Mapping) else [("inputs", split.inputs)]
+            for name, tensor in [*fields, ("labels", split.labels)]:
+                tensor = tensor.detach().cpu().contiguous()
+                digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+                digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
+    def _report(self) -> dict[str, Any]:
+        """What ``history.json`` holds besides the history: the settings and data a resumed run must match."""
+        if self._data is None:
+            self._data = self._data_sha256()
+        return {"config": self.config.to_dict(), "sae": self.sae_config.to_dict(), "layer": self.layer,
+                "data_sha256": self._data}
+
     def _save(self, cycle: int, sae: SparseDictionary, masks: torch.Tensor) -> None:
+        """Write cycle ``cycle``: its SAE, masks, the model and the RNG state, then the history (last: the commit)."""
         if self.out is None:
             return
         directory = self.out / f"cycle_{cycle}"
         directory.mkdir(parents=True, exist_ok=True)
         sae.save(str(directory / "sae"))
         atomic_write_bytes(directory / "masks.safetensors", safetensors_bytes({"masks": masks.cpu().contiguous()}))
-        report = {"config": self.config.to_dict(), "sae": self.sae_config.to_dict(), "layer": self.layer,
-                  "history": self.history}
-        atomic_write_bytes(self.out / "history.json", json.dumps(report, indent=2).encode())
+        # clone(): tied weights share storage, which safetensors refuses; load_state_dict restores both names.
+        state = {name: tensor.detach().cpu().contiguous().clone() for name, tensor in self.model.state_dict().items()}
+        atomic_write_bytes(directory / MODEL_FILE, safetensors_bytes(state))
+        rng = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        atomic_write_bytes(directory / RNG_FILE, safetensors_bytes(rng))
+        report = {**self._report(), "history": self.history}
+        atomic_write_bytes(self.out / HISTORY_FILE, json.dumps(report, indent=2).encode())
+        if cycle:  # only the last cycle's model is needed to resume (and it is the sharpened model)
+            for name in (MODEL_FILE, RNG_FILE):
+                (self.out / f"cycle_{cycle - 1}" / name).unlink(missing_ok=True)
+
+    def _saved(self) -> str:
+        """What an interruption leaves: the complete cycles in ``out``."""
+        n = len(self.history)
+        if self.out is None or not n:
+            return ""
+        return f"cycle 0 in {self.out}" if n == 1 else f"cycles 0..{n - 1} in {self.out}"
+
+    # --- resuming ------------------------------------------------------------------------------------------
+
+    def _start(self) -> int:
+        """The first cycle to run: 0 for a new run (refusing an ``out`` that holds one), else the one after the
+        saved cycles, which are loaded."""
+        if self.out is None:
+            return 0
+        path = self.out / HISTORY_FILE
+        if not self.resume:
+            if path.is_file():
+                raise ValueError(f"{self.out} already holds a sharpen run ({HISTORY_FILE}); continue it with "
+                                 f"resume=True or choose another out")
+            return 0
+        if not path.is_file():
+            raise ValueError(f"nothing to resume: {self.out} holds no completed sharpen cycle (no {HISTORY_FILE}); "
+                             f"start the run without resume")
+        try:
+            saved = json.loads(path.read_text())
+            history = saved["history"]
+            if not isinstance(history, list) or [row["cycle"] for row in history] != list(range(len(history))) \
+                    or not history:
+                raise ValueError("its history is not the cycles 0, 1, ...")
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"cannot resume from {path}: {err}") from None
+        differs = self._differences(saved)
+        if differs:
+            raise ValueError(f"cannot resume the sharpen run in {self.out}: it was started with other settings ("
+                             + "; ".join(differs) + "); resume with the same ones or choose another out")
+        saes, masks = [], []
+        last = self.out / f"cycle_{len(history) - 1}"
+        try:
+            for cycle in range(len(history)):
+                directory = self.out / f"cycle_{cycle}"
+                saes.append(load(directory / "sae", map_location=self.device))
+                mask = safetensors_load((directory / "masks.safetensors").read_bytes())["masks"]
+                masks.append(mask.to(self.device) if self.config.target != "random" else mask)
+            state = safetensors_load((last / MODEL_FILE).read_bytes())
+            rng = safetensors_load((last / RNG_FILE).read_bytes())
+        except (OSError, KeyError, SafetensorError) as err:
+            raise ValueError(f"cannot resume the sharpen run in {self.out}: {err}") from None
+        try:
+            self.model.load_state_dict(state)
+        except RuntimeError as err:
+            raise ValueError(f"cannot resume the sharpen run in {self.out}: its model state does not fit this "
+                             f"model: {str(err).splitlines()[0]}") from None
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        self.history, self.saes, self.masks = history, saes, masks
+        return len(history)
+
+    def _differences(self, saved: dict[str, Any]) -> list[str]:
+        """``field: saved X, requested Y`` for every setting of the saved run this one changes."""
+        now = json.loads(json.dumps(self._report()))  # JSON's view of both (tuples → lists)
+        for name in RESUME_FREE:
+            now["config"].pop(name, None)
+        old = {key: saved.get(key, "<absent>") for key in now}
+        if isinstance(old["config"], dict):
+            old["config"] = {key: value for key, value in old["config"].items() if key not in RESUME_FREE}
+        names = {"data_sha256": "data (SHA-256 of the splits)"}
+        return [f"{names.get(name, name.removeprefix('config.'))}: saved {before!r}, requested {after!r}"
+                for name, before, after in changed_fields(old, now)]
 
     # --- the cycle -------------------------------------------------------------------------------------------
 
-    def run(self) -> list[dict[str, Any]]:
-        """Run the baseline and ``cycles`` sharpening cycles; returns the history, one dict per cycle."""
+    def _cycle(self, cycle: int, train_layer: _Layer | None) -> tuple[dict[str, Any], SparseDictionary,
+                                                                      torch.Tensor, _Layer]:
+        """One cycle: ``(its history record, SAE, masks, the training split's activations after it)``."""
         cfg = self.config
-        train_layer: _Layer | None = None
-        for cycle in range(cfg.cycles + 1):
-            if cycle == 0:
-                losses = self._fit(cfg.epochs, cycle, None) if cfg.epochs else {"task_loss": float("nan")}
-                losses["aux_loss"] = None
-                cosines = {"target_cosine_start": None, "target_cosine_end": None}
-            else:
-                fixed = self._targets(train_layer, cycle)
-                cosines = {"target_cosine_start": _mean_cosine(train_layer, fixed)}
-                losses = self._fit(cfg.finetune_epochs, cycle, fixed)
-            record: dict[str, Any] = {"cycle": cycle, **losses,
-                                      "train_accuracy": self._accuracy(self.train_split),
-                                      "test_accuracy": self._accuracy(self.test_split)}
-            train_layer = self._activations(self.train_split)
-            if cycle:
-                cosines["target_cosine_end"] = _mean_cosine(train_layer, fixed)
-            record.update(cosines)
-            x, row_labels, _ = train_layer.rows(self.train_split.labels)
-            sae = self._new_sae(cycle)
-            train_sae(sae, _ShuffledRows(x, cfg.sae_batch_size, cfg.seed + cycle), steps=cfg.sae_steps,
-                      lr=cfg.sae_lr, backend=cfg.backend, progress=cfg.progress, seed=cfg.seed + cycle,
-                      log_every=cfg.sae_steps)
-            stats = class_stats(sae, ((x[i], row_labels[i]) for i in _chunks(x.shape[0], 4096)),
-                                n_classes=self.n_classes, backend=cfg.backend)
-            masks = (class_masks(stats, cfg.top_n, cfg.top_percent) if cfg.target != "random"
-                     else torch.zeros(self.n_classes, sae.n_latents_total, dtype=torch.bool))
-            record.update(self._metrics(sae, self._activations(self.test_split)))
-            self.saes.append(sae)
-            self.masks.append(masks)
-            self.history.append(record)
-            self._save(cycle, sae, masks)
-            if self.log is not None:
-                self.log(record)
+        if cycle == 0:
+            losses = self._fit(cfg.epochs, cycle, None) if cfg.epochs else {"task_loss": float("nan")}
+            losses["aux_loss"] = None
+            cosines = {"target_cosine_start": None, "target_cosine_end": None}
+        else:
+            fixed = self._targets(train_layer, cycle)
+            cosines = {"target_cosine_start": _mean_cosine(train_layer, fixed)}
+            losses = self._fit(cfg.finetune_epochs, cycle, fixed)
+        record: dict[str, Any] = {"cycle": cycle, **losses,
+                                  "train_accuracy": self._accuracy(self.train_split),
+                                  "test_accuracy": self._accuracy(self.test_split)}
+        train_layer = self._activations(self.train_split)
+        if cycle:
+            cosines["target_cosine_end"] = _mean_cosine(train_layer, fixed)
+        record.update(cosines)
+        x, row_labels, _ = train_layer.rows(self.train_split.labels)
+        sae = self._new_sae(cycle)
+        train_sae(sae, _ShuffledRows(x, cfg.sae_batch_size, cfg.seed + cycle), steps=cfg.sae_steps,
+                  lr=cfg.sae_lr, backend=cfg.backend, progress=cfg.progress, seed=cfg.seed + cycle,
+                  log_every=cfg.sae_steps)
+        self._stop.check()
+        stats = class_stats(sae, ((x[i], row_labels[i]) for i in _chunks(x.shape[0], 4096)),
+                            n_classes=self.n_classes, backend=cfg.backend)
+        masks = (class_masks(stats, cfg.top_n, cfg.top_percent) if cfg.target != "random"
+                 else torch.zeros(self.n_classes, sae.n_latents_total, dtype=torch.bool))
+        record.update(self._metrics(sae, self._activations(self.test_split)))
+        return record, sae, masks, train_layer
+
+    def run(self) -> list[dict[str, Any]]:
+        """Run the baseline and ``cycles`` sharpening cycles (after the saved ones, with ``resume``); returns the
+        history, one dict per cycle. A SIGINT or SIGTERM abandons the cycle under way and raises
+        :class:`~saefast.interrupts.Interrupted` saying which cycles are saved."""
+        with deferred_interrupts() as request:
+            self._stop = request
+            try:
+                start = self._start()
+                train_layer = self._activations(self.train_split) if start else None
+                for cycle in range(start, self.config.cycles + 1):
+                    try:
+                        record, sae, masks, train_layer = self._cycle(cycle, train_layer)
+                    except Interrupted as stop:  # in the task's epochs or the SAE's training: the cycle is lost
+                        raise stop.with_saved(self._saved()) from None
+                    self.saes.append(sae)
+                    self.masks.append(masks)
+                    self.history.append(record)
+                    self._save(cycle, sae, masks)
+                    if self.log is not None:
+                        self.log(record)
+                    request.check(saved=self._saved())
+            finally:
+                self._stop = StopRequest()
         return self.history

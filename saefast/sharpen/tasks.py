@@ -124,13 +124,15 @@ def plot_history(history: list[dict[str, Any]], path: str | Path, title: str = "
 
 
 def run_task(name: str, out: str | Path | None = None, seed: int = 0, log: Callable | None = None,
-             **overrides: Any) -> dict[str, Any]:
+             resume: bool = False, **overrides: Any) -> dict[str, Any]:
     """Build task ``name``, run SAE-ception, write ``out/results.json`` (+ ``history.png`` and each cycle's SAE
-    and masks); returns the report ``{"task", "info", "config", "sae", "history"}``."""
+    and masks); returns the report ``{"task", "info", "config", "sae", "history"}``. ``resume`` continues the run
+    saved in ``out`` after its last complete cycle (see :class:`SAECeption`), with the same results."""
     if name not in BUILDERS:
         raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
     task = BUILDERS[name](seed=seed, **overrides)
-    runner = SAECeption(task.model, task.sae, task.train, task.test, config=task.config, out=out, log=log)
+    runner = SAECeption(task.model, task.sae, task.train, task.test, config=task.config, out=out, log=log,
+                        resume=resume)
     history = runner.run()
     from ..version import __version__
 

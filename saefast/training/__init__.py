@@ -4,6 +4,7 @@
 from .bootstrap import bootstrap_indices
 from .memory import reuse_freed_memory
 from .step import training_step
-from .trainer import BatchStream, DataExhausted, train
+from .trainer import BatchStream, DataExhausted, differences, train
 
-__all__ = ["BatchStream", "DataExhausted", "bootstrap_indices", "reuse_freed_memory", "train", "training_step"]
+__all__ = ["BatchStream", "DataExhausted", "bootstrap_indices", "differences", "reuse_freed_memory", "train",
+           "training_step"]

@@ -20,13 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from ..config import TrainConfig
 from ..devices import to_device
+from ..interrupts import Interval, StopRequest, deferred_interrupts
 from ..models import SparseDictionary
 from ..models.checkpoint import CONFIG_FILE, load_checkpoint, save_checkpoint
-from ..validation import check_activations
+from ..progress import Progress, progress_bar
+from ..validation import changed_fields, check_activations
 from .bootstrap import resample
 from .dead_count import DeadCountAhead
 from .memory import reuse_freed_memory
@@ -77,6 +78,11 @@ def _prepare(x: torch.Tensor, model: SparseDictionary, where: str) -> torch.Tens
     return to_device(x, model.W_enc.device, torch.float32)
 
 
+def differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """``"name: <saved> in the checkpoint, <now> now"`` for every field (nested ones as ``a.b``) that differs."""
+    return [f"{name}: {old!r} in the checkpoint, {new!r} now" for name, old, new in changed_fields(saved, now)]
+
+
 def _signature(model: SparseDictionary) -> dict[str, Any]:
     """What must match for a checkpoint to resume into ``model`` (the member seeds included: they fix the
     bootstrap resamples)."""
@@ -100,6 +106,11 @@ def train(
     ``config``. ``b_dec`` is initialised from the first batch a stage sees (its own residual for boosting,
     its own resample with ``bootstrap=True``). Returns the history: one dict of metrics every ``log_every``
     steps and at the end of each stage. The model is left in eval mode.
+
+    With ``checkpoint_dir``, a checkpoint is written every ``checkpoint_minutes`` (and ``checkpoint_every`` steps)
+    and at the end. Run from the main thread, a SIGINT (Ctrl-C) or SIGTERM lets the step under way finish, writes a
+    checkpoint (with ``checkpoint_dir``) and raises :class:`saefast.interrupts.Interrupted` (a
+    ``KeyboardInterrupt``); ``resume=True`` continues from it, giving the uninterrupted run's weights.
     """
     if config is None:
         if steps is not None:
@@ -130,6 +141,8 @@ class _Trainer:
         self.history: list[dict[str, Any]] = []
         self.start_stage, self.start_step, self.skip_batches, self.start_tokens = 0, 0, 0, 0
         self.resume_optimizer: dict[str, Any] | None = None
+        self.interval = Interval(config.checkpoint_minutes if config.checkpoint_dir else 0)
+        self.stop = StopRequest()
         if self.device.type == "cpu":
             reuse_freed_memory()  # every step re-allocates its large temporaries: keep them paged in
 
@@ -138,17 +151,25 @@ class _Trainer:
         if not (cfg.resume and (Path(cfg.checkpoint_dir) / CONFIG_FILE).is_file()):
             return
         saved, optimizer_state, state = load_checkpoint(cfg.checkpoint_dir, map_location=self.device)
-        if _signature(saved) != _signature(self.model):
-            raise ValueError(
-                f"the checkpoint in {cfg.checkpoint_dir} is for a different model configuration: "
-                f"{_signature(saved)} vs {_signature(self.model)}"
-            )
-        if state and bool(state.get("bootstrap", False)) != cfg.bootstrap:
-            raise ValueError(f"the checkpoint in {cfg.checkpoint_dir} was trained with bootstrap="
-                             f"{bool(state.get('bootstrap', False))}; resume it with the same option")
-        if state and cfg.bootstrap and state.get("seed") != cfg.seed:
-            raise ValueError(f"the checkpoint in {cfg.checkpoint_dir} was trained with seed={state.get('seed')}: "
-                             f"the bootstrap resamples depend on it; resume with the same seed")
+        changed = differences(_signature(saved), _signature(self.model))
+        if changed:
+            raise ValueError(f"the checkpoint in {cfg.checkpoint_dir} is for a different model: "
+                             + "; ".join(changed))
+        if state:
+            # Checkpoints before the train settings were recorded hold only these two.
+            saved_train = state.get("train") or {"bootstrap": bool(state.get("bootstrap", False)),
+                                                 "seed": state.get("seed")}
+            now = {key: value for key, value in cfg.resume_fields().items() if key in saved_train}
+            finished = state["stage"] >= len(self.model.stages())
+            if finished and saved_train.get("steps", cfg.steps) != cfg.steps:
+                raise ValueError(
+                    f"the run in {cfg.checkpoint_dir} finished all its {saved_train['steps']} steps; it cannot be "
+                    f"extended to steps={cfg.steps}, because the learning-rate schedule (warm-up and decay) of "
+                    f"the steps it took depends on steps: start a new run with steps={cfg.steps} instead")
+            changed = differences(saved_train, now)
+            if changed:
+                raise ValueError(f"the checkpoint in {cfg.checkpoint_dir} was trained with other settings: "
+                                 + "; ".join(changed) + "; resume with the checkpoint's settings")
         self.model.load_state_dict(saved.state_dict())
         if state:
             self.start_stage, self.start_step = state["stage"], state["step"]
@@ -159,31 +180,38 @@ class _Trainer:
 
     def _save(self, optimizer: torch.optim.Optimizer, stage: int, step: int, tokens: int, stream: BatchStream) -> None:
         state = {"stage": stage, "step": step, "stage_tokens": tokens, "batches_consumed": stream.consumed,
-                 "bootstrap": self.config.bootstrap, "seed": self.config.seed, "history": self.history}
+                 "bootstrap": self.config.bootstrap, "seed": self.config.seed, "train": self.config.resume_fields(),
+                 "stages": len(self.model.stages()), "history": self.history}
         save_checkpoint(self.config.checkpoint_dir, self.model, optimizer.state_dict(), state)
+        self.interval.reset()
 
     def run(self, stream: BatchStream) -> list[dict[str, Any]]:
         cfg, model = self.config, self.model
         torch.manual_seed(cfg.seed)
         self._maybe_resume()
+        stages = model.stages()
+        if self.start_stage >= len(stages):  # a finished run: nothing to train, no batch to read
+            model.eval()
+            return self.history
         for _ in range(self.skip_batches):
             stream.next()
         stages = model.stages()
         total = cfg.steps * len(stages)
-        bar = tqdm(total=total, initial=self.start_stage * cfg.steps + self.start_step, disable=not cfg.progress,
-                   desc=f"train {type(model).__name__.lower()}", unit="step", dynamic_ncols=True)
+        bar = progress_bar(total=total, initial=self.start_stage * cfg.steps + self.start_step, enabled=cfg.progress,
+                           desc=f"train {type(model).__name__.lower()}", unit="step", dynamic_ncols=True)
         model.train()
         try:
-            for stage in range(self.start_stage, len(stages)):
-                first = self.start_step if stage == self.start_stage else 0
-                if not self._run_stage(stream, stage, stages[stage], first, bar):
-                    break
+            with deferred_interrupts() as self.stop:
+                for stage in range(self.start_stage, len(stages)):
+                    first = self.start_step if stage == self.start_stage else 0
+                    if not self._run_stage(stream, stage, stages[stage], first, bar):
+                        break
         finally:
             bar.close()
             model.eval()
         return self.history
 
-    def _run_stage(self, stream: BatchStream, stage: int, members: slice, first: int, bar: tqdm) -> bool:
+    def _run_stage(self, stream: BatchStream, stage: int, members: slice, first: int, bar: Progress) -> bool:
         cfg, model = self.config, self.model
         # A fresh Adam per stage: members outside the stage get exactly zero gradients and zero moments,
         # hence exactly zero updates.
@@ -217,13 +245,24 @@ class _Trainer:
                 record = self._log(stage, step, tokens, optimizer, terms, members)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", fvu=f"{record['fvu']:.4f}", l0=f"{record['l0']:.1f}")
             bar.update(1)
-            if cfg.checkpoint_dir and ((cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or last):
+            every = cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0
+            if cfg.checkpoint_dir and (last or every or self.interval.due() or self.stop.requested):
                 if last:
                     self._save(optimizer, stage + 1, 0, 0, stream)
                 else:
                     self._save(optimizer, stage, step + 1, tokens, stream)
+            if self.stop.requested:
+                self._stopped(stage, step + 1)
         optimizer.zero_grad(set_to_none=True)  # the stage's gradients are not needed any more
         return True
+
+    def _stopped(self, stage: int, steps_done: int) -> None:
+        """Stop on the signal that arrived during the step just finished (its checkpoint is written)."""
+        cfg = self.config
+        where = f"step {steps_done} of {cfg.steps}" + (f" in stage {stage + 1} of {len(self.model.stages())}"
+                                                      if len(self.model.stages()) > 1 else "")
+        saved = f"checkpoint at {where} saved in {cfg.checkpoint_dir}" if cfg.checkpoint_dir else ""
+        self.stop.check(saved=saved)
 
     def _log(self, stage: int, step: int, tokens: int, optimizer, terms, members: slice) -> dict[str, Any]:
         """Append (and return) one history record; its device values reach the host in one transfer."""

@@ -1,8 +1,11 @@
 """saefast.bench (run, cases, report): the report's schema, the cases, the correctness guard (a wrong or failing
-backend gets an error, no number) and the commit recorded outside git. Timings are never asserted. (The
-``saefast bench`` command: tests/cli/test_cli.py.)"""
+backend gets an error, no number), the commit recorded outside git, and the quiet output (no profiler or
+torch.compile noise unless verbose). Timings are never asserted. (The ``saefast bench`` command:
+tests/cli/test_cli.py.)"""
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
@@ -132,3 +135,73 @@ def test_git_revision_outside_git_takes_the_commit_from_the_environment(monkeypa
     assert bench.git_revision() == "unknown"
     monkeypatch.setenv("SAEFAST_COMMIT", "abc1234")
     assert bench.git_revision() == "abc1234"
+
+
+# ------------------------------------------------------------------------------------------------------
+# Quiet output: no profiler or torch.compile noise unless --verbose
+# ------------------------------------------------------------------------------------------------------
+
+KINETO_LINE = b"USDT:2026-01-01 00:00:00 1:1 SyncActivityProfilerHandler.cpp:52] profiler_start\n"
+
+
+def test_native_quiet_drops_only_the_profilers_informational_lines(capfd):
+    import os
+
+    from saefast.bench.quiet import native_quiet, quiet
+
+    with quiet(), native_quiet():
+        os.write(2, KINETO_LINE + b"STAGE:2026-01-01 00:00:00 1:1 X.cpp:51] Completed Stage: Warm Up\n")
+        os.write(2, b"WARNING:2026-01-01 00:00:00 1:1 X.cpp:9] a real problem\nsomething else\n")
+    err = capfd.readouterr().err
+    assert "USDT" not in err and "STAGE" not in err
+    assert "a real problem" in err and "something else" in err
+    for outer in (contextlib.nullcontext(), quiet(verbose=True)):  # outside quiet(), or verbose: untouched
+        with outer, native_quiet():
+            os.write(2, KINETO_LINE)
+        assert "profiler_start" in capfd.readouterr().err
+
+
+def test_quiet_hides_torch_compile_warnings_and_restores_the_loggers(capfd, monkeypatch):
+    import logging
+    import warnings
+
+    from saefast.bench.quiet import quiet
+
+    monkeypatch.delenv("TORCH_LOGS", raising=False)  # (an explicit TORCH_LOGS is left alone)
+
+    dynamo = logging.getLogger("torch._dynamo")
+    before = dynamo.level
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with quiet():
+            logging.getLogger("torch._dynamo.variables.tensor").warning("Graph break from `Tensor.item()`")
+            warnings.warn_explicit("TF32 not enabled", UserWarning, "compile_fx.py", 1,
+                                   module="torch._inductor.compile_fx")
+            warnings.warn_explicit("ours", UserWarning, "run.py", 1, module="saefast.bench.run")
+    assert [str(w.message) for w in caught] == ["ours"]
+    assert dynamo.level == before
+    assert "Graph break" not in capfd.readouterr().err
+
+
+def test_saefast_bench_prints_no_profiler_or_compile_noise(tmp_path):
+    """The real command, in a fresh process (torch warns of a graph break once per process)."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "saefast", "bench", "--preset", "tiny", "--cases", "encode",
+                             "--backends", "eager_stacked", "compile", "--repeats", "1", "--no-progress"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    output = result.stdout + result.stderr
+    assert "USDT" not in output and "graph break" not in output.lower(), result.stderr
+    assert "| tiny | encode | compile |" in result.stdout
+    assert result.stderr.strip() == ""
+
+
+def test_bench_verbose_still_runs(monkeypatch, capsys):
+    from saefast.cli import main
+
+    monkeypatch.setattr(bench.run, "device_peaks", lambda device, dtype: (1e12, 1e11))  # (the 4096² GEMM is slow)
+    assert main(["bench", "--preset", "tiny", "--cases", "encode", "--backends", "eager_stacked", "native",
+                 "--repeats", "1", "--no-progress", "--verbose"]) == 0
+    assert "| tiny | encode | eager_stacked |" in capsys.readouterr().out

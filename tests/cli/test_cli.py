@@ -81,11 +81,12 @@ def test_train_refuses_to_overwrite_a_run_and_resumes_it(store_dir, tmp_path, ca
     before = sf.load(run).state_dict()
     assert main(args) == 2
     assert "already holds a trained model" in capsys.readouterr().err
+    run_json = (run / "run.json").read_bytes()
     assert main(args + ["--resume"]) == 0  # already finished: nothing left to train, the model is unchanged
-    assert "resumed" in capsys.readouterr().out
+    assert "already finished its 6 steps: nothing to train" in capsys.readouterr().out
     after = sf.load(run).state_dict()
     assert all(torch.equal(before[name], after[name]) for name in before)
-    assert json.loads((run / "run.json").read_text())["tokens_per_s"] is None
+    assert (run / "run.json").read_bytes() == run_json  # nothing trained, nothing recorded
 
 
 @pytest.mark.parametrize("suffix", [".json", ".toml"])
@@ -110,7 +111,7 @@ def test_train_from_a_config_file_with_flag_overrides(store_dir, tmp_path, suffi
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["train", "--data", "DATA", "--members", "0", "--out", "RUN"], "--members must be >= 1"),
+        (["train", "--data", "DATA", "--members", "0", "--out", "RUN"], "--members must be a whole number >= 1"),
         (["train", "--data", "NOWHERE", "--out", "RUN"], "NOWHERE"),
         (["train", "--data", "DATA", "--latents", "8", "--k", "9", "--out", "RUN"], "k=9 exceeds the number"),
         (["train", "--data", "DATA", "--config", "BADCONF", "--out", "RUN"], "unknown key"),
@@ -121,9 +122,9 @@ def test_train_from_a_config_file_with_flag_overrides(store_dir, tmp_path, suffi
          "--chains applies to --kind boosting"),
         (["train", "--data", "DATA", "--kind", "boosting", "--bootstrap", "--out", "RUN"],
          "--bootstrap applies to --kind single or bagging"),
-        (["demo", "--members", "0", "--out", "RUN"], "an ensemble needs members >= 1"),
+        (["demo", "--members", "0", "--out", "RUN"], "argument --members: must be >= 1, got 0"),
         (["harvest", "--model", "no/such/model", "--tokens", "10", "--out", "RUN"], "no/such/model"),
-        (["harvest", "--tokens", "0", "--out", "RUN"], "--tokens must be >= 1"),
+        (["harvest", "--tokens", "0", "--out", "RUN"], "argument --tokens: must be >= 1, got 0"),
     ],
 )
 def test_bad_input_exits_2_with_a_one_line_error(store_dir, tmp_path, args, message):
@@ -181,5 +182,5 @@ def test_cli_sharpen_runs_the_digits_cycle(tmp_path, capsys):
     report = json.loads((out / "results.json").read_text())
     assert [row["cycle"] for row in report["history"]] == [0, 1] and report["task"] == "digits"
     assert (out / "history.png").stat().st_size > 0 and (out / "cycle_1" / "masks.safetensors").exists()
-    assert main(["sharpen", "--out", str(out), "--top-n", "0"]) == 2
-    assert "top_n" in capsys.readouterr().err
+    assert main(["sharpen", "--out", str(tmp_path / "bad"), "--top-n", "0"]) == 2  # (--out: a new one)
+    assert "argument --top-n: must be >= 1, got 0" in capsys.readouterr().err

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import signal
 
 import pytest
 import torch
@@ -20,6 +22,7 @@ from saefast.data.harvest import Capture, harvest, layer_hook, resolve_hooks, sp
 from saefast.data.hf import load_model
 from saefast.data.store import StoreError
 from saefast.data.text import pydoc_topics
+from saefast.interrupts import Interrupted
 
 transformers = pytest.importorskip("transformers")
 
@@ -265,6 +268,49 @@ def test_resume_is_exact_and_skips_finished_windows(tmp_path):
     # bit-identical files, shard for shard
     assert manifest(out)["shards"] == manifest(tmp_path / "full")["shards"]
     assert manifest(out)["state"] == manifest(tmp_path / "full")["state"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_keeps_the_shards_written_and_the_rerun_gives_the_same_store(tmp_path, signum):
+    """A real SIGINT/SIGTERM to this process during the 3rd forward pass: that batch finishes, the shards written stay,
+    Interrupted says what is saved; re-running says it resumes and gives the uninterrupted store file for file (the
+    rows pending since the last shard are harvested again: a short shard would change the shuffled batch order).
+    (Subprocesses and kill -9: tests/cli/test_interrupts.py.)"""
+    model = tiny_llama()
+    windows = random_windows(30)
+    settings = dict(context=CONTEXT, batch_size=3, shard_tokens=60, dtype=torch.float32, progress=False)
+    tokens = 300  # 42 rows a batch: a shard every 2 batches
+    full = harvest(model, tmp_path / "full", HOOK, tokens, windows=windows, **settings)
+
+    out = tmp_path / "stopped"
+    forwards = []
+
+    def signal_on_the_third(module, args, kwargs):
+        if kwargs.get("input_ids", args[0] if args else None).shape[-1] == CONTEXT:
+            forwards.append(1)
+            if len(forwards) == 3:
+                os.kill(os.getpid(), signum)
+
+    handle = model.register_forward_pre_hook(signal_on_the_third, with_kwargs=True)
+    try:
+        with pytest.raises(Interrupted) as info:
+            harvest(model, out, HOOK, tokens, windows=windows, **settings)
+    finally:
+        handle.remove()
+    assert len(forwards) == 3 and info.value.exit_status == 128 + signum
+    assert info.value.saved == f"84 of 300 tokens in {out} (the 42 harvested since the last shard come again on resume)"
+    partial = manifest(out)
+    assert [shard["tokens"] for shard in partial["shards"]] == [84] and not partial["complete"]
+    assert partial["state"]["windows"] == 6
+
+    said: list[str] = []
+    resumed = harvest(model, out, HOOK, tokens, windows=windows, log=said.append, **settings)
+    assert said == [f"resuming the harvest in {out} at 84 of 300 tokens"]
+    assert resumed.complete and resumed.n_tokens == tokens
+    assert torch.equal(resumed.read(0, tokens, dtype=None), full.read(0, tokens, dtype=None))
+    assert torch.equal(resumed.read_extra("token_ids", 0, tokens), full.read_extra("token_ids", 0, tokens))
+    assert resumed.metadata == full.metadata and resumed.state == full.state
+    assert manifest(out)["shards"] == manifest(tmp_path / "full")["shards"]  # file for file, hash for hash
 
 
 def test_changed_settings_on_resume_are_refused(tmp_path):

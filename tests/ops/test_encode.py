@@ -257,6 +257,147 @@ def test_threshold_encode_matches_reference(backend, device, capacity, overflows
 
 
 # ------------------------------------------------------------------------------------------------------
+# BatchTopK's default capacity adapts: an overflow runs the dense path once, silently, and grows the capacity
+# ------------------------------------------------------------------------------------------------------
+
+
+class _PathSpy:
+    """Counts the dense fallbacks and the fused candidate calls of saefast.ops.encode."""
+
+    def __init__(self, monkeypatch):
+        self.dense = self.fused = 0
+        dense, fused = ops.encode._batchtopk_dense, ops.encode.topk_encode
+
+        def counting_dense(*args):
+            self.dense += 1
+            return dense(*args)
+
+        def counting_fused(*args, **kwargs):
+            self.fused += 1
+            return fused(*args, **kwargs)
+
+        monkeypatch.setattr(ops.encode, "_batchtopk_dense", counting_dense)
+        monkeypatch.setattr(ops.encode, "topk_encode", counting_fused)
+
+
+def _assert_batchtopk_matches_reference(codes, smallest, leaves, k):
+    N, J = leaves[0].shape[0], leaves[1].shape[0]
+    ref_leaves = [t.detach().clone().requires_grad_(True) for t in leaves]
+    z, want_smallest = ref.batchtopk_activation(ref.pre_activations(*ref_leaves), k)
+    assert_close(codes.to_dense(), z.reshape(N, -1), atol=1e-5, rtol=1e-5)
+    assert_close(smallest, want_smallest, atol=1e-5, rtol=1e-5)
+    weights = rand(N, z.shape[1] * z.shape[2], device=z.device)
+    grads = torch.autograd.grad((codes.to_dense() * weights).sum(), leaves)
+    ref_grads = torch.autograd.grad((z.reshape(N, -1) * weights).sum(), ref_leaves)
+    for name, got, want in zip(("x", "W_enc", "b_enc", "b_dec"), grads, ref_grads):
+        assert_close(got, want, atol=1e-5, rtol=1e-4, msg=f"grad {name}")
+    assert J == z.shape[1]
+
+
+def _uneven_rows(N, D, device, spread=3.0):
+    """Rows whose norms differ: the batch top-N·k gives the large rows many more than k latents."""
+    return rand(N, D, device=device) * torch.linspace(0.2, spread, N, device=device).unsqueeze(1)
+
+
+@pytest.mark.parametrize(("backend", "device"), FUSED)
+def test_batchtopk_default_capacity_grows_after_an_overflow_without_a_warning(backend, device, monkeypatch):
+    """The old default (a fixed 4k candidates) warned and ran fused + dense on every such batch; now one batch runs
+    the dense path, silently, and the next ones run fused on the grown capacity, exact all along."""
+    monkeypatch.setattr(ops.encode, "_capacity_warned", False)
+    monkeypatch.setattr(ops.encode, "_DENSE_FRACTION", 1)  # (this M is small: keep every capacity fused)
+    spy = _PathSpy(monkeypatch)
+    N, J, M, D, k = 16, 2, 64, 12, 2
+    W_enc, b_enc, _, b_dec = random_stack(J, M, D, seed=5, device=device)
+    x = _uneven_rows(N, D, device)
+    start = ops.encode.BATCHTOPK_CAPACITY * k
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for call in range(3):
+            leaves = [t.clone().requires_grad_(True) for t in (x, W_enc, b_enc, b_dec)]
+            codes, smallest, _ = ops.batchtopk_encode(*leaves, k, backend=backend)
+            _assert_batchtopk_matches_reference(codes, smallest, leaves, k)
+            if call == 0:
+                assert spy.dense == 1, "the first batch must overflow the starting capacity"
+                need = codes.k  # the dense codes are packed to the most latents a row kept
+                assert need > start
+            else:  # fused, on candidates with room for the need
+                assert spy.dense == 1 and spy.fused == call + 1
+                assert codes.k >= 1.5 * need and codes.k > start
+
+
+@pytest.mark.parametrize(("backend", "device"), FUSED)
+def test_batchtopk_grown_capacity_shrinks_back_and_runs_dense_past_its_limit(backend, device, monkeypatch):
+    monkeypatch.setattr(ops.encode, "_CAPACITY_WINDOW", 2)
+    spy = _PathSpy(monkeypatch)
+    N, J, M, D, k = 16, 2, 64, 12, 2
+    W_enc, b_enc, _, b_dec = random_stack(J, M, D, seed=5, device=device)
+    start = ops.encode.BATCHTOPK_CAPACITY * k
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ops.batchtopk_encode(_uneven_rows(N, D, device), W_enc, b_enc, b_dec, k, backend=backend)
+        assert (spy.dense, spy.fused) == (1, 1)
+        # grown past M/16 candidates: the dense path runs directly, no fused attempt first
+        same = rand(1, D, device=device).expand(N, D)  # identical rows: each keeps exactly k latents
+        for _ in range(2):
+            leaves = [t.clone().requires_grad_(True) for t in (same, W_enc, b_enc, b_dec)]
+            codes, smallest, _ = ops.batchtopk_encode(*leaves, k, backend=backend)
+            _assert_batchtopk_matches_reference(codes, smallest, leaves, k)
+        assert (spy.dense, spy.fused) == (3, 1)
+        # the window (2 calls) needed k candidates per row: back to the start, fused again
+        leaves = [t.clone().requires_grad_(True) for t in (same, W_enc, b_enc, b_dec)]
+        codes, smallest, _ = ops.batchtopk_encode(*leaves, k, backend=backend)
+        assert (spy.dense, spy.fused) == (3, 2) and codes.k == start
+        _assert_batchtopk_matches_reference(codes, smallest, leaves, k)
+
+
+@pytest.mark.parametrize(("backend", "device"), FUSED)
+def test_threshold_encode_default_capacity_grows_without_a_warning(backend, device, monkeypatch):
+    monkeypatch.setattr(ops.encode, "_capacity_warned", False)
+    monkeypatch.setattr(ops.encode, "BATCHTOPK_CAPACITY", 1)  # a start the rows below overflow
+    monkeypatch.setattr(ops.encode, "_DENSE_FRACTION", 1)
+    spy = _PathSpy(monkeypatch)
+    N, J, M, D, k = 14, 3, 36, 12, 3
+    W_enc, b_enc, _, b_dec = random_stack(J, M, D, seed=11, device=device)
+    x = rand(N, D, device=device)
+    pre = ref.pre_activations(x, W_enc, b_enc, b_dec)
+    threshold = pre.transpose(0, 1).reshape(J, -1).quantile(1 - k / M, dim=-1).clamp_min(0)[:, None].expand(J, M)
+    want = ref.threshold_activation(pre, threshold).reshape(N, J * M)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        first = ops.threshold_encode(x, W_enc, b_enc, b_dec, threshold, k, backend=backend)
+        second = ops.threshold_encode(x, W_enc, b_enc, b_dec, threshold, k, backend=backend)
+    assert spy.fused == 2
+    assert first.k != k and second.k > k  # the first fell back (dense packing), the second ran on grown candidates
+    for codes in (first, second):
+        assert_close(codes.to_dense(), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("backend", "device"), FUSED)
+def test_batchtopk_training_on_uneven_rows_does_not_warn(backend, device, monkeypatch):
+    """Ordinary training (default capacity) on activations whose norms vary: no capacity warning (the old default
+    warned at the first step), at most one batch that ran both paths, and the model the torch backend trains."""
+    import saefast as sf
+
+    overflows = []
+    grow = ops.encode._AdaptiveCapacity.overflowed
+    monkeypatch.setattr(ops.encode._AdaptiveCapacity, "overflowed",
+                        lambda self, need, k: overflows.append(need) or grow(self, need, k))
+    cfg = sf.SAEConfig(d_in=16, n_latents=256, k=2, activation="batchtopk")
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(32, 16, generator=g) * torch.randn(32, 1, generator=g).exp()).to(device)
+               for _ in range(4)]
+    models = {}
+    for name in (backend, "torch"):
+        models[name] = sf.SAE(cfg, seed=0).to(device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            sf.train(models[name], batches, steps=4, backend=name, progress=False)
+    assert len(overflows) == 1, overflows
+    for (key, got), want in zip(models[backend].state_dict().items(), models["torch"].state_dict().values()):
+        assert_close(got, want, atol=1e-4, rtol=1e-4, msg=key)
+
+
+# ------------------------------------------------------------------------------------------------------
 # JumpReLU on every fused backend (every entry above θ − ε/2 + exact fallback)
 # ------------------------------------------------------------------------------------------------------
 

@@ -5,6 +5,8 @@ aligned with their examples, a per-token layer, bad configuration."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from torch import nn
 
 import saefast as sf
 from saefast import sharpen
+from saefast.interrupts import Interrupted
 
 
 def blobs(n: int, classes: int = 3, d: int = 8, seed: int = 0):
@@ -137,3 +140,86 @@ def test_saeception_bad_configuration():
         runner._activations(runner.train_split)
     with pytest.raises(ValueError, match="either"):
         sharpen.SAECeption(MLP(), cfg, blobs(30), blobs(30), config=sharpen.SharpenConfig(), cycles=1)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Interrupting and resuming (the command line, with real signals to a subprocess: tests/cli/test_interrupts.py)
+# ------------------------------------------------------------------------------------------------------
+
+
+class DropoutMLP(MLP):
+    """:class:`helpers.MLP` with dropout after the hooked layer: its training draws on torch's global RNG."""
+
+    def __init__(self):
+        super().__init__()
+        self.drop = nn.Dropout(0.3)
+
+    def forward(self, x):
+        return self.out(self.drop(self.act1(self.fc1(x))))
+
+
+def test_saeception_stopped_mid_cycle_resumes_to_the_uninterrupted_results(tmp_path):
+    """A real SIGINT during cycle 1's first task batch abandons cycle 1; resuming (from a fresh model and RNG state)
+    gives the uninterrupted run's history, SAEs, masks and model, exactly."""
+    cfg = sf.SAEConfig(d_in=16, n_latents=48, activation="relu", l1_coef=1e-3)
+    data = dict(train=blobs(120), test=blobs(60, seed=1))
+    options = dict(cycles=2, **SMALL)
+    torch.manual_seed(0)
+    full = sharpen.SAECeption(DropoutMLP(), cfg, **data, out=tmp_path / "full", **options)
+    history = full.run()
+
+    out = tmp_path / "stopped"
+    torch.manual_seed(0)
+    model = DropoutMLP()
+    hooks = []
+
+    def signal_once(module, args):
+        hooks.pop().remove()
+        os.kill(os.getpid(), signal.SIGINT)
+
+    def arm_after_cycle_0(record):
+        if record["cycle"] == 0:
+            hooks.append(model.register_forward_pre_hook(signal_once))
+
+    runner = sharpen.SAECeption(model, cfg, **data, out=out, log=arm_after_cycle_0, **options)
+    with pytest.raises(Interrupted) as info:
+        runner.run()
+    assert info.value.exit_status == 130 and info.value.saved == f"cycle 0 in {out}" and not hooks
+    assert len(json.loads((out / "history.json").read_text())["history"]) == 1
+    assert (out / "cycle_0" / "model.safetensors").is_file() and not (out / "cycle_1").exists()
+
+    torch.manual_seed(123)  # another init and RNG state: the saved ones replace them
+    again = sharpen.SAECeption(DropoutMLP(), cfg, **data, out=out, resume=True, **options)
+    assert again.run() == history
+    for name, tensor in full.model.state_dict().items():
+        assert torch.equal(again.model.state_dict()[name], tensor), name
+    for mine, theirs in zip(again.saes, full.saes, strict=True):
+        assert torch.equal(mine.W_dec, theirs.W_dec) and torch.equal(mine.b_enc, theirs.b_enc)
+    assert all(torch.equal(a, b) for a, b in zip(again.masks, full.masks, strict=True))
+    # only the last cycle keeps the model (and RNG) state: what a resume needs, and the sharpened model
+    assert sorted(p.parent.name for p in out.glob("cycle_*/model.safetensors")) == ["cycle_2"]
+
+
+def test_saeception_refuses_to_overwrite_or_resume_the_wrong_run(tmp_path):
+    cfg = sf.SAEConfig(d_in=16, n_latents=48, k=4)
+    data = dict(train=blobs(60), test=blobs(30, seed=1))
+    small = {**SMALL, "epochs": 1, "sae_steps": 5}
+    sharpen.SAECeption(MLP(), cfg, **data, out=tmp_path / "run", cycles=0, **small).run()
+    with pytest.raises(ValueError, match=r"already holds a sharpen run .*resume=True"):
+        sharpen.SAECeption(MLP(), cfg, **data, out=tmp_path / "run", cycles=0, **small).run()
+    with pytest.raises(ValueError, match=r"nothing to resume: .*empty holds no completed sharpen cycle"):
+        sharpen.SAECeption(MLP(), cfg, **data, out=tmp_path / "empty", resume=True, **small).run()
+    with pytest.raises(ValueError, match="pass out="):
+        sharpen.SAECeption(MLP(), cfg, **data, resume=True)
+    with pytest.raises(ValueError, match=r"other settings \(lr: saved 0.01, requested 0.02; sae.k: saved 4, "
+                                         r"requested 5\)"):
+        sharpen.SAECeption(MLP(), sf.SAEConfig(d_in=16, n_latents=48, k=5), **data, out=tmp_path / "run",
+                           resume=True, **{**small, "lr": 2e-2}).run()
+    with pytest.raises(ValueError, match=r"data \(SHA-256 of the splits\): saved '[0-9a-f]{64}'"):
+        sharpen.SAECeption(MLP(), cfg, train=blobs(60, seed=5), test=data["test"], out=tmp_path / "run",
+                           resume=True, **small).run()
+    with pytest.raises(ValueError, match="top_n must be a positive int"):
+        sharpen.SharpenConfig(top_n=0)
+    # more cycles extend a finished run
+    runner = sharpen.SAECeption(MLP(), cfg, **data, out=tmp_path / "run", resume=True, cycles=1, **small)
+    assert [row["cycle"] for row in runner.run()] == [0, 1]

@@ -1,11 +1,14 @@
 """Resuming training from its checkpoints (saefast.training.trainer with saefast.models.checkpoint): a run stopped
 and resumed in a new model ends bit for bit where the uninterrupted run ends — SAEs of every activation, bagging,
-boosting across a stage boundary, bootstrap bagging, multi-chain boosting — and a checkpoint of another model or
-other options is refused; and training on the CPU is deterministic."""
+boosting across a stage boundary, bootstrap bagging, multi-chain boosting, after a SIGINT/SIGTERM or a crash — and a
+checkpoint of another model or other options is refused, naming each difference; and training on the CPU is
+deterministic."""
 
 from __future__ import annotations
 
 import functools
+import os
+import signal
 
 import pytest
 from helpers import ACTS, KINDS, make, quiet, state_equal
@@ -13,6 +16,8 @@ from helpers import cfg_for as _cfg_for
 from helpers import data as _data
 
 import saefast as sf
+from saefast.interrupts import Interrupted
+from saefast.models.checkpoint import read_config
 
 cfg_for = functools.partial(_cfg_for, d_in=7, n_latents=12, k=2)
 mode_cfg = functools.partial(_cfg_for, d_in=8, n_latents=12, k=2)  # the sizes of tests/models/test_ensemble_modes.py
@@ -105,9 +110,39 @@ def test_resume_without_checkpoint_starts_fresh(tmp_path):
 def test_resume_rejects_a_different_model(tmp_path):
     batches = [data(16, 7, seed=s) for s in range(2)]
     sf.train(sf.SAE(cfg_for("topk"), seed=1), batches, steps=2, checkpoint_dir=str(tmp_path), **quiet())
-    with pytest.raises(ValueError, match="different model"):
+    with pytest.raises(ValueError, match="different model: config.activation: 'topk' in the checkpoint, 'relu' now"):
         sf.train(sf.SAE(cfg_for("relu"), seed=1), batches, steps=2, checkpoint_dir=str(tmp_path), resume=True,
                  **quiet())
+
+
+def test_resume_names_each_changed_setting_and_its_two_values(tmp_path):
+    batches = [data(16, 7, seed=s) for s in range(4)]
+    with pytest.warns(UserWarning, match="stopped early"):
+        sf.train(sf.SAE(cfg_for("topk"), seed=1), iter(batches[:2]), steps=4, lr=1e-2, checkpoint_dir=str(tmp_path),
+                 checkpoint_every=1, **quiet())
+    with pytest.raises(ValueError, match=r"lr: 0.01 in the checkpoint, 0.001 now; decay: 'linear' in the "
+                                         r"checkpoint, 'cosine' now; resume with"):
+        sf.train(sf.SAE(cfg_for("topk"), seed=1), batches, steps=4, lr=1e-3, decay="cosine",
+                 checkpoint_dir=str(tmp_path), resume=True, **quiet())
+    with pytest.raises(ValueError, match="different model: seeds: \\[1\\] in the checkpoint, \\[2\\] now"):
+        sf.train(sf.SAE(cfg_for("topk"), seed=2), batches, steps=4, lr=1e-2, checkpoint_dir=str(tmp_path),
+                 resume=True, **quiet())
+    with pytest.raises(ValueError, match="steps: 4 in the checkpoint, 6 now"):  # the schedule depends on steps
+        sf.train(sf.SAE(cfg_for("topk"), seed=1), batches, steps=6, lr=1e-2, checkpoint_dir=str(tmp_path),
+                 resume=True, **quiet())
+
+
+def test_resume_never_extends_a_finished_run_silently(tmp_path):
+    batches = [data(16, 7, seed=s) for s in range(4)]
+    sae = sf.SAE(cfg_for("topk"), seed=1)
+    history = sf.train(sae, batches, steps=3, checkpoint_dir=str(tmp_path), **quiet())
+    with pytest.raises(ValueError, match="finished all its 3 steps; it cannot be extended to steps=5"):
+        sf.train(sf.SAE(cfg_for("topk"), seed=1), batches, steps=5, checkpoint_dir=str(tmp_path), resume=True,
+                 **quiet())
+    # The same steps: nothing left to train, the finished weights and history come back unchanged.
+    again = sf.SAE(cfg_for("topk"), seed=1)
+    assert sf.train(again, batches, steps=3, checkpoint_dir=str(tmp_path), resume=True, **quiet()) == history
+    state_equal(again, sae)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -128,10 +163,10 @@ def test_resume_refuses_to_switch_bootstrap(tmp_path):
     with pytest.warns(UserWarning, match="stopped early"):
         sf.train(sf.Ensemble.bagging(cfg, members=2), iter(batches[:2]), steps=4, checkpoint_dir=str(tmp_path),
                  checkpoint_every=2, bootstrap=True, **quiet())
-    with pytest.raises(ValueError, match="bootstrap=True"):
+    with pytest.raises(ValueError, match="bootstrap: True in the checkpoint, False now"):
         sf.train(sf.Ensemble.bagging(cfg, members=2), batches, steps=4, checkpoint_dir=str(tmp_path),
                  resume=True, **quiet())
-    with pytest.raises(ValueError, match="seed=0"):
+    with pytest.raises(ValueError, match="seed: 0 in the checkpoint, 1 now"):
         sf.train(sf.Ensemble.bagging(cfg, members=2), batches, steps=4, checkpoint_dir=str(tmp_path),
                  resume=True, bootstrap=True, seed=1, **quiet())
 
@@ -172,3 +207,63 @@ def test_training_is_deterministic_on_cpu(kind):
         runs.append((model, hist))
     state_equal(runs[0][0], runs[1][0])
     assert runs[0][1] == runs[1][1]
+
+
+# ------------------------------------------------------------------------------------------------------
+# Signals and periodic checkpoints (the CLI's real-signal tests: tests/cli/test_cli_robustness.py)
+# ------------------------------------------------------------------------------------------------------
+
+
+def _signal_at(batches, index, signum):
+    """The batches, sending ``signum`` to this process while batch ``index`` is being handed out."""
+    for i, batch in enumerate(batches):
+        if i == index:
+            os.kill(os.getpid(), signum)
+        yield batch
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_finishes_the_step_saves_and_resumes_to_the_same_model(tmp_path, signum):
+    cfg = mode_cfg("topk", dead_after_tokens=16)
+    batches = [data(16, 8, seed=90 + s, offset=0.4) for s in range(6)]
+    full = sf.Ensemble.bagging(cfg, members=2, seed=3)
+    sf.train(full, batches, steps=6, lr=1e-2, log_every=1, **quiet())
+    with pytest.raises(Interrupted) as stop:  # no checkpoint_every: the signal alone makes the checkpoint
+        sf.train(sf.Ensemble.bagging(cfg, members=2, seed=3), _signal_at(batches, 2, signum), steps=6, lr=1e-2,
+                 log_every=1, checkpoint_dir=str(tmp_path), checkpoint_minutes=0, **quiet())
+    assert stop.value.exit_status == 128 + signum
+    assert f"checkpoint at step 3 of 6 saved in {tmp_path}" in str(stop.value)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are restored
+    resumed = sf.Ensemble.bagging(cfg, members=2, seed=3)
+    sf.train(resumed, batches, steps=6, lr=1e-2, log_every=1, checkpoint_dir=str(tmp_path), resume=True, **quiet())
+    state_equal(resumed, full)
+
+
+def test_a_signal_without_checkpoint_dir_stops_after_the_step_saving_nothing():
+    cfg = cfg_for("topk")
+    batches = [data(16, 7, seed=s) for s in range(4)]
+    with pytest.raises(Interrupted) as stop:
+        sf.train(sf.SAE(cfg, seed=1), _signal_at(batches, 1, signal.SIGINT), steps=4, **quiet())
+    assert stop.value.saved == "" and isinstance(stop.value, KeyboardInterrupt)
+
+
+def test_periodic_checkpoints_in_wall_time_survive_a_crash(tmp_path):
+    cfg = cfg_for("topk")
+    batches = [data(16, 7, seed=s) for s in range(5)]
+    full = sf.SAE(cfg, seed=1)
+    sf.train(full, batches, steps=5, lr=1e-2, **quiet())
+
+    def crash_at(index):
+        for i, batch in enumerate(batches):
+            if i == index:
+                raise RuntimeError("simulated crash")
+            yield batch
+
+    # An interval of ~0 makes every step's checkpoint due; the crash (no save) loses only the step under way.
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        sf.train(sf.SAE(cfg, seed=1), crash_at(3), steps=5, lr=1e-2, checkpoint_dir=str(tmp_path),
+                 checkpoint_minutes=1e-9, **quiet())
+    assert read_config(tmp_path)["train_state"]["step"] == 3
+    resumed = sf.SAE(cfg, seed=1)
+    sf.train(resumed, batches, steps=5, lr=1e-2, checkpoint_dir=str(tmp_path), resume=True, **quiet())
+    state_equal(resumed, full)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ...files import atomic_write, read_versioned_json
+from ...validation import changed_fields
 
 FORMAT = "saefast-activations"
 VERSION = 1
@@ -224,17 +225,12 @@ def check_files(root: Path, manifest: dict[str, Any]) -> None:
                                  f"its header needs {int(np.prod(shape)) * dtype.itemsize}")
 
 
-def settings_differences(stored: dict[str, Any], wanted: dict[str, Any], prefix: str = "") -> list[str]:
-    """The leaves where ``wanted`` differs from ``stored`` (dotted keys), so a refusal names what changed."""
-    out = []
-    for key in sorted(set(stored) | set(wanted) if prefix else wanted):
-        name = f"{prefix}{key}"
-        have, want = stored.get(key, "<absent>"), wanted.get(key, "<absent>")
-        if isinstance(have, dict) and isinstance(want, dict):
-            out += settings_differences(have, want, f"{name}.")
-        elif have != want:
-            out.append(f"{name}: the store has {have!r}, this writer {want!r}")
-    return out
+def settings_differences(stored: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """The settings (dotted keys) where ``wanted`` differs from ``stored``, so a refusal names what changed; only
+    ``wanted``'s top-level keys count (the manifest holds more)."""
+    stored = {key: stored.get(key, "<absent>") for key in wanted}
+    return [f"{name}: the store has {have!r}, this writer {want!r}"
+            for name, have, want in changed_fields(stored, wanted)]
 
 
 def dump_manifest(manifest: dict[str, Any]) -> bytes:

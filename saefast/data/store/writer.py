@@ -8,6 +8,7 @@ moment leaves a valid manifest describing whole shards; files it does not list a
 from __future__ import annotations
 
 import copy
+import functools
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -247,7 +248,7 @@ def write_store(
     path: str | os.PathLike,
     x: torch.Tensor | dict[str, torch.Tensor],
     shard_tokens: int = 65536,
-    dtype: torch.dtype = torch.bfloat16,
+    dtype: torch.dtype | None = None,
     extras: dict[str, torch.Tensor] | None = None,
     metadata: dict | None = None,
     overwrite: bool = False,
@@ -255,7 +256,10 @@ def write_store(
     """Write in-memory activations to a complete store at ``path`` and open it (on the first hook).
 
     ``x`` is ``[n, d]`` (stored under the hook name ``"activations"``) or ``{hook: [n, d_hook]}``; ``extras``
-    are ``{name: [n]}`` columns stored in their own dtype. Every value is checked before anything is written.
+    are ``{name: [n]}`` columns stored in their own dtype. ``dtype`` is the storage dtype of the activations
+    (bfloat16, float16 or float32); None keeps the input's (float64 is stored as float32, the widest a store
+    holds; hooks of different dtypes are stored in their promoted dtype), so nothing is rounded unless asked.
+    Every value is checked before anything is written.
     A directory that already holds a store raises :class:`StoreError` unless ``overwrite=True``.
     """
     acts = {SINGLE_HOOK: x} if isinstance(x, torch.Tensor) else x
@@ -280,6 +284,9 @@ def write_store(
         if tensor.dim() != 1 or tensor.dtype not in EXTRA_DTYPES.values():
             raise ValueError(f"extra {name!r} must be a [n] tensor of one of {sorted(EXTRA_DTYPES)}, "
                              f"got {tuple(tensor.shape)} {tensor.dtype}")
+    if dtype is None:
+        dtype = functools.reduce(torch.promote_types, (tensor.dtype for tensor in acts.values()))
+        dtype = torch.float32 if dtype == torch.float64 else dtype
     if dtype not in STORE_DTYPES.values():
         raise ValueError(f"dtype must be one of {sorted(STORE_DTYPES)}, got {dtype}")
     n = next(iter(acts.values())).shape[0]
