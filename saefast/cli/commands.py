@@ -213,7 +213,7 @@ def run_train(args: argparse.Namespace) -> int:
         now = {"data": str(data), "hook": store.hook, "batch_size": options["batch_size"],
                "data_seed": options["data_seed"]}
         changed = differences({key: previous[key] for key in DATA_FIELDS if key in previous},
-                              {key: now[key] for key in DATA_FIELDS if key in previous})
+                              {key: now[key] for key in DATA_FIELDS if key in previous}, where="the run")
         if changed:
             raise CLIError(f"--resume: {out} was trained with other data settings: {'; '.join(changed)}")
     latents = options["latents"] or 4 * store.d

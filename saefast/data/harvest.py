@@ -279,7 +279,8 @@ def _harvest(model: nn.Module, out: str | os.PathLike, names: list[str], tokens:
     if done >= tokens:  # interrupted between the last shard and finish(), or written with a larger budget
         if done > tokens:
             warnings.warn(f"{out} already holds {done} tokens from an interrupted harvest with a larger budget; "
-                          f"keeping all {done} (> tokens={tokens})", stacklevel=2)
+                          f"keeping all {done} (> tokens={tokens}): the store is complete with more tokens than "
+                          f"asked. To get exactly {tokens}, harvest into another directory", stacklevel=2)
         writer.finish()
         return ActivationStore(out, hook=names[0])
 

@@ -78,9 +78,9 @@ def _prepare(x: torch.Tensor, model: SparseDictionary, where: str) -> torch.Tens
     return to_device(x, model.W_enc.device, torch.float32)
 
 
-def differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """``"name: <saved> in the checkpoint, <now> now"`` for every field (nested ones as ``a.b``) that differs."""
-    return [f"{name}: {old!r} in the checkpoint, {new!r} now" for name, old, new in changed_fields(saved, now)]
+def differences(saved: dict[str, Any], now: dict[str, Any], where: str = "the checkpoint") -> list[str]:
+    """``"name: <saved> in <where>, <now> now"`` for every field (nested ones as ``a.b``) that differs."""
+    return [f"{name}: {old!r} in {where}, {new!r} now" for name, old, new in changed_fields(saved, now)]
 
 
 def _signature(model: SparseDictionary) -> dict[str, Any]:
@@ -225,7 +225,10 @@ class _Trainer:
             try:
                 raw = stream.next()
             except DataExhausted as err:
-                warnings.warn(f"training stopped early at stage {stage}, step {step}: {err}", stacklevel=3)
+                warnings.warn(f"training stopped early at stage {stage}, step {step} of {cfg.steps}: {err}. The model "
+                              f"has only those steps, and the learning rate never reached its decay; give a "
+                              f"re-iterable source (a list, store.batches(..., epochs=None)) or fewer steps",
+                              stacklevel=3)
                 return False
             x = _prepare(raw, model, where=f"batch {stream.consumed - 1}")
             x_in = model.stage_input(x, stage, self.backend)

@@ -118,7 +118,7 @@ def test_resume_means_what_it_says(store, tmp_path, capsys):
     assert _train(store, run, "--resume", "--latents", "40") == 2
     assert "config.n_latents: 32 in the checkpoint, 40 now" in capsys.readouterr().err
     assert _train(store, run, "--resume", "--data-seed", "3") == 2
-    assert "data_seed: 0 in the checkpoint, 3 now" in capsys.readouterr().err
+    assert "data_seed: 0 in the run, 3 now" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -82,7 +82,10 @@ def test_a_one_shot_iterator_that_runs_out_stops_with_a_warning(data):
         warnings.simplefilter("always")
         history = sf.train(sae, iter(data.batches(3, 64)), steps=10, log_every=1, progress=False)
     assert len(history) == 3
-    assert any("ran out after 3 batches" in str(w.message) for w in caught)
+    messages = [str(w.message) for w in caught if "stopped early" in str(w.message)]
+    assert len(messages) == 1  # once; what happened, what it costs, what to change
+    assert "stage 0, step 3 of 10: the batch iterator ran out after 3 batches" in messages[0]
+    assert "the learning rate never reached its decay" in messages[0] and "re-iterable source" in messages[0]
 
 
 def test_a_source_that_counts_its_own_epochs_stops_with_a_warning(data):
