@@ -1,6 +1,6 @@
 # saefast — the two commands of the README.
 #   make demo : set up, then train a single SAE, a bagging and a boosting ensemble and print the table
-#   make test : set up, then run the tests
+#   make test : set up, then run the tests, the docs' examples and the strict docs build (make docs: the site alone)
 # Set-up installs the exact versions in constraints.txt (the ones the suite last passed with), so that a new release
 # on the package index cannot break a fresh clone. `make upgrade-deps` moves those pins to the newest releases that
 # pyproject.toml's ranges allow, and keeps them only if the suite passes on them.
@@ -15,11 +15,12 @@ BUILD_TOOLS ?= setuptools ninja
 CONSTRAINTS ?= constraints.txt
 PIP_INSTALL = $(BIN)/pip install --quiet $(if $(CONSTRAINTS),--constraint $(CONSTRAINTS))
 DEMO_OUT ?= demo_out
+SITE_DIR ?= site
 UPGRADE_VENV ?= .venv-upgrade
 # torch.utils.cpp_extension looks for the ninja binary on PATH (parallel, incremental builds of the extension).
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup demo test lint check-wheel upgrade-deps clean
+.PHONY: setup demo test docs docs-serve lint check-wheel upgrade-deps clean
 
 setup: $(VENV)/.installed
 
@@ -41,6 +42,16 @@ test: setup
 	$(BIN)/python -m pytest -q
 	# the pytest-benchmark modules under bench/, on the tiny preset, each case once (its guard included)
 	SAEFAST_BENCH_PRESET=tiny $(BIN)/python -m pytest -q bench --benchmark-disable
+	# the documentation site: strict, so a broken link, reference or docstring warning fails (examples: tests/test_docs.py)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir $(SITE_DIR)
+
+# The documentation site from docs/ and the docstrings, into site/ (open site/index.html; it works from file://).
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir $(SITE_DIR)
+
+# Serve it at http://127.0.0.1:8000, rebuilt on every change.
+docs-serve: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
 
 lint: setup
 	$(BIN)/ruff check saefast kernels tests bench experiments
@@ -64,4 +75,4 @@ upgrade-deps:
 	@echo "constraints.txt updated; 'git diff constraints.txt' shows what moved."
 
 clean:
-	rm -rf $(VENV) $(UPGRADE_VENV) build *.egg-info $(DEMO_OUT)
+	rm -rf $(VENV) $(UPGRADE_VENV) build *.egg-info $(DEMO_OUT) $(SITE_DIR)

@@ -11,6 +11,9 @@ deviation over seeds of each metric per cycle and target.
 Runs made in parallel (one process per seed or target group) are combined afterwards, without retraining:
 
     python experiments/sharpen_replication.py --merge part1.json part2.json --json combined.json
+
+``--plot PNG`` draws the table (mean ± std over the seeds against the cycle, one line per target), also from
+saved results: ``--merge experiments/results/sharpen_digits.json --plot docs/images/sharpen_digits.png``.
 """
 
 from __future__ import annotations
@@ -53,7 +56,38 @@ def summary(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def merge(paths: list[str], out: str | None) -> None:
+PLOTTED = ["test_accuracy", "ari", "silhouette_labels", "silhouette_argmax", "uncertainty", "csi"]
+"""The metrics of :func:`plot`, a panel each."""
+
+
+def plot(runs: list[dict], path: str, title: str) -> None:
+    """PNG of each :data:`PLOTTED` metric against the cycle: per target, the mean over the seeds with a ± std band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    titles = {key: name for key, name, _ in SHOWN}
+    fig, axes = plt.subplots(2, 3, figsize=(11, 6), constrained_layout=True)
+    for ax, key in zip(axes.flat, PLOTTED):
+        for target in dict.fromkeys(run["target"] for run in runs):
+            histories = [run["history"] for run in runs if run["target"] == target]
+            cycles = list(range(len(histories[0])))
+            values = [[h[c][key] for h in histories] for c in cycles]
+            mean = [statistics.mean(v) for v in values]
+            std = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
+            ax.plot(cycles, mean, marker="o", label=target)
+            ax.fill_between(cycles, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.15)
+        ax.set_title(titles[key])
+        ax.set_xlabel("cycle")
+        ax.set_xticks(cycles)
+    axes.flat[0].legend(title="target")
+    fig.suptitle(title)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def merge(paths: list[str], out: str | None, plot_path: str | None = None) -> None:
     """Concatenate the runs of several result files of one task (sorted by target, then seed) and print the summary;
     the commits, torch versions and thread counts of the parts are kept per run."""
     import json
@@ -65,8 +99,10 @@ def merge(paths: list[str], out: str | None) -> None:
     runs = []
     for path, part in zip(paths, parts):
         for run in part["runs"]:
-            runs.append({**run, "commit": part["commit"], "torch": part["torch"], "threads": part["threads"],
-                         "source": Path(path).name})
+            # (a merged file keeps these per run already)
+            kept = {"commit": part["commit"], "torch": part.get("torch"), "threads": part.get("threads"),
+                    "source": Path(path).name}
+            runs.append({**run, **{key: run.get(key, value) for key, value in kept.items()}})
     seen = [(run["target"], run["seed"]) for run in runs]
     if len(seen) != len(set(seen)):
         raise SystemExit("--merge: some (target, seed) run appears twice")
@@ -74,8 +110,13 @@ def merge(paths: list[str], out: str | None) -> None:
     runs.sort(key=lambda run: (order[run["target"]], run["seed"]))
     table = summary(runs)
     print(table)
-    write_json({"task": tasks.pop(), "commit": sorted({run["commit"] for run in runs}), "runs": runs,
-                "table": table}, out)
+    task = tasks.pop()
+    if out:
+        write_json({"task": task, "commit": sorted({run["commit"] for run in runs}), "runs": runs, "table": table},
+                   out)
+    if plot_path:
+        seeds = sorted({run["seed"] for run in runs})
+        plot(runs, plot_path, f"SAE-ception on {task}: mean ± std over seeds {', '.join(map(str, seeds))}")
 
 
 def main() -> None:
@@ -86,9 +127,10 @@ def main() -> None:
     parser.add_argument("--json", help="write every run's history here")
     parser.add_argument("--merge", nargs="+", metavar="FILE",
                         help="combine the runs of these JSON files (of one task) instead of running")
+    parser.add_argument("--plot", metavar="PNG", help="draw the metrics against the cycle, per target, here")
     args = parser.parse_args()
     if args.merge:
-        merge(args.merge, args.json)
+        merge(args.merge, args.json, args.plot)
         return
     revision = commit()  # of the code that runs, before anything can change the checkout
     runs = []
@@ -102,6 +144,8 @@ def main() -> None:
             print(f"{args.task} target={target} seed={seed}: {runs[-1]['seconds']:.0f} s", file=sys.stderr, flush=True)
     table = summary(runs)
     print(table)
+    if args.plot:
+        plot(runs, args.plot, f"SAE-ception on {args.task}")
     write_json({"task": args.task, "commit": revision, "torch": torch.__version__, "threads": torch.get_num_threads(),
                 "runs": runs, "table": table}, args.json)
 

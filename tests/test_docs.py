@@ -1,11 +1,11 @@
-"""The documentation's examples run: every ```python block of README.md and bench/README.md, each in a fresh
-interpreter, and every `saefast ...` line of a ```bash block parses with the real command-line parser.
+"""The documentation's examples run: every ```python block of README.md, bench/README.md and the pages of docs/ —
+the blocks of one file in order, as one script in a fresh interpreter (a page reads top to bottom, like a
+notebook) — and every `saefast ...` line of a ```bash block parses with the real command-line parser.
 
-README.md has one set-up block (:data:`PREAMBLE`, shown in the README at the start of its API section): every
-Python block after it in README.md runs after it; the blocks before it (and those of bench/README.md) stand alone.
-Blocks run in a temporary working directory, with tracebacks that name the README file and its own line numbers.
-Fences that are not meant to run say so with their language (``text``, ``console``, ``bash``); an unlabelled or
-unknown fence fails, so that an example cannot silently stop being run.
+Files run in a temporary working directory; a traceback names the markdown file and the line there. Fences that
+are not meant to run say so with their language (``text``, ``console``, ``bash``); an unlabelled or unknown fence
+fails, so that an example cannot silently stop being run. (The site itself: ``mkdocs build --strict`` in
+``make test``.)
 """
 
 from __future__ import annotations
@@ -23,25 +23,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = (ROOT / "README.md", ROOT / "bench" / "README.md")
-
-PREAMBLE = """\
-import torch
-import saefast as sf
-from saefast.data.synthetic import SyntheticSparseData
-
-data = SyntheticSparseData(d_in=64, n_features=256, active=8, noise=0.01, seed=0)
-x, x_test = data.sample(4096), data.sample(1024)    # training rows and held-out rows, [N, d_in]
-batches = list(x.split(256))                        # any iterable of [N, d_in] tensors (or (x, y) tuples)
-cfg = sf.SAEConfig(d_in=64, n_latents=512, k=16)
-"""
-"""The set-up the README's examples assume; it must appear verbatim as a ```python block of README.md."""
+DOCS = (ROOT / "README.md", ROOT / "bench" / "README.md", *sorted((ROOT / "docs").rglob("*.md")))
 
 LANGUAGES = {"python", "bash", "console", "text"}
 """Fence languages the documentation may use: ``python`` runs, ``bash`` is parsed, the others are shown as is."""
 
-TIMEOUT_S = 240
-"""Per block: a hang guard. The blocks are sized to take seconds (the harvest example loads SmolLM2: ~30 s)."""
+TIMEOUT_S = 300
+"""Per file: a hang guard. The examples are sized to take seconds (the harvest guide loads SmolLM2: ~30 s)."""
 
 FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<ticks>`{3,})(?P<lang>[^`\s]*)\s*$")
 
@@ -83,20 +71,12 @@ def fenced_blocks(path: Path) -> list[Block]:
 
 
 ALL_BLOCKS = [block for path in DOCS for block in fenced_blocks(path)]
-PYTHON_BLOCKS = [block for block in ALL_BLOCKS if block.lang == "python"]
+PYTHON_FILES = [path for path in DOCS if any(block.lang == "python" for block in fenced_blocks(path))]
 BASH_BLOCKS = [block for block in ALL_BLOCKS if block.lang == "bash"]
 
 
-def _preamble_line() -> int | None:
-    """The README.md line of the set-up block, or None when it is missing (test_preamble_is_shown says so)."""
-    for block in PYTHON_BLOCKS:
-        if block.path == DOCS[0] and block.code == PREAMBLE:
-            return block.line
-    return None
-
-
 def test_the_documentation_has_examples():
-    assert len([block for block in PYTHON_BLOCKS if block.path == DOCS[0]]) >= 5
+    assert ROOT / "README.md" in PYTHON_FILES and len(PYTHON_FILES) >= 6
 
 
 def test_every_fence_names_a_known_language():
@@ -104,47 +84,40 @@ def test_every_fence_names_a_known_language():
     assert not bad, f"fences must be one of {sorted(LANGUAGES)} (```python runs, ```text does not): {bad}"
 
 
-def test_preamble_is_shown_in_the_readme():
-    assert _preamble_line() is not None, "README.md must show tests/test_readme.py's PREAMBLE as a ```python block"
-
-
 RUNNER = """\
 import json, sys
-spec = json.load(open(sys.argv[1], encoding="utf-8"))
+blocks = json.load(open(sys.argv[1], encoding="utf-8"))
 namespace = {"__name__": "__main__"}
-if spec["preamble"] is not None:
-    exec(compile(spec["preamble"], "<README.md set-up block>", "exec"), namespace)
-# Padding with blank lines makes a traceback name the README and the example's own line there.
-exec(compile("\\n" * (spec["line"] - 1) + spec["code"], spec["path"], "exec"), namespace)
+for block in blocks:
+    # Padding with blank lines makes a traceback name the markdown file and the example's own line there.
+    exec(compile("\\n" * (block["line"] - 1) + block["code"], block["path"], "exec"), namespace)
 """
 
 
-@pytest.mark.parametrize("block", PYTHON_BLOCKS, ids=[block.where for block in PYTHON_BLOCKS])
-def test_python_example_runs(block: Block, tmp_path: Path):
-    preamble_line = _preamble_line()
-    preamble = None
-    if block.path == DOCS[0] and preamble_line is not None and block.line > preamble_line:
-        preamble = PREAMBLE
-    spec = tmp_path / "block.json"
-    spec.write_text(json.dumps({"path": str(block.path), "line": block.line, "code": block.code,
-                                "preamble": preamble}))
+@pytest.mark.parametrize("path", PYTHON_FILES, ids=[str(path.relative_to(ROOT)) for path in PYTHON_FILES])
+def test_python_examples_run(path: Path, tmp_path: Path):
+    blocks = [{"path": str(block.path), "line": block.line, "code": block.code}
+              for block in fenced_blocks(path) if block.lang == "python"]
+    spec = tmp_path / "blocks.json"
+    spec.write_text(json.dumps(blocks))
     work = tmp_path / "cwd"
     work.mkdir()
     # One thread: the examples are tiny, and on a busy machine (2 shared cores in CI) OpenMP's waiting threads
     # made their steps up to 40x slower with two. Set OMP_NUM_THREADS to run them otherwise.
     env = {"OMP_NUM_THREADS": "1", **os.environ, "MPLBACKEND": "Agg"}
+    where = path.relative_to(ROOT)
     try:
         result = subprocess.run([sys.executable, "-c", RUNNER, str(spec)], cwd=work, env=env, capture_output=True,
                                 text=True, timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        pytest.fail(f"{block.where}: the example did not finish within {TIMEOUT_S} s")
+        pytest.fail(f"{where}: the examples did not finish within {TIMEOUT_S} s")
     if result.returncode != 0:
         tail = "\n".join((result.stdout + result.stderr).splitlines()[-40:])
-        pytest.fail(f"{block.where}: the example failed (exit status {result.returncode}):\n{tail}", pytrace=False)
+        pytest.fail(f"{where}: an example failed (exit status {result.returncode}):\n{tail}", pytrace=False)
 
 
 def _saefast_lines(block: Block) -> list[tuple[int, list[str]]]:
-    """``(README line, argv after 'saefast')`` of each command line of a bash block that runs saefast."""
+    """``(file line, argv after 'saefast')`` of each command line of a bash block that runs saefast."""
     commands = []
     for offset, line in enumerate(block.code.splitlines()):
         words = shlex.split(line, comments=True)
