@@ -347,3 +347,29 @@ class MLP(nn.Module):
     def forward(self, x):
         return self.out(self.act1(self.fc1(x)))
 
+
+
+def save_tiny_local_llama(root) -> tuple:
+    """A tiny random 2-layer Llama (d = 32) with a byte-level tokenizer saved as a local Hugging Face model under
+    ``root/model``, and a text file ``root/text.txt`` of 8 documents of random words: ``(model dir, text file)``."""
+    import random
+
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, decoders, models
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    vocab = {"<s>": 0, "</s>": 1, **{ch: i + 2 for i, ch in enumerate(sorted(ByteLevel.alphabet()))}}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>") \
+        .save_pretrained(root / "model")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=len(vocab),
+                                      bos_token_id=0, eos_token_id=1, max_position_embeddings=64)
+    transformers.LlamaForCausalLM(config).save_pretrained(root / "model")
+    rng = random.Random(0)
+    words = "sparse dictionary latent feature harvest token layer residual stream shard".split()
+    (root / "text.txt").write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(150)) for _ in range(8)))
+    return root / "model", root / "text.txt"

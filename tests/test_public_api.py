@@ -83,7 +83,7 @@ PUBLIC = {
                        "StepTerms", "load", "load_checkpoint", "save", "save_checkpoint"],
     "saefast.training": ["BatchStream", "DataExhausted", "bootstrap_indices", "differences", "reuse_freed_memory",
                          "train", "training_step"],
-    "saefast.eval": ["evaluate", "metrics"],
+    "saefast.eval": ["evaluate", "loss_scores", "metrics", "splice", "spliced_lm"],
 }
 
 

@@ -106,10 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     t.set_defaults(run=run_train)
 
-    e = commands.add_parser("eval", help="evaluate a trained run on a store",
-                            description="Reconstruction and sparsity metrics of a trained model on stored activations.")
+    e = commands.add_parser("eval", help="evaluate a trained run on a store and/or spliced into a language model",
+                            description="Reconstruction and sparsity metrics of a trained model on stored activations "
+                            "(--data), and the language-model cost of splicing it into a layer (--spliced).")
     e.add_argument("--model", required=True, help="run / checkpoint directory (from `saefast train`)")
-    e.add_argument("--data", required=True, help="activation store directory")
+    e.add_argument("--data", help="activation store directory: reconstruction and sparsity on its rows")
     e.add_argument("--json", help="write the metrics to this file")
     e.add_argument("--hook", help="which hook of a multi-hook store")
     e.add_argument("--start", type=non_negative_int, help="first token row (default: 0)")
@@ -118,6 +119,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     e.add_argument("--backend", choices=("auto", "torch", "triton", "native"), default="auto",
                    help="op backend (default: auto)")
+    lm = e.add_argument_group("spliced LM evaluation", "replace a language model layer's output with the model's "
+                              "reconstruction on held-out text: CE and KL against the clean and zero-ablated model")
+    lm.add_argument("--spliced", action="store_true", help="run the spliced evaluation")
+    lm.add_argument("--lm", default="smollm2", help="'smollm2' (embedded) or a local model (default: smollm2)")
+    lm.add_argument("--layer", type=non_negative_int,
+                    help="decoder block to splice into (default: the hook the run was trained on)")
+    lm.add_argument("--text", default="pydoc", help="held-out text: 'pydoc' or .txt files/directories (default: "
+                    "pydoc; use text or --skip-windows the training never saw)")
+    lm.add_argument("--tokens", type=positive_int, default=8192, help="tokens to evaluate on (default: 8192)")
+    lm.add_argument("--context", type=positive_int, default=128, help="tokens per window (default: 128)")
+    lm.add_argument("--skip-windows", type=non_negative_int, default=0,
+                    help="skip the text's first N windows (e.g. those harvested for training; default: 0)")
+    lm.add_argument("--lm-batch-size", type=positive_int, default=8, help="windows per forward (default: 8)")
     e.set_defaults(run=run_eval)
 
     d = commands.add_parser("demo", help="harvest SmolLM2-135M activations; compare single / bagging / boosting",

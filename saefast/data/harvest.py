@@ -113,7 +113,9 @@ def _say(line: str, log: Callable[[str], None] | None, progress: bool) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
-def _kept_mask(ids: torch.Tensor, special: torch.Tensor, exclude_first: int) -> torch.Tensor:
+def kept_positions(ids: torch.Tensor, special: torch.Tensor, exclude_first: int) -> torch.Tensor:
+    """``[B, T]`` bool: the positions of token windows ``ids [B, T]`` that :func:`harvest` stores — not one of the
+    ``special`` ids and not among the first ``exclude_first`` of a window."""
     mask = ~torch.isin(ids, special) if special.numel() else torch.ones_like(ids, dtype=torch.bool)
     mask[:, :exclude_first] = False
     return mask
@@ -137,7 +139,7 @@ def _available(windows: Sequence[torch.Tensor], special: torch.Tensor, exclude_f
     for start in range(0, len(windows), 1024):
         stop = min(start + 1024, len(windows))
         chunk = torch.stack(list(_checked_windows((windows[i] for i in range(start, stop)), context, start)))
-        total += int(_kept_mask(chunk, special, exclude_first).sum())
+        total += int(kept_positions(chunk, special, exclude_first).sum())
         if total >= need:
             break
     return total
@@ -316,7 +318,7 @@ def _harvest(model: nn.Module, out: str | os.PathLike, names: list[str], tokens:
                                      f"add text or lower tokens")
                 batch = torch.stack(batch_list)
                 outputs = capture.run(batch.to(device))
-                mask = _kept_mask(batch, special, exclude_first)
+                mask = kept_positions(batch, special, exclude_first)
                 take = min(int(mask.sum()), tokens - done - pending_n)
                 rows = {name: outputs[name][mask.to(device)][:take].to(dtype).cpu() for name in names}
                 pending.append((rows, batch[mask][:take].to(torch.int32)))

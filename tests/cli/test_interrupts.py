@@ -10,7 +10,6 @@ interrupts: tests/data/test_harvest.py, tests/sharpen/test_runner.py.)"""
 from __future__ import annotations
 
 import json
-import random
 import shlex
 import signal
 import subprocess
@@ -19,6 +18,7 @@ import time
 
 import pytest
 import torch
+from helpers import save_tiny_local_llama
 
 from saefast.cli import main
 from saefast.data.store import ActivationStore
@@ -123,25 +123,8 @@ def saefast(*args: str) -> subprocess.CompletedProcess:
 def harvest_setup(tmp_path_factory):
     """A tiny random Llama with a byte-level tokenizer saved as a local model, a text file, and the store of an
     uninterrupted ``saefast harvest`` (in this process: the same code as the command)."""
-    transformers = pytest.importorskip("transformers")
-    from tokenizers import Tokenizer, decoders, models
-    from tokenizers.pre_tokenizers import ByteLevel
-
     root = tmp_path_factory.mktemp("harvest")
-    vocab = {"<s>": 0, "</s>": 1, **{ch: i + 2 for i, ch in enumerate(sorted(ByteLevel.alphabet()))}}
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tokenizer.pre_tokenizer = ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>") \
-        .save_pretrained(root / "model")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=len(vocab),
-                                      bos_token_id=0, eos_token_id=1, max_position_embeddings=64)
-    transformers.LlamaForCausalLM(config).save_pretrained(root / "model")
-    rng = random.Random(0)
-    words = "sparse dictionary latent feature harvest token layer residual stream shard".split()
-    (root / "text.txt").write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(150)) for _ in range(8)))
+    save_tiny_local_llama(root)
 
     def args(out) -> list[str]:  # 120 kept tokens a batch (4 windows of 32, less BOS and position 1): 5 a shard
         return ["harvest", "--model", str(root / "model"), "--text", str(root / "text.txt"), "--tokens", "3000",
