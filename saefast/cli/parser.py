@@ -134,9 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("--lm-batch-size", type=positive_int, default=8, help="windows per forward (default: 8)")
     e.set_defaults(run=run_eval)
 
-    d = commands.add_parser("demo", help="harvest SmolLM2-135M activations; compare single / bagging / boosting",
-                            description="The main job: harvest (or reuse) real activations, train a single SAE, a "
-                            "bagging and a boosting ensemble, print the table, write results.json and members.png.")
+    d = commands.add_parser("demo", help="harvest SmolLM2-135M activations; compare single / expanded / bagging / "
+                            "boosting",
+                            description="The main job: harvest (or reuse) real activations, train a single SAE, the "
+                            "expanded SAE (J·M latents, J·k active), a bagging and a boosting ensemble, print the "
+                            "table, write results.json and members.png.")
     d.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
     d.add_argument("--cache", help="activation cache directory (default: OUT/activations)")
     size = d.add_mutually_exclusive_group()

@@ -1,5 +1,6 @@
-"""saefast.cli.demo: ``saefast demo --quick`` on real SmolLM2-135M activations — a single SAE, a bagging and a
-boosting ensemble trained and compared, the results and plots written — then reusing the cached activations."""
+"""saefast.cli.demo: ``saefast demo --quick`` on real SmolLM2-135M activations — a single SAE, the expanded SAE, a
+bagging and a boosting ensemble trained and compared, the results and plots written — then reusing the cached
+activations."""
 
 from __future__ import annotations
 
@@ -22,8 +23,9 @@ def test_quick_demo_on_real_smollm2_activations_then_reuses_the_cache(tmp_path, 
     assert report["data"]["d"] == 576 and report["data"]["hook"] == "model.layers.15"
     assert report["data"]["reused_cached_activations"] is False
     rows = {row["model"]: row for row in report["rows"]}
-    assert set(rows) == {"single", "bagging", "boosting"}
-    assert rows["bagging"]["latents"] == 2 * rows["single"]["latents"]
+    assert set(rows) == {"single", "expanded", "bagging", "boosting"}
+    assert rows["bagging"]["latents"] == rows["expanded"]["latents"] == 2 * rows["single"]["latents"]
+    assert rows["expanded"]["members"] == 1 and rows["expanded"]["l0"] == rows["bagging"]["l0"]  # J·k active
     for row in rows.values():
         assert row["explained_variance"] <= 1 and row["train_tokens_per_s"] > 0 and row["stability"] is not None
     assert [row["members"] for row in report["curves"]["boosting"]] == [1, 2]
