@@ -168,8 +168,9 @@ def spliced_lm(model: nn.Module, layer: str, dictionary: SparseDictionary, windo
             positions += ids.numel()
             x = seen[0][where.to(device)].float()
             if x.shape[0]:
-                x_hat = dictionary.reconstruct(x, backend=backend)
-                l0_sum += float((dictionary.encode(x, backend=backend).values != 0).sum())
+                codes = dictionary.encode(x, backend=backend)  # one encode serves the L0 and the reconstruction
+                x_hat = dictionary.decode(codes, backend=backend)
+                l0_sum += float((codes.values != 0).sum())
                 sse += float(((x - x_hat) ** 2).sum())
                 x_sum = x.sum(0).double() if x_sum is None else x_sum + x.sum(0).double()
                 x_sq = float((x.double() ** 2).sum()) + (x_sq or 0.0)
