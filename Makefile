@@ -17,6 +17,10 @@ PIP_INSTALL = $(BIN)/pip install --quiet $(if $(CONSTRAINTS),--constraint $(CONS
 DEMO_OUT ?= demo_out
 SITE_DIR ?= site
 UPGRADE_VENV ?= .venv-upgrade
+# The texts of the probing and SCR datasets (saefast.data.labelled): Debian's fortune files. Set-up installs them
+# when run as root on Debian/Ubuntu, else prints the command; it never fails for them.
+DEBIAN_PACKAGES ?= fortunes fortunes-min fortunes-de fortunes-es fortunes-it fortunes-br
+FORTUNES_DIR := /usr/share/games/fortunes
 # torch.utils.cpp_extension looks for the ninja binary on PATH (parallel, incremental builds of the extension).
 export PATH := $(abspath $(BIN)):$(PATH)
 
@@ -25,6 +29,13 @@ export PATH := $(abspath $(BIN)):$(PATH)
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml setup.py $(CONSTRAINTS)
+	@if [ -f $(FORTUNES_DIR)/computers ] && [ -d $(FORTUNES_DIR)/de ] && [ -d $(FORTUNES_DIR)/es ] \
+	    && [ -d $(FORTUNES_DIR)/it ] && [ -f $(FORTUNES_DIR)/brasil ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  { apt-cache policy fortunes 2>/dev/null | grep -q 'Candidate: [0-9]' || apt-get update -q >/dev/null 2>&1; } || true; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(DEBIAN_PACKAGES) >/dev/null 2>&1 \
+	    || echo "saefast: apt-get could not install the probing/SCR datasets' packages: apt-get install $(DEBIAN_PACKAGES)"; \
+	else echo "saefast: the probing/SCR datasets need: sudo apt-get install $(DEBIAN_PACKAGES)"; fi
 	$(PYTHON) -m venv $(VENV)
 	$(PIP_INSTALL) "$(TORCH_SPEC)" $(BUILD_TOOLS)
 	$(PIP_INSTALL) --no-build-isolation -e ".[dev]"

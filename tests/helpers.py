@@ -373,3 +373,16 @@ def save_tiny_local_llama(root) -> tuple:
     words = "sparse dictionary latent feature harvest token layer residual stream shard".split()
     (root / "text.txt").write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(150)) for _ in range(8)))
     return root / "model", root / "text.txt"
+
+
+def mirrored_identity_sae(d: int, activation: str = "topk") -> sf.SAE:
+    """An SAE with ``x̂ = x`` exactly: latents ``e_i`` (index i) and ``−e_i`` (index d + i), so
+    ``ReLU(x) − ReLU(−x) = x``; with TopK all 2·d latents are kept. In eval mode."""
+    sae = sf.SAE(sf.SAEConfig(d_in=d, n_latents=2 * d, k=2 * d, activation=activation), seed=0)
+    eye = torch.eye(d)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye]))
+        sae.W_dec.copy_(torch.cat([eye, -eye]))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return sae.eval()

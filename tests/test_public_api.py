@@ -83,7 +83,10 @@ PUBLIC = {
                        "StepTerms", "load", "load_checkpoint", "save", "save_checkpoint"],
     "saefast.training": ["BatchStream", "DataExhausted", "bootstrap_indices", "differences", "reuse_freed_memory",
                          "train", "training_step"],
-    "saefast.eval": ["evaluate", "loss_scores", "metrics", "splice", "spliced_lm"],
+    "saefast.eval": ["ablate_rows", "compare_intervals", "decoder_directions", "evaluate", "fit_probe", "format_ci",
+                     "loss_scores", "mean_ci", "metrics", "one_vs_rest_splits", "pooled_codes", "probe_accuracy",
+                     "shift_score", "sparse_probing", "splice", "spliced_lm", "spurious_correlation_removal",
+                     "summarize", "top_k_latents"],
 }
 
 

@@ -1,4 +1,4 @@
-"""The ``saefast`` command line: ``harvest``, ``train``, ``eval``, ``demo``, ``sharpen``, ``bench``.
+"""The ``saefast`` command line: ``harvest``, ``train``, ``eval``, ``compare``, ``demo``, ``sharpen``, ``bench``.
 
 Every subcommand has ``--help`` and sensible defaults; bad input exits with status 2 and a one-line error.
 """
@@ -9,8 +9,9 @@ import shlex
 import sys
 
 from ..interrupts import Interrupted
-from .commands import DTYPES, KINDS, TRAIN_DEFAULTS, CLIError
+from .commands import DTYPES, KINDS, TRAIN_DEFAULTS
 from .parser import build_parser
+from .runs import CLIError
 
 __all__ = ["DTYPES", "KINDS", "TRAIN_DEFAULTS", "CLIError", "build_parser", "main"]
 

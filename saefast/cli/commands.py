@@ -10,13 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from ..files import atomic_write_bytes
+from .runs import RUN_FILE, RUN_FORMAT, RUN_VERSION, CLIError, read_run
 
 KINDS = ("single", "bagging", "boosting")
 DTYPES = ("bfloat16", "float16", "float32")
-
-
-class CLIError(ValueError):
-    """Bad command-line input (reported as one line, exit status 2)."""
 
 
 def _dtype(name: str):
@@ -84,9 +81,6 @@ TRAIN_DEFAULTS = {"kind": "single", "members": 4, "chains": 1, "bootstrap": Fals
 POSITIVE = ("members", "chains", "latents", "k", "steps", "batch_size")
 """Train options that count something and must be >= 1."""
 
-RUN_FORMAT, RUN_VERSION, RUN_FILE = "saefast-run", 1, "run.json"
-"""``OUT/run.json``: what ``saefast train`` was asked to do, and how it ended."""
-
 DATA_FIELDS = ("data", "hook", "batch_size", "data_seed")
 """Run options outside the checkpoint that fix the batches a resumed run sees."""
 
@@ -150,15 +144,6 @@ def parse_train_options(args: argparse.Namespace) -> tuple[dict[str, Any], dict[
         raise CLIError(f"--k applies to --activation topk or batchtopk; {options['activation']} sets its sparsity "
                        f"with a penalty ([sae] {'l1_coef' if options['activation'] == 'relu' else 'l0_coef'})")
     return options, sae_extra, train_extra
-
-
-def read_run(out: Path) -> dict[str, Any] | None:
-    """``OUT/run.json`` if it is one of ours (any other JSON, or none, gives None)."""
-    try:
-        run = json.loads((out / RUN_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return run if isinstance(run, dict) and run.get("format", RUN_FORMAT) == RUN_FORMAT and "kind" in run else None
 
 
 def check_run_dir(out: Path, data: Path, resume: bool) -> dict[str, Any] | None:
@@ -275,85 +260,6 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_eval(args: argparse.Namespace) -> int:
-    """``saefast eval``: reconstruction on a store (``--data``) and/or the LM cost of splicing the model into a
-    language model's layer (``--spliced``)."""
-    from ..devices import check_device
-    from ..models import load
-    from ..ops import use_backend
-
-    if not args.data and not args.spliced:
-        raise CLIError("give --data STORE (reconstruction on stored activations) and/or --spliced (the LM cost)")
-    device = check_device(args.device)
-    model = load(args.model, map_location=device)
-    result: dict[str, Any] = {"model": str(args.model)}
-    with use_backend(args.backend):
-        if args.data:
-            result.update(_eval_store(args, model, device))
-        if args.spliced:
-            result["spliced"] = _eval_spliced(args, model, device)
-    if args.json:
-        atomic_write_bytes(args.json, json.dumps(result, indent=2).encode())
-        print(f"wrote {args.json}")
-    return 0
-
-
-def _eval_store(args: argparse.Namespace, model: Any, device: Any) -> dict[str, Any]:
-    from ..data.store import ActivationStore
-    from ..eval import evaluate
-
-    store = ActivationStore(args.data, hook=args.hook)
-    if store.d != model.cfg.d_in:
-        raise CLIError(f"the model expects d_in={model.cfg.d_in} but {args.data} holds d={store.d} ({store.hook})")
-    start = 0 if args.start is None else args.start
-    stop = store.n_tokens if args.stop is None else args.stop
-    if not 0 <= start < stop <= store.n_tokens:
-        raise CLIError(f"--start/--stop must satisfy 0 <= start < stop <= {store.n_tokens}, got {start}, {stop}")
-    result = evaluate(model, store.subset(start, stop).batches(args.batch_size, shuffle=False, device=device))
-    result.update(data=str(args.data), hook=store.hook, start=start, stop=stop)
-    for key in ("mse", "fvu", "explained_variance", "l0", "dead_fraction"):
-        print(f"{key:>20}: {result[key]:.6g}")
-    print(f"{'tokens':>20}: {result['n_tokens']:,}")
-    return result
-
-
-def _eval_spliced(args: argparse.Namespace, model: Any, device: Any) -> dict[str, Any]:
-    import itertools
-
-    from ..data.harvest import special_token_ids
-    from ..data.hf import load_model
-    from ..data.hooks import layer_hook, resolve_hooks
-    from ..data.text import text_source, token_windows
-    from ..eval import spliced_lm
-
-    texts = text_source(args.text)  # fails fast on a missing file, before the model loads
-    lm, tokenizer = load_model(args.lm, device=str(device), progress=False)
-    if args.layer is not None:
-        layer = layer_hook(lm, args.layer)
-    else:
-        run = read_run(Path(args.model))
-        recorded = (run or {}).get("hook")
-        if not recorded:
-            raise CLIError(f"--spliced needs --layer N: {args.model} does not record the hook it was trained on")
-        layer = resolve_hooks(lm, recorded)[0]
-    windows = token_windows(tokenizer, texts, args.context)
-    n_windows = -(-args.tokens // args.context)
-    if args.skip_windows + n_windows > len(windows):
-        raise CLIError(f"--text {args.text} gives {len(windows)} windows of {args.context} tokens; --skip-windows "
-                       f"{args.skip_windows} + {n_windows} for --tokens {args.tokens} is more")
-    chosen = itertools.islice(windows, args.skip_windows, args.skip_windows + n_windows)
-    result = spliced_lm(lm, layer, model, chosen, batch_size=args.lm_batch_size,
-                        special_ids=special_token_ids(lm, tokenizer), exclude_first=2)
-    result.update(lm=args.lm, text=args.text, context=args.context, skip_windows=args.skip_windows)
-    for key in ("ce_clean", "ce_spliced", "ce_zero_ablation", "ce_loss_score", "kl_score", "ce_increase",
-                "explained_variance", "l0"):
-        print(f"{key:>20}: {result[key]:.6g}")
-    kept = result["kept_clean"]
-    print(f"{'spliced at':>20}: {layer}, {result['spliced_positions']:,} positions; {kept['positions']:,} kept clean "
-          f"(the first {kept['first_positions']} of each window and token ids {kept['token_ids']}, never harvested)")
-    return result
-
-
 def run_demo(args: argparse.Namespace) -> int:
     """``saefast demo``."""
     from .demo import DemoConfig, format_table, run_demo
@@ -368,6 +274,8 @@ def run_demo(args: argparse.Namespace) -> int:
         config.train_tokens = args.tokens
     if args.no_stability:
         config.stability = False
+    if args.spliced_tokens is not None:
+        config.spliced_tokens = args.spliced_tokens
     config.validate()
     print(f"saefast demo — real activations: {config.model}, layer {config.layer}, text {config.text!r}; "
           f"{config.train_tokens:,} training + {config.eval_tokens:,} held-out tokens", flush=True)

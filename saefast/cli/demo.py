@@ -25,6 +25,7 @@ from ..eval import evaluate, metrics
 from ..files import atomic_write_bytes
 from ..models import SAE, Ensemble, SparseDictionary
 from ..training import train
+from .runs import record_evaluation
 
 KINDS = ("single", "expanded", "bagging", "boosting")
 """The demo's models: ``expanded`` is one SAE with ``J·M`` latents and ``J·k`` active (the ensemble's size and L0)."""
@@ -63,14 +64,20 @@ class DemoConfig:
     """Seed of the data order and of the first model; the stability run uses seed + 1000."""
     stability: bool = True
     """Train every model a second time (seed + 1000) to measure stability (doubles the training time)."""
+    spliced_tokens: int = 4096
+    """Held-out text tokens of the spliced CE/KL evaluation: the windows after those the harvest used (0: none)."""
+    lm_batch_size: int = 8
+    """Windows per language-model forward in the spliced evaluation."""
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field (before any harvesting or training starts)."""
         if self.members < 1:
             raise ValueError(f"an ensemble needs members >= 1, got {self.members}")
-        for name in ("layer", "context", "train_tokens", "eval_tokens", "n_latents", "k", "steps", "batch_size"):
-            if getattr(self, name) < (0 if name == "layer" else 1):
-                raise ValueError(f"demo {name} must be >= {0 if name == 'layer' else 1}, got {getattr(self, name)}")
+        for name in ("layer", "context", "train_tokens", "eval_tokens", "n_latents", "k", "steps", "batch_size",
+                     "spliced_tokens", "lm_batch_size"):
+            low = 0 if name in ("layer", "spliced_tokens") else 1
+            if getattr(self, name) < low:
+                raise ValueError(f"demo {name} must be >= {low}, got {getattr(self, name)}")
         if self.context < 2:
             raise ValueError(f"demo context must be >= 2 (BOS + one token), got {self.context}")
         if not self.lr > 0:
@@ -81,12 +88,12 @@ class DemoConfig:
     def quick(cls) -> DemoConfig:
         """A small run for tests and smoke checks (about a minute on 2 cores, most of it loading the model)."""
         return cls(train_tokens=4096, eval_tokens=1024, context=128, n_latents=576, k=16, members=2, steps=30,
-                   batch_size=512)
+                   batch_size=512, spliced_tokens=512)
 
     @classmethod
     def large(cls) -> DemoConfig:
         """A longer run: 4 × d latents per member, more steps (give ``text`` more than pydoc for more tokens)."""
-        return cls(train_tokens=98_304, eval_tokens=8_192, n_latents=2304, steps=1000)
+        return cls(train_tokens=98_304, eval_tokens=8_192, n_latents=2304, steps=1000, spliced_tokens=2048)
 
 
 def cache_path(config: DemoConfig, cache_dir: str | Path) -> Path:
@@ -97,8 +104,25 @@ def cache_path(config: DemoConfig, cache_dir: str | Path) -> Path:
     return Path(cache_dir) / f"{model}-layer{config.layer}-{text}-ctx{config.context}-{total}"
 
 
+class LanguageModel:
+    """The demo's language model and tokenizer, loaded on first use and then kept (the harvest and the spliced
+    evaluation share one load; a run on cached activations without the spliced columns never loads it)."""
+
+    def __init__(self, name: str, progress: bool):
+        self.name, self.progress = name, progress
+        self._loaded: tuple[Any, Any] | None = None
+
+    def get(self) -> tuple[Any, Any]:
+        """``(model, tokenizer)``."""
+        if self._loaded is None:
+            from ..data.hf import load_model
+
+            self._loaded = load_model(self.name, progress=self.progress)
+        return self._loaded
+
+
 def prepare_activations(
-    config: DemoConfig, cache_dir: str | Path, progress: bool = True
+    config: DemoConfig, cache_dir: str | Path, progress: bool = True, language_model: LanguageModel | None = None
 ) -> tuple[ActivationStore, bool]:
     """The cached store if it is complete (``reused=True``), else harvest it (resuming a partial one)."""
     path = cache_path(config, cache_dir)
@@ -110,11 +134,10 @@ def prepare_activations(
     except StoreError:
         pass  # missing or partial: harvest() resumes a partial store and rejects a foreign one
     from ..data.harvest import harvest
-    from ..data.hf import load_model
     from ..data.hooks import layer_hook
     from ..data.text import text_source
 
-    model, tokenizer = load_model(config.model, progress=progress)
+    model, tokenizer = (language_model or LanguageModel(config.model, progress)).get()
     hook = layer_hook(model, config.layer)
     store = harvest(model, path, [hook], total, tokenizer=tokenizer, texts=text_source(config.text),
                     context=config.context, progress=progress,
@@ -145,10 +168,36 @@ def _train_timed(kind: str, cfg: SAEConfig, config: DemoConfig, store: Activatio
     return model, time.perf_counter() - start
 
 
+def spliced_windows(config: DemoConfig, store: ActivationStore, tokenizer: Any) -> list[torch.Tensor]:
+    """The spliced evaluation's token windows: the ``spliced_tokens`` after the windows the harvest read (text the
+    models never saw). Too little text is an error that says how much there is, before any training."""
+    from ..data.text import text_source, token_windows
+
+    windows = token_windows(tokenizer, text_source(config.text), config.context)
+    used = int(store.state.get("windows", 0))
+    needed = -(-config.spliced_tokens // config.context)
+    if used + needed > len(windows):
+        raise ValueError(f"the text gives {len(windows)} windows of {config.context} tokens; the harvest used {used} "
+                         f"and spliced_tokens={config.spliced_tokens} needs {needed} more: give more text or fewer "
+                         f"spliced tokens")
+    return [windows[i] for i in range(used, used + needed)]
+
+
+def _spliced(model: SparseDictionary, language_model: LanguageModel, hook: str,
+             windows: list[torch.Tensor], config: DemoConfig) -> dict[str, Any]:
+    from ..data.harvest import special_token_ids
+    from ..eval import spliced_lm
+
+    lm, tokenizer = language_model.get()
+    return spliced_lm(lm, hook, model, windows, batch_size=config.lm_batch_size,
+                      special_ids=special_token_ids(lm, tokenizer), exclude_first=2)
+
+
 def _row(kind: str, model: SparseDictionary, twin: SparseDictionary | None, held_out: torch.Tensor,
-         tokens_per_s: float | None) -> dict[str, Any]:
+         tokens_per_s: float | None, spliced: dict[str, Any] | None = None) -> dict[str, Any]:
     result = evaluate(model, held_out)
     dictionary = _decoder_rows(model)
+    spliced = spliced or {}
     return {
         "model": kind,
         "members": getattr(model, "members", 1),
@@ -160,6 +209,9 @@ def _row(kind: str, model: SparseDictionary, twin: SparseDictionary | None, held
         "diversity": metrics.diversity(dictionary),
         "stability": None if twin is None else metrics.relaxed_stability(dictionary, _decoder_rows(twin),
                                                                           symmetric=True),
+        "ce_loss_score": spliced.get("ce_loss_score"),
+        "kl_score": spliced.get("kl_score"),
+        "ce_increase": spliced.get("ce_increase"),
         "train_tokens_per_s": tokens_per_s,
     }
 
@@ -173,8 +225,10 @@ def run_demo(config: DemoConfig, out_dir: str | Path, cache_dir: str | Path | No
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(cache_dir) if cache_dir is not None else out / "activations"
     start = time.perf_counter()
-    store, reused = prepare_activations(config, cache, progress)
+    language_model = LanguageModel(config.model, progress)
+    store, reused = prepare_activations(config, cache, progress, language_model)
     harvest_seconds = time.perf_counter() - start
+    windows = spliced_windows(config, store, language_model.get()[1]) if config.spliced_tokens else []
     train_store = store.subset(0, config.train_tokens)
     held_out = store.read(config.train_tokens, config.train_tokens + config.eval_tokens)
     cfg = SAEConfig(d_in=store.d, n_latents=config.n_latents, k=config.k, activation="topk")
@@ -187,8 +241,16 @@ def run_demo(config: DemoConfig, out_dir: str | Path, cache_dir: str | Path | No
         model, seconds = runs[0]
         stages = config.members if kind == "boosting" else 1
         twin = trained[kind][1] if config.stability else None
-        rows.append(_row(kind, model, twin, held_out, config.steps * stages * config.batch_size / seconds))
+        spliced = _spliced(model, language_model, store.hook, windows, config) if windows else None
+        rows.append(_row(kind, model, twin, held_out, config.steps * stages * config.batch_size / seconds, spliced))
         model.save(out / f"model_{kind}")
+        # `saefast compare OUT/model_*` reads these (the store metrics on the held-out rows, and the spliced ones)
+        evaluation = {"model": str(out / f"model_{kind}"), **evaluate(model, held_out),
+                      "data": str(cache_path(config, cache)), "hook": store.hook,
+                      "start": config.train_tokens, "stop": config.train_tokens + config.eval_tokens}
+        if spliced:
+            evaluation["spliced"] = {**spliced, "lm": config.model, "text": config.text, "context": config.context}
+        record_evaluation(out / f"model_{kind}", evaluation)
 
     curves = {}
     for kind in ("bagging", "boosting"):
@@ -209,6 +271,8 @@ def run_demo(config: DemoConfig, out_dir: str | Path, cache_dir: str | Path | No
             "store": str(cache_path(config, cache)),
             "reused_cached_activations": reused,
             "harvest_seconds": harvest_seconds,
+            "spliced_tokens": len(windows) * config.context,
+            "spliced_windows": [int(store.state.get("windows", 0)), int(store.state.get("windows", 0)) + len(windows)],
         },
         "config": asdict(config),
         "torch": torch.__version__,
@@ -261,9 +325,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     """The results as a fixed-width text table (``-`` where a metric is not defined)."""
     columns = [("model", "{}"), ("members", "{}"), ("latents", "{}"), ("explained_variance", "{:.4f}"),
                ("mse", "{:.2f}"), ("l0", "{:.1f}"), ("dead_fraction", "{:.3f}"), ("diversity", "{:.3f}"),
-               ("stability", "{:.3f}"), ("train_tokens_per_s", "{:,.0f}")]
+               ("stability", "{:.3f}"), ("ce_loss_score", "{:.3f}"), ("kl_score", "{:.3f}"),
+               ("train_tokens_per_s", "{:,.0f}")]
     header = [name for name, _ in columns]
-    cells = [["-" if row[name] is None else fmt.format(row[name]) for name, fmt in columns] for row in rows]
+    cells = [["-" if row.get(name) is None else fmt.format(row[name]) for name, fmt in columns] for row in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)]
     lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths))]
     lines.append("  ".join("-" * w for w in widths))

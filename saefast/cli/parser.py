@@ -11,11 +11,12 @@ from .commands import (
     KINDS,
     run_bench,
     run_demo,
-    run_eval,
     run_harvest,
     run_sharpen,
     run_train,
 )
+from .compare import run_compare
+from .evaluate import run_eval
 
 
 def positive_int(text: str) -> int:
@@ -106,9 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     t.set_defaults(run=run_train)
 
-    e = commands.add_parser("eval", help="evaluate a trained run on a store and/or spliced into a language model",
+    e = commands.add_parser("eval", help="evaluate a trained run: reconstruction on a store, spliced LM cost, sparse "
+                            "probing, spurious-correlation removal",
                             description="Reconstruction and sparsity metrics of a trained model on stored activations "
-                            "(--data), and the language-model cost of splicing it into a layer (--spliced).")
+                            "(--data), the language-model cost of splicing it into a layer (--spliced), sparse "
+                            "probing on real labelled text (--probing) and spurious-correlation removal (--scr). "
+                            "The results also go to RUN/eval.json, which `saefast compare` reads.")
     e.add_argument("--model", required=True, help="run / checkpoint directory (from `saefast train`)")
     e.add_argument("--data", help="activation store directory: reconstruction and sparsity on its rows")
     e.add_argument("--json", help="write the metrics to this file")
@@ -131,14 +135,51 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("--context", type=positive_int, default=128, help="tokens per window (default: 128)")
     lm.add_argument("--skip-windows", type=non_negative_int, default=0,
                     help="skip the text's first N windows (e.g. those harvested for training; default: 0)")
-    lm.add_argument("--lm-batch-size", type=positive_int, default=8, help="windows per forward (default: 8)")
+    lm.add_argument("--lm-batch-size", type=positive_int, default=8, help="windows (or texts) per forward "
+                    "(default: 8)")
+    probe = e.add_argument_group("sparse probing and SCR", "example-level tasks on real offline text "
+                                 "(Debian fortunes, source files on the machine): each text's codes mean-pooled over "
+                                 "its tokens")
+    probe.add_argument("--probing", action="store_true", help="sparse probing: top-k latents by class mean "
+                       "difference, a logistic-regression probe on them, test accuracy (and the raw-activation "
+                       "probe)")
+    probe.add_argument("--scr", action="store_true", help="spurious-correlation removal (SHIFT): ablate the latents "
+                       "of a spurious attribute, score the biased probe's recovery S")
+    probe.add_argument("--datasets", nargs="+", metavar="NAME",
+                       help="probing datasets (default: fortune-topics fortune-languages code-languages)")
+    probe.add_argument("--per-class", type=positive_int, default=300, help="texts per class (default: 300)")
+    probe.add_argument("--probe-k", type=positive_int, nargs="+", metavar="K",
+                       help="latents per probe (default: 1 2 5 10 20)")
+    probe.add_argument("--probe-seed", type=int, default=0, help="seed of the samples and splits (default: 0)")
+    probe.add_argument("--example-tokens", type=positive_int, default=64,
+                       help="tokens per text, BOS included (default: 64)")
+    probe.add_argument("--scr-target", metavar="A,B", help="the two fortune categories of the SCR target "
+                       "(default: computers,science); the spurious attribute is an attribution line")
+    probe.add_argument("--scr-per-cell", type=positive_int, default=200,
+                       help="SCR texts per (target, spurious) cell (default: 200)")
+    probe.add_argument("--cache", help="keep the texts' activations here, for the next evaluation at the same layer")
+    e.add_argument("--no-progress", action="store_true", help="hide progress bars")
     e.set_defaults(run=run_eval)
+
+    c = commands.add_parser("compare", help="the paper-style table of evaluated runs: mean ± 95%% CI over seeds",
+                            description="Group evaluated runs (RUN/eval.json from `saefast eval`) by kind, members, "
+                            "latents and k; report every metric as mean ± the 95%% Student-t interval over seeds, "
+                            "stability over pairs of seeds, and which ensemble-vs-baseline differences the intervals "
+                            "decide. SAEs are named single or expanded (J·M latents, J·k or k active) from the "
+                            "ensembles beside them.")
+    c.add_argument("runs", nargs="+", metavar="RUN", help="evaluated run directories")
+    c.add_argument("--json", help="write the comparison (every group, metric and claim) here")
+    c.add_argument("--markdown", help="write the table and the claims as markdown here")
+    c.add_argument("--png", help="draw the metrics against the number of members here")
+    c.add_argument("--level", type=float, default=0.95, help="confidence level of the intervals (default: 0.95)")
+    c.set_defaults(run=run_compare)
 
     d = commands.add_parser("demo", help="harvest SmolLM2-135M activations; compare single / expanded / bagging / "
                             "boosting",
                             description="The main job: harvest (or reuse) real activations, train a single SAE, the "
                             "expanded SAE (J·M latents, J·k active), a bagging and a boosting ensemble, print the "
-                            "table, write results.json and members.png.")
+                            "table (with the spliced CE/KL scores on held-out text), write results.json and "
+                            "members.png.")
     d.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
     d.add_argument("--cache", help="activation cache directory (default: OUT/activations)")
     size = d.add_mutually_exclusive_group()
@@ -154,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--k", type=positive_int, help="top-k")
     d.add_argument("--seed", type=int, help="seed")
     d.add_argument("--no-stability", action="store_true", help="skip the second-seed runs (halves training time)")
+    d.add_argument("--spliced-tokens", type=non_negative_int,
+                   help="held-out tokens of the spliced CE/KL columns (default: 4096; 0: no spliced columns)")
     d.add_argument("--no-progress", action="store_true", help="hide progress bars")
     d.set_defaults(run=run_demo)
 

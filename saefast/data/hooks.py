@@ -236,3 +236,16 @@ class Capture:
                 raise ValueError(f"module {name!r} outputs shape {tuple(hidden.shape)} for input [{batch}, {seq}]; "
                                  f"harvesting needs [batch, seq, d] hidden states (hook a transformer block)")
         return dict(self.outputs)
+
+
+@torch.no_grad()
+def layer_width(model: nn.Module, layer: str) -> int:
+    """The last dimension of module ``layer``'s output (its ``d``), from a two-token forward that stops there."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with Capture(model, [layer]) as capture:
+            return int(capture.run(torch.zeros((1, 2), dtype=torch.long, device=device))[layer].shape[-1])
+    finally:
+        model.train(was_training)

@@ -173,18 +173,27 @@ def fortune_categories(root: str | os.PathLike = FORTUNES_ROOT) -> list[str]:
                   if p.is_file() and not p.is_symlink() and p.suffix not in (".dat", ".u8"))
 
 
-def _fortune_entries(file: Path) -> list[str]:
-    """The entries of one fortune file (separated by lines holding only ``%``), whitespace-normalised."""
+def fortune_entries(file: str | os.PathLike, normalise: bool = True) -> list[str]:
+    """The entries of one fortune file (separated by lines holding only ``%``), in file order, blank ones dropped.
+
+    ``normalise=True`` collapses every run of whitespace (newlines included) to one space; ``False`` keeps each
+    entry's lines as in the file, joined by newlines, for checks on the layout (such as an attribution line).
+    """
     entries, lines = [], []
     # errors="replace": a few historic fortune files are Latin-1; one odd character must not fail the whole task.
-    for line in file.read_text(encoding="utf-8", errors="replace").splitlines():
+    for line in Path(file).read_text(encoding="utf-8", errors="replace").splitlines():
         if line.rstrip() == "%":
-            entries.append(" ".join(" ".join(lines).split()))
+            entries.append("\n".join(lines))
             lines = []
         else:
             lines.append(line)
-    entries.append(" ".join(" ".join(lines).split()))
-    return [entry for entry in entries if entry]
+    entries.append("\n".join(lines))
+    if normalise:
+        entries = [" ".join(entry.split()) for entry in entries]
+    return [entry for entry in entries if entry.strip()]
+
+
+_fortune_entries = fortune_entries  # the earlier, private name
 
 
 def fortunes(categories: Sequence[str] | None = None, root: str | os.PathLike = FORTUNES_ROOT,
@@ -208,7 +217,7 @@ def fortunes(categories: Sequence[str] | None = None, root: str | os.PathLike = 
         raise ValueError(f"unknown fortune categories {unknown}; available in {root}: {', '.join(available)}")
     if len(set(categories)) != len(categories):
         raise ValueError(f"categories repeat a name: {categories}")
-    per_category = {name: list(dict.fromkeys(_fortune_entries(Path(root).expanduser() / name)))
+    per_category = {name: list(dict.fromkeys(fortune_entries(Path(root).expanduser() / name)))
                     for name in categories}
     seen_in: dict[str, int] = {}
     for entries in per_category.values():

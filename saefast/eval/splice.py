@@ -17,7 +17,7 @@ dictionary was trained on: the harvest leaves out BOS and pad tokens and the fir
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence, Sized
 from typing import Any, Literal
 
 import torch
@@ -27,6 +27,7 @@ from torch import nn
 from ..data.harvest import kept_positions
 from ..data.hooks import abbreviate_names, hidden_state, module_names
 from ..models import SparseDictionary
+from ..progress import progress_bar
 
 SpliceMode = Literal["replace", "error", "ablate"]
 MODES = ("replace", "error", "ablate")
@@ -99,14 +100,31 @@ def _spliced_rows(x: torch.Tensor, dictionary: SparseDictionary | None, mode: st
                   backend: str | None) -> torch.Tensor:
     if dictionary is None:
         return torch.zeros_like(x)
-    x32 = x.float()
     if mode == "ablate":
-        codes = dictionary.encode(x32, backend=backend)
-        keep = ~torch.isin(codes.global_indices(), ablated.to(x.device))
-        x_hat = dictionary.decode(codes, backend=backend)
-        return dictionary.decode(codes, backend=backend, mask=keep) + (x32 - x_hat)
+        return ablate_rows(dictionary, x, ablated, backend)
+    x32 = x.float()
     x_hat = dictionary.reconstruct(x32, backend=backend)
     return x_hat if mode == "replace" else x_hat + (x32 - x_hat).detach()
+
+
+def ablate_rows(dictionary: SparseDictionary, x: torch.Tensor, latents: Sequence[int] | torch.Tensor,
+                backend: str | None = None) -> torch.Tensor:
+    """Rows ``x [N, D]`` with the latents ``A`` (global indices ``j·M + i``) taken out, in fp32:
+    ``x' = decode(z with z_A = 0) + (x − x̂)``, ``z = encode(x)``, ``x̂ = decode(z)`` — the ``ablate`` mode of
+    :func:`splice`, which calls this. Only the ablated latents' contribution ``Σ_{l∈A} z_l·α·W_dec[l]`` leaves; the
+    reconstruction error stays. An empty ``A`` returns ``x`` itself (a float32 copy), not ``x̂ + (x − x̂)`` with
+    its rounding."""
+    ablated = torch.as_tensor(latents, dtype=torch.long).reshape(-1)
+    total = dictionary.n_latents_total
+    if ablated.numel() and (int(ablated.min()) < 0 or int(ablated.max()) >= total):
+        raise ValueError(f"latents to ablate must lie in 0..{total - 1}")
+    x32 = x.float()
+    if ablated.numel() == 0:
+        return x32.clone()
+    codes = dictionary.encode(x32, backend=backend)
+    keep = ~torch.isin(codes.global_indices(), ablated.to(x.device))
+    x_hat = dictionary.decode(codes, backend=backend)
+    return dictionary.decode(codes, backend=backend, mask=keep) + (x32 - x_hat)
 
 
 def loss_scores(ce_clean: float, ce_spliced: float, ce_zero: float, kl_spliced: float, kl_zero: float
@@ -132,12 +150,13 @@ def _next_token_terms(logits: torch.Tensor, clean_logp: torch.Tensor, input_ids:
 @torch.no_grad()
 def spliced_lm(model: nn.Module, layer: str, dictionary: SparseDictionary, windows: Iterable[torch.Tensor],
                batch_size: int = 8, special_ids: Sequence[int] = (), exclude_first: int = 2,
-               backend: str | None = None) -> dict[str, Any]:
+               backend: str | None = None, progress: bool = False) -> dict[str, Any]:
     """The LM cost of replacing ``layer``'s output with ``dictionary``'s reconstruction, on token ``windows``
     (1-D id tensors of one length): clean, spliced and zero-ablated forwards of each batch, then
     :func:`loss_scores` of the mean cross-entropies and KLs, and the reconstruction's explained variance and L0
     (summed over members) on the spliced positions. Positions that hold one of ``special_ids`` or are among the
-    first ``exclude_first`` of a window keep their clean activation (the harvest never stored them)."""
+    first ``exclude_first`` of a window keep their clean activation (the harvest never stored them). ``progress``:
+    a bar over the windows (three forwards each)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if layer not in dict(model.named_modules()):
@@ -149,8 +168,11 @@ def spliced_lm(model: nn.Module, layer: str, dictionary: SparseDictionary, windo
     dictionary.eval()
     sums = {"ce_clean": 0.0, "ce_spliced": 0.0, "ce_zero_ablation": 0.0, "kl_spliced": 0.0, "kl_zero_ablation": 0.0}
     predicted, positions, spliced_rows, l0_sum, sse, x_sum, x_sq = 0, 0, 0, 0.0, 0.0, None, None
+    total = len(windows) if isinstance(windows, Sized) else None
+    bar = progress_bar(total=total, desc="spliced", unit="window", enabled=progress)
     try:
         for batch in _batches(windows, batch_size):
+            bar.update(batch.shape[0])
             ids = batch.to(device)
             where = kept_positions(batch, special, exclude_first)
             with _capture(model, layer) as seen:
@@ -176,6 +198,7 @@ def spliced_lm(model: nn.Module, layer: str, dictionary: SparseDictionary, windo
                 x_sq = float((x.double() ** 2).sum()) + (x_sq or 0.0)
                 spliced_rows += x.shape[0]
     finally:
+        bar.close()
         model.train(was_training)
         dictionary.train(dict_training)
     if predicted == 0:

@@ -28,11 +28,18 @@ def test_quick_demo_on_real_smollm2_activations_then_reuses_the_cache(tmp_path, 
     assert rows["expanded"]["members"] == 1 and rows["expanded"]["l0"] == rows["bagging"]["l0"]  # J·k active
     for row in rows.values():
         assert row["explained_variance"] <= 1 and row["train_tokens_per_s"] > 0 and row["stability"] is not None
+        assert 0 < row["ce_loss_score"] <= 1.05 and row["kl_score"] <= 1  # spliced on held-out text
+    assert report["data"]["spliced_tokens"] == 512 and report["data"]["spliced_windows"][0] > 0  # after the harvest
+    recorded = json.loads((out / "model_boosting" / "eval.json").read_text())  # what `saefast compare` reads
+    assert recorded["spliced"]["ce_loss_score"] == rows["boosting"]["ce_loss_score"]
+    assert recorded["explained_variance"] == rows["boosting"]["explained_variance"]
     assert [row["members"] for row in report["curves"]["boosting"]] == [1, 2]
     assert (out / "members.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "model_bagging" / "config.json").is_file()
     printed = capsys.readouterr().out
-    assert "explained_variance" in printed and "harvested activations" in printed
+    assert "explained_variance" in printed and "harvested activations" in printed and "ce_loss_score" in printed
+    assert main(["compare", *(str(out / f"model_{kind}") for kind in rows)]) == 0
+    assert "expanded (J·k)" in capsys.readouterr().out
 
     assert main(args + ["--no-stability"]) == 0
     again = json.loads((out / "results.json").read_text())

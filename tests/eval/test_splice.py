@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import tiny_llama
+from helpers import mirrored_identity_sae, tiny_llama
 
 import saefast as sf
 from saefast.eval import loss_scores, splice, spliced_lm
@@ -22,14 +22,7 @@ D = 32
 
 def exact_sae() -> sf.SAE:
     """x̂ = x exactly: latents e_d and −e_d, ``ReLU(x) − ReLU(−x) = x``, all 2·D kept by TopK."""
-    sae = sf.SAE(sf.SAEConfig(d_in=D, n_latents=2 * D, k=2 * D), seed=0)
-    eye = torch.eye(D)
-    with torch.no_grad():
-        sae.W_enc.copy_(torch.cat([eye, -eye]))
-        sae.W_dec.copy_(torch.cat([eye, -eye]))
-        sae.b_enc.zero_()
-        sae.b_dec.zero_()
-    return sae.eval()
+    return mirrored_identity_sae(D)
 
 
 def trained_sae(model) -> sf.SAE:
