@@ -36,8 +36,9 @@ from .data.store import ActivationStore, StoreError, StoreWriter, write_store
 from .data.text import pydoc_topics, text_source
 from .eval import metrics
 from .eval.evaluate import evaluate
+from .formats import load, save
 from .models import checkpoint, dictionary, ensemble, sae
-from .models.checkpoint import CheckpointError, load, save
+from .models.checkpoint import CheckpointError
 from .models.ensemble import Ensemble
 from .models.sae import SAE
 from .ops import codes, native, ref, use_backend

@@ -386,3 +386,65 @@ def mirrored_identity_sae(d: int, activation: str = "topk") -> sf.SAE:
         sae.b_enc.zero_()
         sae.b_dec.zero_()
     return sae.eval()
+
+
+# ------------------------------------------------------------------------------------------------------
+# Other libraries' SAEs (tests/fixtures/interop: folders written by the real libraries, with their outputs)
+# ------------------------------------------------------------------------------------------------------
+
+INTEROP_FIXTURES = __import__("pathlib").Path(__file__).resolve().parent / "fixtures" / "interop"
+
+
+def interop_expected(name: str) -> dict[str, torch.Tensor]:
+    """The library's own outputs stored with fixture ``name``: ``x`` and its codes and reconstruction."""
+    from safetensors.torch import load_file
+
+    return load_file(str(INTEROP_FIXTURES / name / "expected.safetensors"))
+
+
+def close_to_library(actual: torch.Tensor, reference: torch.Tensor, msg: str = "") -> None:
+    """Equal within 1e-5 relative to the reference's scale (fp32 rounding of a differently ordered sum)."""
+    actual, reference = actual.detach(), reference.detach()
+    scale = max(float(reference.abs().max()), 1.0)
+    assert_close(actual, reference, atol=1e-5 * scale, rtol=1e-5, msg=msg)
+
+
+def copy_interop_fixture(tmp_path, name: str, target=None):
+    """A writable copy of fixture ``name`` (at ``target``, default ``tmp_path / name``)."""
+    import shutil
+
+    target = tmp_path / name if target is None else target
+    shutil.copytree(INTEROP_FIXTURES / name, target)
+    return target
+
+
+def edit_json(path, **changes) -> None:
+    """Set (or, with None, remove) top-level fields of the JSON file ``path``."""
+    import json
+
+    config = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    path.write_text(json.dumps(config))
+
+
+def edit_safetensors(path, edit) -> None:
+    """Apply ``edit(tensors)`` (in place on the dict) to the safetensors file ``path``."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path))
+    edit(tensors)
+    save_file(tensors, str(path))
+
+
+def check_library_outputs(model, reference: dict[str, torch.Tensor], backend: str, what: str,
+                          codes_key: str = "feature_acts", output_key: str = "x_hat") -> None:
+    """``model``'s codes and reconstruction of ``reference["x"]`` on ``backend`` (on its device) are the library's."""
+    device = device_of(backend)
+    model, x = model.to(device), reference["x"].to(device)
+    with sf.use_backend(backend):
+        close_to_library(model.encode(x).to_dense().cpu(), reference[codes_key], f"{what} encode")
+        close_to_library(model.reconstruct(x).cpu(), reference[output_key], f"{what} reconstruct")

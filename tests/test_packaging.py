@@ -85,3 +85,15 @@ def test_from_the_repo_root_kernels_is_the_installed_distribution():
     else:  # no PyPI kernels: the root's kernels/ may only be a namespace portion (no module file of its own)
         assert seen["kernels_file"] is None
     assert Path(seen["saefast_kernels_file"]).name == "topk_encode.py"
+
+
+def test_every_subpackage_ships_in_the_wheel():
+    """pyproject.toml lists the packages explicitly (saefast.kernels comes from another folder): a new subpackage
+    left out of the list would import here, from the source tree, and be missing from the wheel."""
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(init.parent.relative_to(root).parts) for init in (root / "saefast").rglob("__init__.py")
+             if "__pycache__" not in init.parts}
+    assert found - listed == set(), f"add {sorted(found - listed)} to [tool.setuptools] packages"

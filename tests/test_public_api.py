@@ -42,6 +42,7 @@ PUBLIC = {
     "saefast.dictionary": ["SparseDictionary", "Stacked", "StepTerms", "cat_codes", "init_dictionary"],
     "saefast.ensemble": ["Combine", "Ensemble"],
     "saefast.evaluate": ["evaluate"],
+    "saefast.formats": ["FORMATS", "FormatError", "WRITABLE", "available_formats", "detect_format", "load", "save"],
     "saefast.harvest": ["Capture", "FORMAT", "TOKEN_IDS", "VERSION", "abbreviate_names", "decoder_blocks", "harvest",
                         "layer_hook", "model_fingerprint", "model_label", "resolve_hooks", "special_token_ids"],
     "saefast.hf": ["EMBEDDED_MODELS", "SOURCE_ATTR", "load_model", "resolve_model_source"],

@@ -19,16 +19,14 @@ from .runs import EVAL_FILE, CLIError, read_evaluation
 def run_record(path: Path) -> Any:
     """The :class:`~saefast.eval.comparison.RunRecord` of one evaluated run directory."""
     from ..eval.comparison import RunRecord, headline_metrics
-    from ..models import Ensemble, load
-    from ..models.checkpoint import CONFIG_FILE
+    from ..formats import load  # a saefast run, or another library's SAE folder
+    from ..models import Ensemble
 
-    if not (path / CONFIG_FILE).is_file():
-        raise CLIError(f"{path} holds no trained model ({CONFIG_FILE} is missing)")
+    model = load(path)  # a folder that holds no SAE fails here, naming what it lacks
     evaluation = read_evaluation(path)
     if evaluation is None:
         raise CLIError(f"{path} has no {EVAL_FILE}: evaluate it first, e.g. saefast eval --model {path} --data STORE "
                        f"--spliced --probing --scr")
-    model = load(path)
     cfg = model.cfg
     k = cfg.k if cfg.activation in ("topk", "batchtopk") else None
     decoder = model.W_dec.detach().reshape(-1, cfg.d_in).float()

@@ -48,7 +48,7 @@ def _check_options(args: argparse.Namespace, model: Any) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     """``saefast eval``: see the module docstring."""
     from ..devices import check_device
-    from ..models import load
+    from ..formats import load  # a saefast run, or another library's SAE (detected by its files)
     from ..ops import use_backend
 
     wants_lm = args.spliced or args.probing or args.scr

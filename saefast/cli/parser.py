@@ -16,6 +16,7 @@ from .commands import (
     run_train,
 )
 from .compare import run_compare
+from .convert import run_convert
 from .evaluate import run_eval
 
 
@@ -173,6 +174,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--png", help="draw the metrics against the number of members here")
     c.add_argument("--level", type=float, default=0.95, help="confidence level of the intervals (default: 0.95)")
     c.set_defaults(run=run_compare)
+
+    v = commands.add_parser("convert", help="convert an SAE between saefast, SAELens, sparsify, dictionary_learning "
+                            "and OpenAI formats",
+                            description="Load SRC (a saefast run or checkpoint, or another library's SAE, detected "
+                            "from its files) and write it to OUT in --to's format, without retraining. From a saefast "
+                            "run, the model name, hook, context size and dtype come from the harvest's record.")
+    v.add_argument("src", metavar="SRC", help="the SAE to convert (a folder, or a file for single-file formats)")
+    v.add_argument("out", metavar="OUT", help="a new (or empty) directory to write")
+    v.add_argument("--from", dest="source_format", metavar="FORMAT",
+                   help="SRC's format: saefast, saelens, sparsify, dictionary_learning, openai (default: detected)")
+    v.add_argument("--to", required=True, metavar="FORMAT", help="the format to write: saefast, saelens, sparsify")
+    v.add_argument("--model-name", help="the language model's name to record (default: from the run's harvest)")
+    v.add_argument("--hook-name", help="the hook to record (default: the run's hook)")
+    v.add_argument("--context-size", type=positive_int, help="the context size to record (default: the harvest's)")
+    v.set_defaults(run=run_convert)
 
     d = commands.add_parser("demo", help="harvest SmolLM2-135M activations; compare single / expanded / bagging / "
                             "boosting",

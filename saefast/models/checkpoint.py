@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -174,12 +175,29 @@ def load_checkpoint(
     return model, optimizer_state, config.get("train_state")
 
 
+_EXPORTERS: list[Callable[..., None]] = []
+"""The writer of foreign formats (:func:`saefast.formats.save`), registered by :mod:`saefast.formats` on import:
+the models sit below the formats, so they reach it through this hook instead of an import."""
+
+
+def register_exporter(exporter: Callable[..., None]) -> None:
+    """Let ``model.save(path, format=...)`` write formats other than saefast's through ``exporter``."""
+    _EXPORTERS[:] = [exporter]
+
+
 class Checkpointable:
     """Adds :meth:`save` to a :class:`SparseDictionary` subclass."""
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write a checkpoint directory (safetensors weights + JSON config); see :func:`saefast.save`."""
-        save_checkpoint(path, self)
+    def save(self, path: str | os.PathLike, format: str = "saefast", metadata: dict[str, Any] | None = None) -> None:
+        """Write a checkpoint directory (safetensors weights + JSON config; see :func:`saefast.save`), or with
+        ``format="saelens"`` / ``"sparsify"`` that library's folder (:func:`saefast.formats.save`, with
+        ``metadata`` such as the model and hook names)."""
+        if format == "saefast":
+            save_checkpoint(path, self)
+            return
+        if not _EXPORTERS:
+            raise ValueError(f"format {format!r} needs saefast.formats (import saefast first)")
+        _EXPORTERS[0](self, path, format=format, metadata=metadata)
 
 
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> SparseDictionary:

@@ -13,6 +13,7 @@ Two training modes make members read *different* inputs in one stacked step (``x
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
@@ -209,6 +210,39 @@ class Ensemble(Checkpointable, SparseDictionary):
                 tensor.copy_(getattr(self, name)[j])
         sae.train(self.training)
         return sae.to(self.W_dec.device)
+
+    @classmethod
+    @torch.no_grad()
+    def from_saes(cls, saes: Sequence[SAE], combine: Combine = "bagging") -> Ensemble:
+        """An ensemble whose member ``j`` is ``saes[j]`` (copied): bagging ``x̂ = (1/J) Σ_j x̂_j`` or boosting
+        ``x̂ = Σ_j x̂_j`` with stage ``j`` encoding ``x − Σ_{i<j} x̂_i`` — for SAEs trained separately (other seeds,
+        other libraries: the paper's bagging). The inverse of :meth:`member`.
+
+        The members are stacked, so they must agree on everything but their weights: ``d_in``, the number of
+        latents, the activation and its settings (``k``, ...); a difference is an error that names the member and
+        the field. The ensemble's seed is the first SAE's."""
+        saes = list(saes)
+        if not saes:
+            raise ValueError("from_saes needs at least one SAE")
+        for j, sae in enumerate(saes):
+            if not isinstance(sae, SAE):
+                raise TypeError(f"member {j} is a {type(sae).__name__}, not an SAE")
+            if sae.cfg.groups != 1 or sae.decode_only:
+                raise ValueError(f"member {j} is an ensemble's as_sae() (grouped or decode-only); stack plain SAEs")
+        first = saes[0].cfg.to_dict()
+        for j, sae in enumerate(saes[1:], start=1):
+            other = sae.cfg.to_dict()
+            fields = [f"{key}: {first[key]!r} in member 0, {other.get(key)!r} in member {j}"
+                      for key in first if other.get(key) != first[key]]
+            if fields:
+                raise ValueError(f"from_saes stacks SAEs with the same configuration; {'; '.join(fields)}")
+        ensemble = cls(saes[0].cfg, len(saes), combine, seed=saes[0].seed)
+        reference = saes[0].W_dec
+        for name, tensor in ensemble.state_dict().items():
+            for j, sae in enumerate(saes):
+                tensor[j].copy_(getattr(sae, name).to(tensor.device))
+        ensemble.train(saes[0].training)
+        return ensemble.to(device=reference.device, dtype=reference.dtype)
 
     @torch.no_grad()
     def head(self, members: int) -> Ensemble:
