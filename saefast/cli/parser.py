@@ -114,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "(--data), the language-model cost of splicing it into a layer (--spliced), sparse "
                             "probing on real labelled text (--probing) and spurious-correlation removal (--scr). "
                             "The results also go to RUN/eval.json, which `saefast compare` reads.")
-    e.add_argument("--model", required=True, help="run / checkpoint directory (from `saefast train`)")
+    e.add_argument("--model", required=True, help="run / checkpoint directory (from `saefast train`), or another "
+                   "library's SAE folder (SAELens, sparsify, dictionary_learning, OpenAI; detected from its files)")
     e.add_argument("--data", help="activation store directory: reconstruction and sparsity on its rows")
     e.add_argument("--json", help="write the metrics to this file")
     e.add_argument("--hook", help="which hook of a multi-hook store")
@@ -168,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "stability over pairs of seeds, and which ensemble-vs-baseline differences the intervals "
                             "decide. SAEs are named single or expanded (J·M latents, J·k or k active) from the "
                             "ensembles beside them.")
-    c.add_argument("runs", nargs="+", metavar="RUN", help="evaluated run directories")
+    c.add_argument("runs", nargs="+", metavar="RUN", help="evaluated run directories (saefast runs or other "
+                   "libraries' SAE folders, each with the eval.json of `saefast eval`)")
     c.add_argument("--json", help="write the comparison (every group, metric and claim) here")
     c.add_argument("--markdown", help="write the table and the claims as markdown here")
     c.add_argument("--png", help="draw the metrics against the number of members here")
