@@ -39,3 +39,23 @@ def test_export_metadata_comes_from_the_runs_harvest(tmp_path):
     assert export_metadata(run) == {"hook_name": "model.layers.1", "model_name": str(model_dir), "context_size": 32,
                                      "dtype": "float32"}
     assert export_metadata(tmp_path / "acts") == {}  # not a run: nothing to say
+
+
+def test_eval_and_compare_take_foreign_folders(tmp_path, capsys):
+    """A SAELens and a sparsify folder, written by the real libraries, evaluated and compared like saefast runs."""
+    import json
+
+    from helpers import copy_interop_fixture, interop_expected
+
+    from saefast.data.store import write_store
+
+    x = interop_expected("saelens-topk")["x"]
+    write_store(tmp_path / "acts", x.repeat(4, 1), dtype=torch.float32)
+    folders = [copy_interop_fixture(tmp_path, name) for name in ("saelens-topk", "sparsify-topk")]
+    for folder in folders:
+        assert main(["eval", "--model", str(folder), "--data", str(tmp_path / "acts")]) == 0
+        recorded = json.loads((folder / "eval.json").read_text())
+        expected = sf.evaluate(sf.load(folder), x.repeat(4, 1))["explained_variance"]
+        assert abs(recorded["explained_variance"] - expected) < 1e-6
+    assert main(["compare", *map(str, folders)]) == 0
+    assert "SAE" in capsys.readouterr().out
