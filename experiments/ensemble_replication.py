@@ -47,12 +47,12 @@ from saefast.data.harvest import special_token_ids  # noqa: E402
 from saefast.data.labelled import PROBING_DATASETS, DatasetUnavailable, probing_dataset, scr_dataset  # noqa: E402
 from saefast.eval import evaluate, sparse_probing, spliced_lm, spurious_correlation_removal  # noqa: E402
 from saefast.eval.comparison import (  # noqa: E402
-    assign_families,
     compare_records,
     comparison_markdown,
     format_comparison,
     plot_comparison,
 )
+from saefast.eval.probing import mean_over_datasets  # noqa: E402
 from saefast.files import atomic_write_bytes  # noqa: E402
 from saefast.models import load  # noqa: E402
 from saefast.training import train  # noqa: E402
@@ -168,11 +168,7 @@ def evaluate_all(args: argparse.Namespace, store: Any, language_model: LanguageM
                 probe["baseline"] = baselines[name]  # the raw-activation probe does not depend on the SAE
                 probe["source"] = data.source
                 report["datasets"][name] = probe
-            if report["datasets"]:
-                n = len(report["datasets"])
-                report["mean_accuracy"] = {k: sum(r["accuracy"][k] for r in report["datasets"].values()) / n
-                                           for k in report["datasets"][next(iter(report["datasets"]))]["accuracy"]}
-                report["mean_baseline"] = sum(r["baseline"] for r in report["datasets"].values()) / n
+            report.update(mean_over_datasets(report["datasets"]))
             result["probing"] = report
         if "scr" not in recorded:
             scr = spurious_correlation_removal(model, acts[scr_data.name], scr_data.target, scr_data.spurious,
@@ -198,10 +194,7 @@ def main() -> None:
     evaluate_all(args, store, language_model, runs, cache)
 
     paths = sorted(p for p in runs.iterdir() if (p / "config.json").is_file())
-    records = [run_record(path) for path in paths]
-    assign_families(records, sorted({(r.members, r.latents, r.k) for r in records
-                                     if r.family in ("bagging", "boosting")}))
-    report = compare_records(records)
+    report = compare_records([run_record(path) for path in paths])
     print(format_comparison(report))
     results = Path(args.results)
     (results / "runs").mkdir(parents=True, exist_ok=True)

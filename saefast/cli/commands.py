@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..files import atomic_write_bytes
-from .runs import RUN_FILE, RUN_FORMAT, RUN_VERSION, CLIError, read_run
+from .runs import RUN_FILE, RUN_FORMAT, RUN_VERSION, CLIError, read_run, stderr_line
 
 KINDS = ("single", "bagging", "boosting")
 DTYPES = ("bfloat16", "float16", "float32")
@@ -20,10 +20,6 @@ def _dtype(name: str):
     import torch
 
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
-
-
-def _stderr_line(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
 
 
 def run_harvest(args: argparse.Namespace) -> int:
@@ -50,7 +46,7 @@ def run_harvest(args: argparse.Namespace) -> int:
     store = harvest(model, args.out, hooks, args.tokens, tokenizer=tokenizer, texts=texts, context=args.context,
                     batch_size=args.batch_size, dtype=_dtype(args.dtype), shard_tokens=args.shard_tokens,
                     exclude_special=not args.keep_special, progress=not args.no_progress,
-                    metadata={"model": args.model, "text": args.text}, log=_stderr_line)
+                    metadata={"model": args.model, "text": args.text}, log=stderr_line)
     print(f"wrote {store.n_tokens:,} tokens × {len(hooks)} hook(s) ({', '.join(hooks)}; d={store.d}) to {args.out}")
     return 0
 

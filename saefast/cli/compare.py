@@ -42,7 +42,6 @@ def run_record(path: Path) -> Any:
 def run_compare(args: argparse.Namespace) -> int:
     """``saefast compare``: print the table; write JSON, markdown and the PNG when asked."""
     from ..eval.comparison import (
-        assign_families,
         compare_records,
         comparison_markdown,
         format_comparison,
@@ -53,10 +52,7 @@ def run_compare(args: argparse.Namespace) -> int:
     missing = [str(p) for p in paths if not p.is_dir()]
     if missing:
         raise CLIError(f"no such run directory: {', '.join(missing)}")
-    records = [run_record(path) for path in paths]
-    ensembles = sorted({(r.members, r.latents, r.k) for r in records if r.family in ("bagging", "boosting")})
-    assign_families(records, ensembles)
-    report = compare_records(records, level=args.level)
+    report = compare_records([run_record(path) for path in paths], level=args.level)
     print(format_comparison(report))
     for group in report["groups"]:
         if group["warning"]:

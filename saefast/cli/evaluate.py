@@ -14,20 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ..files import atomic_write_bytes
-from .runs import CLIError, read_run, record_evaluation
+from .runs import CLIError, read_run, record_evaluation, stderr_line
 
 PROBING_KS = (1, 2, 5, 10, 20)
 SCR_NS = (2, 5, 10, 20, 50, 100)
-
-
-def _stderr_line(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
 
 
 def _check_options(args: argparse.Namespace, model: Any) -> None:
@@ -154,6 +149,7 @@ def _activations(args: argparse.Namespace, lm: Any, tokenizer: Any, layer: str, 
 def _eval_probing(args: argparse.Namespace, model: Any, lm: Any, tokenizer: Any, layer: str) -> dict[str, Any]:
     from ..data.labelled import PROBING_DATASETS, DatasetUnavailable, probing_dataset
     from ..eval import sparse_probing
+    from ..eval.probing import mean_over_datasets
 
     ks = tuple(args.probe_k or PROBING_KS)
     report: dict[str, Any] = {"layer": layer, "lm": args.lm, "ks": list(ks), "seed": args.probe_seed,
@@ -162,7 +158,7 @@ def _eval_probing(args: argparse.Namespace, model: Any, lm: Any, tokenizer: Any,
         try:
             dataset = probing_dataset(name, per_class=args.per_class, seed=args.probe_seed)
         except DatasetUnavailable as err:
-            _stderr_line(f"saefast eval: skipping the {name} probing task: {err}")
+            stderr_line(f"saefast eval: skipping the {name} probing task: {err}")
             report["skipped"][name] = str(err)
             continue
         acts = _activations(args, lm, tokenizer, layer, dataset.texts, name)
@@ -172,10 +168,7 @@ def _eval_probing(args: argparse.Namespace, model: Any, lm: Any, tokenizer: Any,
         accuracies = "  ".join(f"k={k} {result['accuracy'][str(k)]:.3f}" for k in ks)
         print(f"{'probing ' + name:>28}: {accuracies}  raw {result['baseline']:.3f} "
               f"({len(dataset.classes)} classes, {len(dataset.texts):,} texts)")
-    if report["datasets"]:
-        report["mean_accuracy"] = {str(k): sum(r["accuracy"][str(k)] for r in report["datasets"].values())
-                                   / len(report["datasets"]) for k in ks}
-        report["mean_baseline"] = sum(r["baseline"] for r in report["datasets"].values()) / len(report["datasets"])
+    report.update(mean_over_datasets(report["datasets"]))
     return report
 
 
@@ -187,7 +180,7 @@ def _eval_scr(args: argparse.Namespace, model: Any, lm: Any, tokenizer: Any, lay
     try:
         dataset = scr_dataset(target=target, per_cell=args.scr_per_cell, seed=args.probe_seed)
     except DatasetUnavailable as err:
-        _stderr_line(f"saefast eval: skipping SCR: {err}")
+        stderr_line(f"saefast eval: skipping SCR: {err}")
         return {"skipped": str(err)}
     acts = _activations(args, lm, tokenizer, layer, dataset.texts, dataset.name)
     result = spurious_correlation_removal(model, acts, dataset.target, dataset.spurious, ns=SCR_NS,

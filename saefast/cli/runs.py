@@ -4,6 +4,7 @@ ended), ``eval.json`` (what ``saefast eval`` measured), and the error bad input 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,11 @@ EVAL_FILE = "eval.json"
 
 SECTIONS = ("spliced", "probing", "scr")
 """The sections of ``eval.json`` besides the store metrics at its top level."""
+
+
+def stderr_line(line: str) -> None:
+    """Print one line to standard error at once (progress and skip notices, apart from the results on stdout)."""
+    print(line, file=sys.stderr, flush=True)
 
 
 def read_run(out: Path) -> dict[str, Any] | None:

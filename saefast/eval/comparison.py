@@ -85,9 +85,11 @@ def headline_metrics(evaluation: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def assign_families(records: Sequence[RunRecord], ensembles: Sequence[tuple[int, int, int | None]]) -> None:
-    """Name each SAE record's family (see the module docstring) from the ensembles' ``(J, M, k)``; sets its
-    ``members`` to the matching ``J`` (1 for the single SAE)."""
+def assign_families(records: Sequence[RunRecord]) -> None:
+    """Name each SAE record's family (see the module docstring) from the ``(J, M, k)`` of the ensembles among
+    ``records``; sets its ``members`` to the matching ``J`` (1 for the single SAE)."""
+    ensembles = sorted({(r.members, r.latents, r.k) for r in records if r.family in ("bagging", "boosting")},
+                       key=lambda e: (e[0], e[1], e[2] or 0))
     for record in records:
         if record.family != "SAE":
             continue
@@ -110,12 +112,14 @@ def _group_key(record: RunRecord) -> tuple[int, int, int, int]:
 
 
 def compare_records(records: Sequence[RunRecord], level: float = 0.95) -> dict[str, Any]:
-    """Group ``records`` (see the module docstring) and summarise every metric per group as mean ± CI over seeds;
-    stability from the seeds' decoders pairwise (``metrics.relaxed_stability``, symmetric), diversity per run.
-    Returns ``{"groups": [...], "claims": [...], "level": level}``; each group has ``family``, ``members``,
-    ``latents``, ``k``, ``seeds``, ``runs`` and ``metrics`` ``{key: {"mean", "ci", "n", "values"}}``."""
+    """Name the SAE records' families (:func:`assign_families`), group ``records`` (see the module docstring) and
+    summarise every metric per group as mean ± CI over seeds; stability from the seeds' decoders pairwise
+    (``metrics.relaxed_stability``, symmetric), diversity per run. Returns ``{"groups": [...], "claims": [...],
+    "level": level}``; each group has ``family``, ``members``, ``latents``, ``k``, ``seeds``, ``runs`` and
+    ``metrics`` ``{key: {"mean", "ci", "n", "values"}}``."""
     if not records:
         raise ValueError("compare needs at least one run")
+    assign_families(records)
     groups: list[dict[str, Any]] = []
     for _, members in itertools.groupby(sorted(records, key=_group_key), key=_group_key):
         runs = list(members)
@@ -190,12 +194,18 @@ def _columns(report: dict[str, Any]) -> list[tuple[str, str]]:
     return [(key, title) for key, title, _ in METRICS if key in present]
 
 
-def format_comparison(report: dict[str, Any]) -> str:
-    """The comparison as a fixed-width text table (mean ± 95 % CI over seeds; ``-``: not measured)."""
+def _table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The comparison's header and one row of cells per group (mean ± CI over seeds; ``-``: not measured)."""
     columns = _columns(report)
     header = ["model", "J", "latents", "k", "seeds", *(title for _, title in columns)]
     rows = [[g["family"], str(g["members"]), str(g["latents"]), str(g["k"]), str(len(g["seeds"])),
              *(_cell(g["metrics"].get(key)) for key, _ in columns)] for g in report["groups"]]
+    return header, rows
+
+
+def format_comparison(report: dict[str, Any]) -> str:
+    """The comparison as a fixed-width text table (mean ± 95 % CI over seeds; ``-``: not measured)."""
+    header, rows = _table(report)
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
     lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
@@ -204,14 +214,10 @@ def format_comparison(report: dict[str, Any]) -> str:
 
 def comparison_markdown(report: dict[str, Any]) -> str:
     """The comparison as markdown: the table, then every claim the intervals allow (and the undecided ones)."""
-    columns = _columns(report)
-    header = ["model", "J", "latents", "k", "seeds", *(title for _, title in columns)]
+    header, rows = _table(report)
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in
                                                             range(len(header))) + "|"]
-    for g in report["groups"]:
-        cells = [g["family"], str(g["members"]), str(g["latents"]), str(g["k"]), str(len(g["seeds"])),
-                 *(_cell(g["metrics"].get(key)) for key, _ in columns)]
-        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
     lines.append("")
     lines.append(f"Mean ± half-width of the {report['level']:.0%} Student-t interval over seeds (stability: over "
                  "pairs of seeds). A is better than B only where the intervals do not overlap.")

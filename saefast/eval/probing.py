@@ -24,8 +24,8 @@ import torch
 from ..data.examples import ExampleActivations
 from ..models import SparseDictionary
 
-__all__ = ["ProbeTask", "fit_probe", "one_vs_rest_splits", "pooled_codes", "probe_accuracy", "sparse_probing",
-           "top_k_latents"]
+__all__ = ["ProbeTask", "fit_probe", "mean_over_datasets", "one_vs_rest_splits", "pooled_codes", "probe_accuracy",
+           "sparse_probing", "top_k_latents"]
 
 PROBE_MAX_ITER = 2000
 """L-BFGS iterations of the logistic probe: ample for standardised features and a few thousand examples."""
@@ -291,3 +291,17 @@ def sparse_probing(model: SparseDictionary, acts: ExampleActivations,
         "test_fraction": test_fraction,
         "seed": seed,
     }
+
+
+def mean_over_datasets(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The headline of several :func:`sparse_probing` results (one per dataset): ``mean_accuracy[k]`` =
+    ``(1/D) Σ_datasets accuracy[k]`` and ``mean_baseline`` likewise (``{}`` for no dataset; the baseline is left
+    out where a result has none)."""
+    if not results:
+        return {}
+    values = list(results.values())
+    ks = list(values[0]["accuracy"])
+    summary: dict[str, Any] = {"mean_accuracy": {k: sum(r["accuracy"][k] for r in values) / len(values) for k in ks}}
+    if all(r.get("baseline") is not None for r in values):
+        summary["mean_baseline"] = sum(r["baseline"] for r in values) / len(values)
+    return summary

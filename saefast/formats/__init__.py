@@ -26,6 +26,7 @@ import torch
 
 from ..models import SparseDictionary
 from ..models.checkpoint import CONFIG_FILE, register_exporter
+from ..models.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from ..models.checkpoint import load as load_saefast
 from ..models.checkpoint import save as save_saefast
 
@@ -57,19 +58,22 @@ def available_formats() -> list[str]:
     return [name for name in FORMATS if name == "saefast" or _module(name) is not None]
 
 
-def _looks_like_saefast(path: Path) -> bool:
-    """saefast's checkpoint files, even damaged: a ``config.json`` of ours, or the ``model.<hash>.safetensors`` its
-    ``config.json`` points to (so a checkpoint that lost its config is reported by the checkpoint reader)."""
+def _saefast_evidence(path: Path) -> str:
+    """How ``path`` looks as a saefast checkpoint: ``"checkpoint"`` (a ``config.json`` of our format), ``"damaged"``
+    (a ``config.json`` that is unreadable or of no other format's shape, or the ``model.<hash>.safetensors`` a
+    config points to: the checkpoint reader then names the problem), else ``""``."""
     if not path.is_dir():
-        return False
+        return ""
     if (path / CONFIG_FILE).is_file():
         try:
             config = json.loads((path / CONFIG_FILE).read_text())
         except (OSError, ValueError):
-            return True  # unreadable: the checkpoint reader names the problem
-        if not isinstance(config, dict) or "format" in config or "trainer" not in config:
-            return True  # dictionary_learning's config.json has a "trainer"; any other is ours, or a broken ours
-    return any(path.glob("model.*.safetensors"))
+            return "damaged"
+        if isinstance(config, dict) and config.get("format") == CHECKPOINT_FORMAT:
+            return "checkpoint"
+        if not isinstance(config, dict) or "trainer" not in config:  # dictionary_learning's has a "trainer"
+            return "damaged"
+    return "damaged" if any(path.glob("model.*.safetensors")) else ""
 
 
 def detect_format(path: str | os.PathLike) -> str:
@@ -77,11 +81,14 @@ def detect_format(path: str | os.PathLike) -> str:
     path = Path(path)
     if not path.exists():
         return "saefast"  # the checkpoint reader says there is nothing there
+    evidence = _saefast_evidence(path)
+    if evidence == "checkpoint":  # the common case, without importing the other formats' readers
+        return "saefast"
     for name in FORMATS[1:]:
         module = _module(name)
         if module is not None and module.detect(path):
             return name
-    if _looks_like_saefast(path):
+    if evidence:
         return "saefast"
     files = sorted(p.name for p in path.iterdir())[:12] if path.is_dir() else [path.name]
     raise FormatError(f"{path} is not an SAE saefast can read: no saefast {CONFIG_FILE}, and none of the formats "
