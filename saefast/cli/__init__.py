@@ -9,6 +9,7 @@ from __future__ import annotations
 import shlex
 import sys
 
+from ..distributed import DistributedError, is_main
 from ..interrupts import Interrupted
 from .commands import DTYPES, KINDS, TRAIN_DEFAULTS
 from .parser import build_parser
@@ -36,16 +37,20 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as done:  # --help, --version, or a usage error (printed, one line)
         return done.code if isinstance(done.code, int) else 2
+    args.argv = argv
     try:
         return args.run(args)
     except Interrupted as stop:
         hint = f"; resume with: {resume_command(args.command, argv)}" if stop.saved and args.command in RESUMABLE \
             else ""
-        print(f"saefast {args.command}: {stop}{hint}", file=sys.stderr, flush=True)
+        if is_main():  # under torchrun every rank stops; one says so
+            print(f"saefast {args.command}: {stop}{hint}", file=sys.stderr, flush=True)
         return stop.exit_status
-    except (ValueError, TypeError, FileNotFoundError, KeyError, OSError, ImportError) as err:  # incl. CLIError
+    except (ValueError, TypeError, FileNotFoundError, KeyError, OSError, ImportError,
+            DistributedError) as err:  # incl. CLIError
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        print(f"saefast {args.command}: error: {message}", file=sys.stderr)
+        if is_main():  # a DistributedError names every failing rank: rank 0 reports it for all
+            print(f"saefast {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,12 +25,14 @@ def _dtype(name: str):
 
 def run_harvest(args: argparse.Namespace) -> int:
     """``saefast harvest`` (re-running it on the same --out resumes; a SIGINT/SIGTERM stops after the batch under
-    way, keeping the shards written)."""
+    way, keeping the shards written). Under ``torchrun`` the ranks share out the shards (gloo on the CPU, NCCL on
+    CUDA, each rank on its ``LOCAL_RANK`` GPU) and write the store one process would; only rank 0 reports."""
     from ..data.harvest import harvest
     from ..data.hf import load_model
     from ..data.hooks import layer_hook, resolve_hooks
     from ..data.text import text_source
     from ..devices import check_device
+    from ..distributed import DistributedError, is_main, local_device, torchrun_group
 
     if args.tokens < 1:
         raise CLIError(f"--tokens must be >= 1, got {args.tokens}")
@@ -37,17 +40,26 @@ def run_harvest(args: argparse.Namespace) -> int:
         raise CLIError("give either --layer or --hook, not both")
     check_device(args.device)
     texts = text_source(args.text)  # fails fast on a missing file, before the model loads
-    model, tokenizer = load_model(args.model, device=args.device, progress=not args.no_progress)
-    if args.hook:
-        hooks = resolve_hooks(model, args.hook)
-    else:
-        layer = args.layer if args.layer is not None else model.config.num_hidden_layers // 2
-        hooks = [layer_hook(model, layer)]
-    store = harvest(model, args.out, hooks, args.tokens, tokenizer=tokenizer, texts=texts, context=args.context,
-                    batch_size=args.batch_size, dtype=_dtype(args.dtype), shard_tokens=args.shard_tokens,
-                    exclude_special=not args.keep_special, progress=not args.no_progress,
-                    metadata={"model": args.model, "text": args.text}, log=stderr_line)
-    print(f"wrote {store.n_tokens:,} tokens × {len(hooks)} hook(s) ({', '.join(hooks)}; d={store.d}) to {args.out}")
+    with torchrun_group(args.device) as distributed:
+        main = is_main()
+        try:
+            model, tokenizer = load_model(args.model, device=local_device(args.device),
+                                          progress=not args.no_progress and main)
+            if args.hook:
+                hooks = resolve_hooks(model, args.hook)
+            else:
+                layer = args.layer if args.layer is not None else model.config.num_hidden_layers // 2
+                hooks = [layer_hook(model, layer)]
+            store = harvest(model, args.out, hooks, args.tokens, tokenizer=tokenizer, texts=texts,
+                            context=args.context, batch_size=args.batch_size, dtype=_dtype(args.dtype),
+                            shard_tokens=args.shard_tokens, exclude_special=not args.keep_special,
+                            progress=not args.no_progress, metadata={"model": args.model, "text": args.text},
+                            log=stderr_line, distributed=distributed)
+        except DistributedError as err:  # some ranks failed: one line naming them, like any bad input
+            raise CLIError(str(err)) from err
+    if main:
+        print(f"wrote {store.n_tokens:,} tokens × {len(hooks)} hook(s) ({', '.join(hooks)}; d={store.d}) to "
+              f"{args.out}")
     return 0
 
 
@@ -72,7 +84,8 @@ def read_config_file(path: str) -> dict[str, Any]:
 
 TRAIN_DEFAULTS = {"kind": "single", "members": 4, "chains": 1, "bootstrap": False, "latents": None, "k": 32,
                   "activation": "topk", "steps": 1000, "lr": 1e-3, "batch_size": 1024, "seed": 0, "data_seed": 0,
-                  "hook": None, "device": "cpu", "checkpoint_every": 0, "checkpoint_minutes": 5.0, "backend": "auto"}
+                  "hook": None, "device": "cpu", "checkpoint_every": 0, "checkpoint_minutes": 5.0, "backend": "auto",
+                  "parallel": None, "member_shards": None}
 
 POSITIVE = ("members", "chains", "latents", "k", "steps", "batch_size")
 """Train options that count something and must be >= 1."""
@@ -120,6 +133,14 @@ def parse_train_options(args: argparse.Namespace) -> tuple[dict[str, Any], dict[
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise CLIError(f"{_flag(key)} must be a whole number >= 1, got {value!r}")
+    if options["parallel"] is not None and options["parallel"] not in ("members", "data", "members,data"):
+        raise CLIError(f"--parallel must be members, data or members,data, got {options['parallel']!r}")
+    if options["member_shards"] is not None:
+        if options["parallel"] != "members,data":
+            raise CLIError("--member-shards applies to --parallel members,data (a members × data mesh)")
+        if isinstance(options["member_shards"], bool) or not isinstance(options["member_shards"], int) \
+                or options["member_shards"] < 1:
+            raise CLIError(f"--member-shards must be a whole number >= 1, got {options['member_shards']!r}")
     for key in ("seed", "data_seed", "checkpoint_every"):
         if isinstance(options[key], bool) or not isinstance(options[key], int) or options[key] < 0:
             raise CLIError(f"{_flag(key)} must be a whole number >= 0, got {options[key]!r}")
@@ -146,27 +167,28 @@ def check_run_dir(out: Path, data: Path, resume: bool) -> dict[str, Any] | None:
     """Check ``--out`` before training: it must be new, empty or a run of ours; ``--resume`` needs its checkpoint,
     and without ``--resume`` a checkpoint there is kept, not overwritten. Returns the checkpoint's train state
     (``--resume``) or None."""
-    from ..models.checkpoint import CONFIG_FILE, read_config
+    from ..models import sharded
+    from ..models.checkpoint import CONFIG_FILE
 
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {out} is a file; give a directory for the run")
     if out.resolve() == data.resolve():
         raise CLIError(f"--out {out} is the activation store itself; give the run its own directory")
-    checkpoint = out / CONFIG_FILE
-    ours = read_run(out) is not None or checkpoint.is_file()
+    has_checkpoint = out.is_dir() and sharded.newest(out) is not None  # a plain one, or a distributed run's shards
+    ours = read_run(out) is not None or has_checkpoint
     if out.is_dir() and any(out.iterdir()) and not ours:
         raise CLIError(f"--out {out} is not empty and holds no saefast run (no {RUN_FILE} or {CONFIG_FILE}); "
                        f"choose a new or empty directory")
     if not resume:
-        if checkpoint.is_file():
+        if has_checkpoint:
             raise CLIError(f"{out} already holds a trained model; pass --resume to continue it or choose another "
                            f"--out")
         return None
-    if not checkpoint.is_file():
+    if not has_checkpoint:
         why = (" (the run there stopped before its first checkpoint: run again without --resume)" if ours
                else "; check --out, or drop --resume to start a new run")
         raise CLIError(f"--resume: there is no checkpoint to resume in {out}{why}")
-    return read_config(out).get("train_state") or {}
+    return sharded.describe(out).get("train_state") or {}
 
 
 def _write_run(out: Path, run: dict[str, Any]) -> None:
@@ -175,17 +197,91 @@ def _write_run(out: Path, run: dict[str, Any]) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    """``saefast train``."""
+    """``saefast train``. With ``--parallel`` under torchrun (or ``--nproc P``, which starts torchrun), every rank
+    runs this; setup errors on any rank are reported once, by rank 0, with the failing rank's message."""
+    from .. import distributed
+    from ..interrupts import Interrupted
+    from ..training import train
+
+    if args.nproc is not None:
+        return _launch_torchrun(args)
+    error: BaseException | None = None
+    options: dict[str, Any] = {}
+    try:
+        options, sae_extra, train_extra = parse_train_options(args)
+    except CLIError as err:
+        error = err
+    parallel = options.get("parallel") or args.parallel
+    if parallel and not distributed.launched_by_torchrun():
+        raise CLIError(f"--parallel {parallel} splits the run over several processes: start it with torchrun "
+                       f"(torchrun --nproc_per_node=P -m saefast train ...) or add --nproc P")
+    if not parallel and distributed.launched_by_torchrun() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise CLIError("under torchrun every process would train the whole run into the same --out: say how they "
+                       "split it with --parallel members, data or members,data")
+    with distributed.torchrun_group(options.get("device") or "cpu"):
+        setup = None
+        if error is None:
+            try:
+                setup = _prepare_train(args, options, sae_extra, train_extra, parallel)
+            except (ValueError, TypeError, FileNotFoundError, KeyError, OSError, ImportError) as err:
+                error = err
+        if parallel:
+            distributed.agree_on_errors(error)
+        elif error is not None:
+            raise error
+        model, config, store, run, batches, done_before = setup
+        out, main = Path(options["out"]), distributed.is_main()
+        start = time.perf_counter()
+        try:
+            history = train(model, batches, config=config, parallel=parallel,
+                            member_shards=options["member_shards"])
+        except Interrupted as stop:
+            if main:
+                _write_run(out, {**run, "status": "interrupted", "stopped_by": stop.signum})
+            raise
+    seconds = time.perf_counter() - start
+    stages = len(model.stages())
+    trained = config.steps * stages - done_before  # steps taken in this process
+    if not main:
+        return 0
+    if trained == 0:  # a finished run resumed with its own settings (train() checked them)
+        print(f"{out} already finished its {config.steps} steps" + (" per stage" if stages > 1 else "")
+              + f": nothing to train (saefast eval --model {out} --data … measures it)")
+        return 0
+    tokens_per_s = trained * int(options["batch_size"]) / seconds if seconds > 0 else None
+    final = history[-1] if history else {}
+    run.update(status="finished", seconds=seconds, steps_this_session=trained, tokens_per_s=tokens_per_s,
+               final=final or None)
+    _write_run(out, run)
+    atomic_write_bytes(out / "history.json", json.dumps(history, indent=2).encode())
+    cfg = model.cfg
+    members = run["members"] * run["chains"]
+    what = "members' mean " if members > 1 else ""
+    where = f" on {distributed.world_size()} ranks ({run['parallel']['layout']})" if parallel else ""
+    print(f"trained {options['kind']} ({members} × {cfg.n_latents} latents" + (f", k={cfg.k}" if cfg.activation in
+          ("topk", "batchtopk") else "") + f") on {store.hook}{where}: {what}fvu {final.get('fvu', float('nan')):.4f}"
+          f", {what}l0 {final.get('l0', float('nan')):.1f}, {tokens_per_s or 0:,.0f} tokens/s"
+          + (" (resumed)" if args.resume else "") + f" → {out}")
+    if members > 1:
+        print("  (each member on its own input, a boosting stage on its residual; `saefast eval` measures the "
+              "ensemble's reconstruction)")
+    return 0
+
+
+def _prepare_train(args: argparse.Namespace, options: dict[str, Any], sae_extra: dict[str, Any],
+                   train_extra: dict[str, Any], parallel: str | None) -> tuple:
+    """Everything ``saefast train`` checks and builds before training: the run directory, the store, the model,
+    the train config, ``run.json`` (rank 0) and the batches (each rank's share of every batch with
+    ``--parallel data``). Returns ``(model, config, store, run, batches, steps done before)``."""
+    from .. import distributed
     from ..config import SAEConfig, TrainConfig
     from ..data.store import ActivationStore
     from ..devices import check_device
-    from ..interrupts import Interrupted
     from ..models import SAE, Ensemble
     from ..ops import resolve_backend
-    from ..training import differences, train
+    from ..training import differences
 
-    options, sae_extra, train_extra = parse_train_options(args)
-    device = check_device(options["device"])
+    device = distributed.local_device(check_device(options["device"]))
     out, data = Path(options["out"]), Path(options["data"])
     state = check_run_dir(out, data, args.resume)
     store = ActivationStore(data, hook=options["hook"])
@@ -215,45 +311,48 @@ def run_train(args: argparse.Namespace) -> int:
     if options["bootstrap"]:  # the flag or the file's top level; a [train] table may also set it
         train_options["bootstrap"] = True
     config = TrainConfig(**train_options)
-    stages = len(model.stages())
     done_before = int(state.get("stage", 0)) * config.steps + int(state.get("step", 0)) if state else 0
     run = {"kind": options["kind"], "members": getattr(model, "members", 1), "chains": getattr(model, "chains", 1),
            "bootstrap": config.bootstrap, "data": str(data), "hook": store.hook, "sae": cfg.to_dict(),
            "train": dict(train_options), "batch_size": int(options["batch_size"]),
            "data_seed": int(options["data_seed"]), "device": str(device), "status": "running",
            "resumed": bool(args.resume)}
-    if not args.resume:  # from here on --out is recognisably a run of ours, even before its first checkpoint
+    shard = None
+    if parallel:
+        ranks = distributed.world_size()
+        member_shards, data_shards = distributed.mesh_shape(parallel, ranks, options["member_shards"])
+        run["parallel"] = {"mode": parallel, "ranks": ranks, "member_shards": member_shards,
+                           "data_shards": data_shards, "layout": f"{member_shards} member × {data_shards} data"}
+        if data_shards > 1:  # row-major mesh: the data rank is the rank's place in its group of P_d
+            shard = (distributed.rank() % data_shards, data_shards)
+    if not args.resume and distributed.is_main():  # from here on --out is recognisably a run of ours
         _write_run(out, run)
     batches = store.batches(int(options["batch_size"]), seed=int(options["data_seed"]), epochs=None,
-                            drop_last=store.n_tokens >= int(options["batch_size"]), device=device)
-    start = time.perf_counter()
-    try:
-        history = train(model, batches, config=config)
-    except Interrupted as stop:
-        _write_run(out, {**run, "status": "interrupted", "stopped_by": stop.signum})
-        raise
-    seconds = time.perf_counter() - start
-    trained = config.steps * stages - done_before  # steps taken in this process
-    if trained == 0:  # a finished run resumed with its own settings (train() checked them)
-        print(f"{out} already finished its {config.steps} steps" + (" per stage" if stages > 1 else "")
-              + f": nothing to train (saefast eval --model {out} --data … measures it)")
-        return 0
-    tokens_per_s = trained * int(options["batch_size"]) / seconds if seconds > 0 else None
-    final = history[-1] if history else {}
-    run.update(status="finished", seconds=seconds, steps_this_session=trained, tokens_per_s=tokens_per_s,
-               final=final or None)
-    _write_run(out, run)
-    atomic_write_bytes(out / "history.json", json.dumps(history, indent=2).encode())
-    members = run["members"] * run["chains"]
-    what = "members' mean " if members > 1 else ""
-    print(f"trained {options['kind']} ({members} × {cfg.n_latents} latents" + (f", k={cfg.k}" if cfg.activation in
-          ("topk", "batchtopk") else "") + f") on {store.hook}: {what}fvu {final.get('fvu', float('nan')):.4f}, "
-          f"{what}l0 {final.get('l0', float('nan')):.1f}, {tokens_per_s or 0:,.0f} tokens/s"
-          + (" (resumed)" if args.resume else "") + f" → {out}")
-    if members > 1:
-        print("  (each member on its own input, a boosting stage on its residual; `saefast eval` measures the "
-              "ensemble's reconstruction)")
-    return 0
+                            drop_last=store.n_tokens >= int(options["batch_size"]), device=device, shard=shard)
+    return model, config, store, run, batches, done_before
+
+
+def _launch_torchrun(args: argparse.Namespace) -> int:
+    """``saefast train --nproc P ...``: run the same command under ``torchrun --standalone --nproc_per_node=P`` on
+    this machine and return its exit status."""
+    import subprocess
+
+    if args.nproc < 1:
+        raise CLIError(f"--nproc must be a whole number >= 1, got {args.nproc}")
+    if not args.parallel:
+        raise CLIError("--nproc starts several processes; say how they split the run with --parallel members, data "
+                       "or members,data")
+    argv = list(args.argv)
+    for i, arg in enumerate(argv):  # drop --nproc P / --nproc=P
+        if arg == "--nproc":
+            del argv[i:i + 2]
+            break
+        if arg.startswith("--nproc="):
+            del argv[i]
+            break
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+               "-m", "saefast", *argv]
+    return subprocess.call(command)
 
 
 def run_demo(args: argparse.Namespace) -> int:

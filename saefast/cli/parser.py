@@ -105,6 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the run in --out from its checkpoint, with the same settings (bit for bit on CPU)")
     t.add_argument("--backend", choices=("auto", "torch", "triton", "native"),
                    help="op backend (default: auto = triton on CUDA, native on the CPU, else torch)")
+    t.add_argument("--parallel", choices=("members", "data", "members,data"),
+                   help="under torchrun: split the ensemble's members (bagging members, boosting chains; bit-exact), "
+                   "each batch's tokens (gradients all-reduced), or both on a members × data mesh")
+    t.add_argument("--member-shards", type=int,
+                   help="--parallel members,data: ranks the members are split over (default: √P for a square P)")
+    t.add_argument("--nproc", type=int,
+                   help="start torchrun with this many processes on this machine for you (needs --parallel)")
     t.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     t.set_defaults(run=run_train)
 

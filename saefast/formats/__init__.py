@@ -27,8 +27,9 @@ import torch
 from ..models import SparseDictionary
 from ..models.checkpoint import CONFIG_FILE, register_exporter
 from ..models.checkpoint import FORMAT as CHECKPOINT_FORMAT
-from ..models.checkpoint import load as load_saefast
 from ..models.checkpoint import save as save_saefast
+from ..models.sharded import MANIFEST, SHARDS_DIR
+from ..models.sharded import load_latest as load_saefast
 
 FORMATS = ("saefast", "saelens", "sparsify", "dictionary_learning", "openai")
 """Every format :func:`load` reads, in the order detection tries them."""
@@ -59,11 +60,14 @@ def available_formats() -> list[str]:
 
 
 def _saefast_evidence(path: Path) -> str:
-    """How ``path`` looks as a saefast checkpoint: ``"checkpoint"`` (a ``config.json`` of our format), ``"damaged"``
+    """How ``path`` looks as a saefast checkpoint: ``"checkpoint"`` (a ``config.json`` of our format, or the manifest
+    of a distributed run's shards), ``"damaged"``
     (a ``config.json`` that is unreadable or of no other format's shape, or the ``model.<hash>.safetensors`` a
     config points to: the checkpoint reader then names the problem), else ``""``."""
     if not path.is_dir():
         return ""
+    if (path / SHARDS_DIR / MANIFEST).is_file():  # a distributed run's sharded checkpoint
+        return "checkpoint"
     if (path / CONFIG_FILE).is_file():
         try:
             config = json.loads((path / CONFIG_FILE).read_text())

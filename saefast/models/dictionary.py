@@ -20,6 +20,7 @@ from torch import nn
 
 from .. import ops
 from ..config import SAEConfig
+from ..distributed import LOCAL, TokenShards
 from ..ops import ref
 from ..ops.codes import SparseCodes
 from ..validation import check_activations
@@ -78,6 +79,20 @@ def mean_l0(codes: SparseCodes | torch.Tensor) -> torch.Tensor:
     if isinstance(codes, SparseCodes):
         return codes.l0().mean(0)
     return (codes != 0).sum(-1).float().mean(0)
+
+
+def fvu_over(target: torch.Tensor, x_hat: torch.Tensor, tokens: TokenShards = LOCAL) -> torch.Tensor:
+    """Per-member FVU ``[J]`` of ``[N, J, D]`` inputs (:func:`saefast.ops.ref.fvu_loss`), over a token axis that may be
+    split over processes: then it is this rank's ``Σ_{n∈rank}‖t − x̂‖²`` over the *global* ``Σ_n‖t − t̄‖²`` (``t̄``
+    and the denominator summed over ``tokens``' group), so that the ranks' values, and their gradients, add up to
+    the FVU of the global batch."""
+    if not tokens.split:
+        return ref.fvu_loss(target, x_hat)
+    sums = tokens.sum(torch.cat([target.sum(0).reshape(-1), target.new_tensor([target.shape[0]])]))
+    mean = (sums[:-1] / sums[-1]).view(1, *target.shape[1:])
+    total = tokens.sum((target - mean).pow(2).sum(dim=(0, 2)))
+    err = (target - x_hat).pow(2).sum(dim=(0, 2))
+    return err / total.clamp_min(torch.finfo(total.dtype).tiny)
 
 
 def cat_codes(parts: list[SparseCodes | torch.Tensor]) -> SparseCodes | torch.Tensor:
@@ -340,7 +355,7 @@ class SparseDictionary(nn.Module):
 
     def training_terms(
         self, x_in: torch.Tensor, members: slice = ALL_MEMBERS, backend: str | None = None,
-        max_dead: int | None = None,
+        max_dead: int | None = None, tokens: TokenShards = LOCAL,
     ) -> tuple[StepTerms, SparseCodes | torch.Tensor]:
         """Training loss terms of ``members`` reading and reconstructing ``x_in``, and their codes.
 
@@ -350,45 +365,62 @@ class SparseDictionary(nn.Module):
         ``fvu_j = Σ_n‖t_j[n] − x̂_j[n]‖² / Σ_n‖t_j[n] − t̄_j‖²``; the AuxK target is its own residual
         ``t_j − x̂_j``: ``aux_j = fvu(t_j − x̂_j, x̂_aux_j)``. An SAE's groups add up to one reconstruction of one
         shared input. The codes (sparse, or dense ``[N, J, M]`` for ReLU) feed the firing statistics. ``max_dead``:
-        a host-side bound on the largest dead-latent count of a member, or None (see :meth:`_encode`)."""
+        a host-side bound on the largest dead-latent count of a member, or None (see :meth:`_encode`).
+
+        ``tokens`` (data-parallel training): ``x_in`` is this rank's share of a batch split over ``tokens``' group.
+        Every term is then this rank's share of the global batch's term — the FVU denominators are global
+        (:func:`fvu_over`), the per-token means (sparsity, L0) are divided by the global token count — so the terms
+        and their gradients add up over the ranks to a single process's; BatchTopK keeps its top ``N_r·k`` per rank,
+        and the inference-threshold estimate it feeds is averaged over the ranks so that every rank keeps the same.
+        """
         joint = self._single_output
         self._check_inputs(x_in, members)
         backend = self.resolve_backend(backend, x_in.device)
         P = self.stacked(members)
         enc = self._encode(x_in, P, members, backend, training=True, aux=True, max_dead=max_dead)
         y = self._member_outputs(enc.codes, P.W_dec, backend)
-        x_hat = (y.sum(1) + P.b_dec[0]).unsqueeze(1) if joint else y + P.b_dec.unsqueeze(0)
+        x_hat = (y.sum(1) + P.b_dec[0]).unsqueeze(1) if joint else ref.add_member_bias(y, P.b_dec)
         tgt = x_in.float() if x_in.dim() == 3 else x_in.float().unsqueeze(1)  # [N, J, D] or [N, 1, D]
         x_hat = x_hat.float()
-        fvu = ref.fvu_loss(tgt.expand_as(x_hat), x_hat)
+        fvu = fvu_over(tgt.expand_as(x_hat), x_hat, tokens)
         if enc.aux_codes is None:
             aux = torch.zeros_like(fvu)
         else:
             aux_hat = self._member_outputs(enc.aux_codes, P.W_dec, backend).float()
             aux_hat = aux_hat.sum(1, keepdim=True) if joint else aux_hat
             residual = (tgt - x_hat).detach()
-            aux = ref.fvu_loss(residual.expand_as(aux_hat), aux_hat)
+            aux = fvu_over(residual.expand_as(aux_hat), aux_hat, tokens)
             has_dead = self.dead_latents(members).any(-1)
             has_dead = has_dead.any(0, keepdim=True) if joint else has_dead
             aux = torch.where(has_dead, aux, torch.zeros_like(aux))  # no dead latent: nothing to model
         sparsity = self._sparsity(enc, P)
         l0 = mean_l0(enc.codes)
+        if tokens.split:  # per-token means of this rank's share → its part of the global mean
+            n_local = x_in.new_tensor(float(x_in.shape[0]), dtype=torch.float32)
+            share = n_local / tokens.sum(n_local)
+            sparsity, l0 = sparsity * share, l0 * share
         if joint:
             sparsity, l0 = sparsity.sum(0, keepdim=True), l0.sum(0, keepdim=True)
         loss = fvu.sum() + self.cfg.aux_coef * aux.sum() + sparsity.sum()
         if enc.smallest_kept is not None:
-            self._record_threshold(enc.smallest_kept, members)
+            self._record_threshold(tokens.mean(enc.smallest_kept), members)
         return StepTerms(loss, fvu.detach(), aux.detach(), sparsity.detach(), l0), enc.codes.detach()
 
     @torch.no_grad()
-    def record_firing_(self, codes: SparseCodes | torch.Tensor, members: slice = ALL_MEMBERS) -> None:
-        """``tokens_since_fired += N``, reset to 0 for every latent that fired (sparse or dense ``[N, J, M]`` codes)."""
+    def record_firing_(self, codes: SparseCodes | torch.Tensor, members: slice = ALL_MEMBERS,
+                       tokens: TokenShards = LOCAL, n_tokens: int | None = None) -> None:
+        """``tokens_since_fired += N``, reset to 0 for every latent that fired (sparse or dense ``[N, J, M]`` codes).
+
+        Data-parallel (``tokens`` split): a latent fired if it fired on any rank, and ``N`` is the global batch
+        (``n_tokens``), so every rank keeps the same counters, hence the same dead latents for AuxK."""
         counter = self._view(self.tokens_since_fired, members)
         if isinstance(codes, SparseCodes):
             fired = codes.fired().view_as(counter)  # no host sync
-            n_tokens = codes.n_tokens
+            local = codes.n_tokens
         else:
-            fired, n_tokens = (codes != 0).any(0), codes.shape[0]
+            fired, local = (codes != 0).any(0), codes.shape[0]
+        fired = tokens.max(fired)
+        n_tokens = local if n_tokens is None else n_tokens
         counter.add_(n_tokens)
         counter.masked_fill_(fired, 0)
 
@@ -433,6 +465,16 @@ class SparseDictionary(nn.Module):
             view = g[members]
             view.mul_(scale.view(-1, *([1] * (view.dim() - 1))).to(g.dtype))
 
+    def member_gradients(self, members: slice = ALL_MEMBERS) -> list[torch.Tensor]:
+        """The gradients of ``members`` (views on the member axis; a missing gradient becomes zeros), in parameter
+        order: what data-parallel training sums over its ranks."""
+        grads = []
+        for p in self.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(self._view(p.grad, members) if not self._single_output else p.grad)
+        return grads
+
     @torch.no_grad()
     def normalize_decoder_(self, members: slice = ALL_MEMBERS) -> None:
         """Decoder rows of ``members`` back to unit norm after an optimizer step: ``w_r ← w_r / ‖w_r‖``."""
@@ -440,21 +482,33 @@ class SparseDictionary(nn.Module):
             ref.normalize_rows_(self._view(self.W_dec.data, members))
 
     @torch.no_grad()
-    def init_b_dec_(self, data: torch.Tensor, members: slice = ALL_MEMBERS) -> None:
+    def init_b_dec_(self, data: torch.Tensor, members: slice = ALL_MEMBERS, tokens: TokenShards = LOCAL) -> None:
         """Set ``b_dec`` of ``members`` from a batch: mean, geometric median or zeros (``cfg.b_dec_init``).
 
         ``data`` is ``[N, D]`` (one value for every member) or ``[N, J, D]``: member ``j`` gets the statistic of
         its own input ``data[:, j]`` (the geometric median member by member: this runs once per stage, and each
-        member's Weiszfeld iterations then stop exactly where its own would)."""
+        member's Weiszfeld iterations then stop exactly where its own would).
+
+        Data-parallel (``data`` this rank's share of a batch split over ``tokens``' group): the statistic of the
+        global batch — the mean from summed rows and counts, the geometric median by Weiszfeld iterations whose sums
+        run over every rank's rows — the same on every rank."""
         self._check_inputs(data, members)
         how = self.cfg.b_dec_init
+        total = tokens.sum if tokens.split else None
         if how == "mean":
-            value = data.float().mean(0)
+            if total is None and data.dim() == 3 and data.device.type == "cpu":  # per member: see ref.fvu_loss
+                value = torch.stack([data[:, j].float().mean(0) for j in range(data.shape[1])])
+            elif total is None:
+                value = data.float().mean(0)
+            else:
+                sums = total(torch.cat([data.float().sum(0).reshape(-1), data.new_tensor([data.shape[0]]).float()]))
+                value = (sums[:-1] / sums[-1]).view(data.shape[1:])
         elif how == "geometric_median":
             if data.dim() == 3:
-                value = torch.stack([ref.geometric_median(data[:, j].float()) for j in range(data.shape[1])])
+                value = torch.stack([ref.geometric_median(data[:, j].float(), total=total)
+                                     for j in range(data.shape[1])])
             else:
-                value = ref.geometric_median(data.float())
+                value = ref.geometric_median(data.float(), total=total)
         else:
             value = torch.zeros(data.shape[-1], device=data.device)
         if self._single_output:

@@ -255,7 +255,13 @@ def _register_native() -> None:
 def folded_bias(W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor) -> torch.Tensor:
     """``b_enc − W_enc·b_dec`` ``[J, M]``, so that ``pre = x·W_encᵀ + bias`` equals ``W_enc(x − b_dec) + b_enc``."""
     J, _, D = W_enc.shape
-    return b_enc - torch.einsum("jd,jmd->jm", b_dec.expand(J, D), W_enc)
+    b_dec = b_dec.expand(J, D)
+    if W_enc.device.type == "cpu":
+        # One GEMV per member: a batched one picks its kernel from J, so a member's bias gradient would change in
+        # the last bits with the number of members in the call, and member-parallel training would not give the
+        # single-process model bit for bit.
+        return b_enc - torch.stack([W_enc[j] @ b_dec[j] for j in range(J)])
+    return b_enc - torch.einsum("jd,jmd->jm", b_dec, W_enc)
 
 
 def topk_encode(

@@ -11,6 +11,8 @@ latent ``i``), ``b_dec [J, D]`` (or ``[1, D]`` when the members share one ``b_de
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -180,8 +182,41 @@ def decode_sparse(
     return out + bias
 
 
+class _MemberBias(torch.autograd.Function):
+    """``y + b.unsqueeze(0)``, its bias gradient summed member by member on the CPU (:func:`add_member_bias`)."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        ctx.dtypes = (y.dtype, bias.dtype)
+        return y + bias.unsqueeze(0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y_dtype, bias_dtype = ctx.dtypes
+        if grad.device.type == "cpu":
+            bias_grad = torch.stack([grad[:, j].sum(0) for j in range(grad.shape[1])])
+        else:
+            bias_grad = grad.sum(0)
+        return grad.to(y_dtype), bias_grad.to(bias_dtype)
+
+
+def add_member_bias(y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``y[n, j] + bias[j]`` for ``y [N, J, D]``, ``bias [J, D]``; differentiable.
+
+    On the CPU the bias gradient ``Σ_n g[n, j]`` is reduced one member at a time: a reduction of the whole
+    ``[N, J, D]`` gradient over ``N`` vectorises across ``J·D`` and rounds differently for another ``J``, so a member
+    trained beside other members would differ in the last bits from the same member trained in a smaller ensemble —
+    and member-parallel training would not give the single-process model bit for bit."""
+    return _MemberBias.apply(y, bias)
+
+
 def fvu_loss(target: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
-    """Per-member fraction of variance unexplained ``Σ_n‖t − x̂‖² / Σ_n‖t − t̄‖²`` for ``[N, J, D]`` inputs → ``[J]``."""
+    """Per-member fraction of variance unexplained ``Σ_n‖t − x̂‖² / Σ_n‖t − t̄‖²`` for ``[N, J, D]`` inputs → ``[J]``.
+
+    On the CPU each member is reduced on its own, so its value does not depend on how many members share the call
+    (see :func:`add_member_bias`)."""
+    if target.device.type == "cpu" and target.shape[1] > 1:
+        return torch.cat([fvu_loss(target[:, j:j + 1], x_hat[:, j:j + 1]) for j in range(target.shape[1])])
     err = (target - x_hat).pow(2).sum(dim=(0, 2))
     total = (target - target.mean(0, keepdim=True)).pow(2).sum(dim=(0, 2))
     return err / total.clamp_min(torch.finfo(total.dtype).tiny)
@@ -214,14 +249,27 @@ def remove_parallel_grad_(W: torch.Tensor, grad: torch.Tensor) -> None:
     grad.sub_((grad * unit).sum(-1, keepdim=True) * unit)
 
 
-def geometric_median(x: torch.Tensor, iters: int = 100, tol: float = 1e-6) -> torch.Tensor:
-    """Weiszfeld iterations for ``argmin_y Σ_n ‖x_n − y‖``, started from the mean, in float64. ``[N, D] → [D]``."""
+def geometric_median(x: torch.Tensor, iters: int = 100, tol: float = 1e-6,
+                     total: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Weiszfeld iterations for ``argmin_y Σ_n ‖x_n − y‖``, started from the mean, in float64. ``[N, D] → [D]``.
+
+    ``total`` sums a tensor over the processes that hold the other rows of the point set (a data-parallel batch):
+    every sum of the iteration (the mean, ``Σ_n w_n x_n``, ``Σ_n w_n``) then runs over all the points, so every
+    process gets the geometric median of the global set and stops at the same iteration."""
     points = x.detach().to(torch.float64)
-    median = points.mean(0)
+    if total is None:
+        median = points.mean(0)
+    else:
+        sums = total(torch.cat([points.sum(0), points.new_tensor([points.shape[0]])]))
+        median = sums[:-1] / sums[-1]
     for _ in range(iters):
         distances = (points - median).norm(dim=-1).clamp_min(1e-12)
         weights = 1.0 / distances
-        updated = (weights[:, None] * points).sum(0) / weights.sum()
+        if total is None:
+            updated = (weights[:, None] * points).sum(0) / weights.sum()
+        else:
+            sums = total(torch.cat([(weights[:, None] * points).sum(0), weights.sum().reshape(1)]))
+            updated = sums[:-1] / sums[-1]
         shift = (updated - median).norm()
         median = updated
         if shift <= tol * median.norm().clamp_min(1.0):

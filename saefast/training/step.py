@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..distributed import LOCAL, TokenShards
 from ..models import ALL_MEMBERS, SparseDictionary, StepTerms
 from ..ops.codes import SparseCodes
 
@@ -22,6 +23,8 @@ def training_step(
     max_dead: int | None = None,
     autocast_dtype: torch.dtype | None = None,
     terms: Callable[..., tuple[StepTerms, SparseCodes | torch.Tensor]] | None = None,
+    tokens: TokenShards = LOCAL,
+    n_tokens: int | None = None,
 ) -> tuple[StepTerms, SparseCodes | torch.Tensor]:
     """One optimizer step of ``members`` reading ``x_in`` (``[N, D]``, or ``[N, J, D]`` one input per member):
 
@@ -34,6 +37,11 @@ def training_step(
     under ``torch.autocast`` in ``autocast_dtype`` when given (master weights stay fp32). ``max_dead`` is a host-side
     bound on AuxK's dead-latent count (see :class:`saefast.training.dead_count.DeadCountAhead`); ``terms`` replaces
     ``model.training_terms`` (e.g. a ``torch.compile`` of it). Returns the loss terms and the codes.
+
+    Data-parallel (``tokens`` split over a group, ``x_in`` this rank's share of a global batch of ``n_tokens``): the
+    terms are this rank's shares (:meth:`SparseDictionary.training_terms`), and right after the backward the
+    gradients of ``members`` are summed over the group in buckets, once per step — so projection, clipping, Adam
+    and the firing counters see the global batch's gradient and statistics, identical on every rank.
     """
     if lr is not None:
         for group in optimizer.param_groups:
@@ -43,12 +51,17 @@ def training_step(
     device_type = model.W_enc.device.type
     with torch.autocast(device_type=device_type, dtype=autocast_dtype or torch.bfloat16,
                         enabled=autocast_dtype is not None):
-        step_terms, codes = forward(x_in, members, backend, max_dead=max_dead)
+        if tokens.split:
+            step_terms, codes = forward(x_in, members, backend, max_dead=max_dead, tokens=tokens)
+        else:
+            step_terms, codes = forward(x_in, members, backend, max_dead=max_dead)
     step_terms.loss.backward()
+    if tokens.split:
+        tokens.sum_(model.member_gradients(members))
     model.project_decoder_grad_(members, backend)
     if grad_clip is not None:
         model.clip_grad_norm_(grad_clip, members)
     optimizer.step()
     model.normalize_decoder_(members)
-    model.record_firing_(codes, members)
+    model.record_firing_(codes, members, tokens, n_tokens)
     return step_terms, codes

@@ -197,6 +197,101 @@ def test_sequential_order_and_drop_last(tmp_path):
     assert torch.equal(torch.cat(tail), x[:192])
 
 
+class TestShard:
+    """``shard=(index, count)``: each reader gets rows [size·index//count, size·(index+1)//count) of every batch."""
+
+    @pytest.mark.parametrize("count", [1, 2, 3])
+    @pytest.mark.parametrize("shuffle", [True, False])
+    @pytest.mark.parametrize("drop_last", [False, True])
+    @pytest.mark.parametrize("batch_size,shuffle_buffer,block_rows", [(13, 50, 8), (64, 5, 16), (7, 3, 1),
+                                                                      (33, 97, 11), (2, 9, 4)])
+    def test_shares_concatenate_to_the_global_batch(self, tmp_path, count, shuffle, drop_last, batch_size,
+                                                    shuffle_buffer, block_rows):
+        x = indexed(200)
+        store = ActivationStore(ragged_store(tmp_path, x))
+        kwargs = dict(shuffle=shuffle, shuffle_buffer=shuffle_buffer, block_rows=block_rows, extras=["labels"],
+                      drop_last=drop_last, seed=4, epochs=2)
+        whole = store.batches(batch_size, **kwargs)
+        if drop_last and batch_size < count:  # some share of every batch would be empty
+            with pytest.raises(ValueError, match="batch_size must be >= the shard count"):
+                store.batches(batch_size, shard=(0, count), **kwargs)
+            return
+        readers = [store.batches(batch_size, shard=(i, count), **kwargs) for i in range(count)]
+        assert all(len(r) == len(whole) for r in readers)
+        for _epoch in range(2):
+            full = list(whole)
+            shares = [list(r) for r in readers]
+            assert all(len(s) == len(full) for s in shares)
+            for b, (xb, labels) in enumerate(full):
+                size = xb.shape[0]
+                parts = [s[b] for s in shares]
+                assert [p[0].shape[0] for p in parts] == [size * (i + 1) // count - size * i // count
+                                                          for i in range(count)]
+                assert torch.equal(torch.cat([p[0] for p in parts]), xb)
+                assert torch.equal(torch.cat([p[1] for p in parts]), labels)
+                assert all(p[0].dtype == torch.float32 and p[1].dtype == torch.int64 for p in parts)
+            rows = torch.cat([r for s in shares for r in rows_of(s)])
+            expected = len(full) * batch_size if drop_last else 200
+            assert rows.numel() == expected and rows.unique().numel() == expected
+
+    def test_every_token_once_per_epoch_and_epochs_follow_the_seed(self, tmp_path):
+        x = indexed(200)
+        held = ActivationStore(ragged_store(tmp_path, x)).subset(20, 190)
+        readers = [held.batches(16, shard=(i, 3), shuffle_buffer=30, block_rows=7, seed=9, epochs=None)
+                   for i in range(3)]
+        epochs = []
+        for epoch in range(3):
+            rows = torch.cat([torch.cat(rows_of(r.iter_epoch(epoch))) for r in readers])
+            assert torch.equal(rows.sort().values, torch.arange(20, 190))
+            epochs.append(rows)
+        assert not torch.equal(epochs[0], epochs[1]) and not torch.equal(epochs[1], epochs[2])
+        again = held.batches(16, shard=(1, 3), shuffle_buffer=30, block_rows=7, seed=9)
+        assert torch.equal(torch.cat(rows_of(again)), torch.cat(rows_of(readers[1].iter_epoch(0))))
+
+    def test_empty_shares_keep_their_shape_and_dtype(self, tmp_path):
+        x = indexed(200)
+        store = ActivationStore(ragged_store(tmp_path, x, dtype=torch.bfloat16))
+        out = list(store.batches(2, shard=(0, 3), extras=["labels"], dtype=None))  # sizes 2·0//3 .. 2·1//3: 0
+        assert len(out) == 100
+        assert all(xb.shape == (0, 6) and xb.dtype == torch.bfloat16 for xb, _ in out)
+        assert all(labels.shape == (0,) and labels.dtype == torch.int64 for _, labels in out)
+        last = list(store.batches(3, shard=(0, 3)))  # 66 batches of 3, one row each, then a last batch of 2
+        assert [b.shape[0] for b in last] == [1] * 66 + [0]
+
+    def test_only_the_share_is_gathered_and_converted(self, tmp_path, monkeypatch):
+        import saefast.data.store.batches as store_batches
+
+        x = indexed(200)
+        store = ActivationStore(ragged_store(tmp_path, x))
+        converted = []
+        original = store_batches.to_torch
+
+        def counting(array, dtype):
+            converted.append(len(array))
+            return original(array, dtype)
+
+        monkeypatch.setattr(store_batches, "to_torch", counting)
+        out = list(store.batches(60, shard=(1, 4), shuffle_buffer=64, block_rows=8))
+        assert converted == [b.shape[0] for b in out] == [15, 15, 15, 5]  # of batches 60, 60, 60, 20
+
+    def test_bad_shards_are_refused(self, tmp_path):
+        store = ActivationStore(ragged_store(tmp_path, indexed(200)))
+        for shard, match in [((2, 2), re.escape("shard index must be in [0, 2) for shard count 2, got 2")),
+                             ((-1, 2), re.escape("shard index must be in [0, 2)")),
+                             ((0, 0), "shard count must be >= 1, got 0"),
+                             ((0, 1, 2), re.escape("shard must be a pair (index, count), got (0, 1, 2)")),
+                             (3, "shard must be a pair"), ("01", "shard must be a pair")]:
+            with pytest.raises(ValueError, match=match):
+                store.batches(8, shard=shard)
+        for shard in [(0.0, 2), (0, True), (None, 2)]:
+            with pytest.raises(TypeError, match="shard (index|count) must be an integer"):
+                store.batches(8, shard=shard)
+        with pytest.raises(ValueError, match="batch_size must be >= the shard count"):
+            store.batches(3, shard=(0, 4), drop_last=True)
+        assert len(store.batches(4, shard=(3, 4), drop_last=True)) == 50
+        assert len(store.batches(3, shard=(np.int64(3), 4))) == 67
+
+
 def test_prefetch_thread_propagates_errors_and_never_leaks(tmp_path, monkeypatch):
     x = indexed(200)
     store = ActivationStore(ragged_store(tmp_path, x))

@@ -37,18 +37,34 @@ def _put(out: queue.Queue, item: Any, stop: threading.Event) -> bool:
     return False
 
 
+def _check_shard(shard: Any, batch_size: int, drop_last: bool) -> tuple[int, int]:
+    """``shard`` as ``(index, count)``; ValueError (TypeError for non-integers) naming the problem otherwise."""
+    if isinstance(shard, (str, bytes)) or not isinstance(shard, Sequence) or len(shard) != 2:
+        raise ValueError(f"shard must be a pair (index, count), got {shard!r}")
+    index, count = as_index(shard[0], "shard index"), as_index(shard[1], "shard count")
+    if count < 1:
+        raise ValueError(f"shard count must be >= 1, got {count}")
+    if not 0 <= index < count:
+        raise ValueError(f"shard index must be in [0, {count}) for shard count {count}, got {index}")
+    if drop_last and batch_size < count:
+        raise ValueError(f"drop_last with batch_size={batch_size} and shard count {count} gives some shards an "
+                         f"empty share of every batch: batch_size must be >= the shard count")
+    return index, count
+
+
 class StoreBatches:
     """Re-iterable batches from an :class:`ActivationStore`: each ``iter()`` yields the next epoch.
 
     The object counts epochs itself (:attr:`epoch` is the next one); after ``epochs`` epochs ``iter()`` yields
-    nothing (``epochs=None``: unlimited). ``len()`` is the number of batches per epoch. :meth:`iter_epoch`
-    replays any epoch without moving the counter. See :meth:`ActivationStore.batches` for the parameters.
+    nothing (``epochs=None``: unlimited). ``len()`` is the number of batches per epoch (global batches, also
+    with ``shard``). :meth:`iter_epoch` replays any epoch without moving the counter. See
+    :meth:`ActivationStore.batches` for the parameters, ``shard`` included.
     """
 
     def __init__(self, store: ActivationStore, batch_size: int, *, shuffle: bool = True, seed: int = 0,
                  epochs: int | None = 1, shuffle_buffer: int = 1 << 18, block_rows: int = 4096, prefetch: int = 4,
                  device: str | torch.device | None = None, dtype: torch.dtype | None = torch.float32,
-                 extras: Sequence[str] = (), drop_last: bool = False):
+                 extras: Sequence[str] = (), drop_last: bool = False, shard: tuple[int, int] | None = None):
         self.batch_size = positive_int(batch_size, "batch_size")
         self.shuffle_buffer = positive_int(shuffle_buffer, "shuffle_buffer")
         self.block_rows = positive_int(block_rows, "block_rows")
@@ -71,6 +87,7 @@ class StoreBatches:
         self.epoch = 0
         if self.drop_last and len(store) < self.batch_size:
             raise ValueError(f"drop_last with batch_size={self.batch_size} leaves no batch of the {len(store)} rows")
+        self.shard = None if shard is None else _check_shard(shard, self.batch_size, self.drop_last)
         self._cuda = self.device is not None and self.device.type == "cuda"
         # Blocks never cross a shard boundary (one contiguous memmap slice each) nor exceed the buffer.
         block = min(self.block_rows, self.shuffle_buffer)
@@ -148,7 +165,8 @@ class StoreBatches:
         order = rng.permutation(n_blocks) if self.shuffle else np.arange(n_blocks)
         columns = [self.store.hook, *self.extras]
         pending: list[tuple[np.ndarray, ...]] = []
-        pending_rows = 0
+        pending_rows, batch = 0, 0  # rows of the global batch ``batch`` seen so far (owned or not)
+        lo, hi = self._share(batch)
         i = 0
         while i < n_blocks:
             if stop.is_set():
@@ -165,15 +183,31 @@ class StoreBatches:
             pos = 0
             while pos < rows:
                 end = min(rows, pos + self.batch_size - pending_rows)
-                index = perm[pos:end] if perm is not None else slice(pos, end)
-                pending.append(tuple(column[index] for column in buffer))
+                # Positions [pos, end) of the buffer's order are rows [pending_rows, pending_rows + end - pos)
+                # of the global batch; gather only those in this reader's share [lo, hi) of it.
+                a = pos + max(lo - pending_rows, 0)
+                z = pos + min(hi - pending_rows, end - pos)
+                if a < z:
+                    index = perm[a:z] if perm is not None else slice(a, z)
+                    pending.append(tuple(column[index] for column in buffer))
                 pending_rows += end - pos
                 pos = end
                 if pending_rows == self.batch_size:
                     yield self._assemble(pending)
-                    pending, pending_rows = [], 0
+                    pending, pending_rows, batch = [], 0, batch + 1
+                    lo, hi = self._share(batch)
         if pending_rows and not self.drop_last:
             yield self._assemble(pending)
+
+    def _share(self, batch: int) -> tuple[int, int]:
+        """Rows ``[lo, hi)`` of global batch ``batch`` that this reader yields (all of it without ``shard``)."""
+        if batch >= len(self):  # the short tail that drop_last drops: gather nothing
+            return 0, 0
+        size = min(self.batch_size, len(self.store) - batch * self.batch_size)
+        if self.shard is None:
+            return 0, size
+        index, count = self.shard
+        return size * index // count, size * (index + 1) // count
 
     def _read_blocks(self, chosen: list, rows: int, columns: list[str], stop: threading.Event):
         shared = self.store.shard_files
@@ -196,6 +230,9 @@ class StoreBatches:
         columns = []
         for k, name in enumerate([self.store.hook, *self.extras]):
             pieces = [piece[k] for piece in pending]
+            if not pieces:  # an empty share (a batch with fewer rows than shards)
+                shape, np_dtype, _ = self.store.column(name)
+                pieces = [np.empty((0, *shape), dtype=np_dtype)]
             # Shuffled pieces are fresh gathers; sequential ones are views of the buffer and must be copied
             # so a batch never keeps the whole buffer alive.
             array = pieces[0] if len(pieces) == 1 and self.shuffle else np.concatenate(pieces)

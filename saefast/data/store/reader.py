@@ -286,6 +286,7 @@ class ActivationStore:
         dtype: torch.dtype | None = torch.float32,
         extras: Sequence[str] = (),
         drop_last: bool = False,
+        shard: tuple[int, int] | None = None,
     ) -> StoreBatches:
         """Batches of this view for training: a re-iterable :class:`StoreBatches`, one epoch per ``iter()``.
 
@@ -295,8 +296,19 @@ class ActivationStore:
         ``(seed, e)``. ``extras`` names per-token columns to return alongside: batches are then tuples
         ``(x, extra_1, ...)``, aligned row by row. Reading runs ``prefetch`` batches ahead in a background
         thread; with a CUDA ``device`` batches arrive there (copied from pinned memory, converted on the GPU).
+
+        ``shard=(index, count)`` reads this reader's share of every batch, for data-parallel training: each
+        yielded batch is rows ``[size*index//count, size*(index+1)//count)`` of the global batch that
+        ``shard=None`` yields for the same ``seed`` and epoch, where ``size`` is that global batch's row count
+        (the short last batch included when ``drop_last`` is false); a share is empty when its batch has fewer
+        rows than ``count``. Extras are cut alike. So ``count`` readers with the same arguments see every row
+        exactly once per epoch, and the shares of batch ``b`` concatenated in index order are exactly global
+        batch ``b``. ``len()`` stays the number of global batches. Each reader still reads every block of the
+        shuffle buffer from the shard files (the buffer fixes the shuffle), but gathers, converts and copies
+        only its own rows. With ``drop_last`` every share must be non-empty, so ``batch_size`` must be at least
+        ``count``.
         """
         return StoreBatches(self, batch_size, shuffle=shuffle, seed=seed, epochs=epochs,
                             shuffle_buffer=shuffle_buffer, block_rows=block_rows, prefetch=prefetch, device=device,
-                            dtype=dtype, extras=extras, drop_last=drop_last)
+                            dtype=dtype, extras=extras, drop_last=drop_last, shard=shard)
 
