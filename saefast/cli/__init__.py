@@ -6,10 +6,11 @@ Every subcommand has ``--help`` and sensible defaults; bad input exits with stat
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 
-from ..distributed import DistributedError, is_main
+from ..distributed import DistributedError, is_main, launched_by_torchrun
 from ..interrupts import Interrupted
 from .commands import DTYPES, KINDS, TRAIN_DEFAULTS
 from .parser import build_parser
@@ -24,9 +25,14 @@ RESUMABLE = {"train": "--resume", "sharpen": "--resume", "harvest": None}
 
 def resume_command(command: str, argv: list[str]) -> str:
     """The shell command that continues an interrupted ``saefast <argv>``: the same arguments, plus the command's
-    resume flag where it needs one."""
+    resume flag where it needs one (under torchrun, the torchrun command with as many processes)."""
     flag = RESUMABLE.get(command)
-    return shlex.join(["saefast", *argv, *([flag] if flag and flag not in argv else [])])
+    resumed = [*argv, *([flag] if flag and flag not in argv else [])]
+    if launched_by_torchrun():  # the same launch: every rank must come back
+        ranks, local = os.environ.get("WORLD_SIZE", "1"), os.environ.get("LOCAL_WORLD_SIZE", "1")
+        where = ["--standalone"] if ranks == local else [f"--nnodes={int(ranks) // int(local)}", "..."]
+        return shlex.join(["torchrun", *where, f"--nproc_per_node={local}", "-m", "saefast", *resumed])
+    return shlex.join(["saefast", *resumed])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,6 @@ of the whole model; checkpoints are sharded (:mod:`saefast.models.sharded`) and 
 
 from __future__ import annotations
 
-import signal
 import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -31,7 +30,7 @@ from .. import distributed
 from ..config import SAEConfig, TrainConfig
 from ..devices import to_device
 from ..distributed import LOCAL, Layout, TokenShards
-from ..interrupts import Interval, StopRequest, deferred_interrupts
+from ..interrupts import Interrupted, Interval, StopRequest, deferred_interrupts
 from ..models import SparseDictionary, sharded
 from ..models.checkpoint import save_checkpoint
 from ..progress import Progress, progress_bar
@@ -353,14 +352,14 @@ class _Trainer:
                 bar.set_postfix(loss=f"{record['loss']:.4f}", fvu=f"{record['fvu']:.4f}", l0=f"{record['l0']:.1f}")
             bar.update(1)
             every = cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0
-            due = self._agree_on_stop(self.interval.due())
-            if cfg.checkpoint_dir and (last or every or due or self.stop.requested):
+            due, stop = self._due_and_stop()
+            if cfg.checkpoint_dir and (last or every or due or stop):
                 if last:
                     self._save(optimizer, stage + 1, 0, 0)
                 else:
                     self._save(optimizer, stage, step + 1, tokens)
-            if self.stop.requested:
-                self._stopped(stage, step + 1)
+            if stop:
+                self._stopped(stage, step + 1, stop)
         optimizer.zero_grad(set_to_none=True)  # the stage's gradients are not needed any more
         return True
 
@@ -376,24 +375,24 @@ class _Trainer:
         # ranks of one data group share out the batch; the member shards each read all of it
         return sum(n for n, _ in everyone) // self.layout.member_shards
 
-    def _agree_on_stop(self, due: bool) -> bool:
-        """Whether a time-based checkpoint is due, and whether to stop, decided the same on every rank: a signal
-        that reached any rank stops them all after this step (each saves its shard first)."""
+    def _due_and_stop(self) -> tuple[bool, int]:
+        """Whether a time-based checkpoint is due, and the signal to stop on (0: none), read once per step.
+        Distributed, both are decided the same on every rank, and only from the exchanged values: a signal that
+        reached any rank stops them all after this step, each saving its shard first, and a signal that arrives
+        after the exchange waits for the next step (a rank deciding alone would leave the others at a barrier)."""
+        due, signum = self.interval.due(), int(self.stop.signum or 0)
         if self.layout is None:
-            return due
-        everyone = distributed.exchange([int(due), self.stop.signum or 0])
-        signum = max(s for _, s in everyone)
-        if signum and not self.stop.requested:
-            self.stop.signum = signal.Signals(signum)
-        return any(flag for flag, _ in everyone)
+            return due, signum
+        everyone = distributed.exchange([int(due), signum])
+        return any(flag for flag, _ in everyone), max(s for _, s in everyone)
 
-    def _stopped(self, stage: int, steps_done: int) -> None:
+    def _stopped(self, stage: int, steps_done: int, signum: int) -> None:
         """Stop on the signal that arrived during the step just finished (its checkpoint is written)."""
         cfg = self.config
         where = f"step {steps_done} of {cfg.steps}" + (f" in stage {stage + 1} of {len(self.model.stages())}"
                                                       if len(self.model.stages()) > 1 else "")
         saved = f"checkpoint at {where} saved in {cfg.checkpoint_dir}" if cfg.checkpoint_dir else ""
-        self.stop.check(saved=saved)
+        raise Interrupted(signum, saved)
 
     def _log(self, stage: int, step: int, tokens: int, optimizer, terms, members: slice) -> dict[str, Any]:
         """Append (and return) one history record; its device values reach the host in one transfer. Distributed:

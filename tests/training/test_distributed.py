@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -233,3 +235,36 @@ def test_sharded_checkpoints_reshard_on_load(tmp_path):
     (sharded.shard_path(tmp_path, "t", 1) / "config.json").write_text("{}")
     with pytest.raises(sf.CheckpointError, match="missing or corrupt"):
         sharded.load_members(tmp_path, [0])
+
+
+def test_sigterm_on_one_rank_stops_every_rank_after_a_checkpoint(store, tmp_path):
+    """A SIGTERM that reaches one rank only is agreed on at the end of a step: every rank saves its shard of the
+    same step and stops (exit 143, one message, the torchrun command to resume); the resumed run is the
+    uninterrupted one bit for bit."""
+    args = ["train", "--kind", "bagging", "--members", "2", "--latents", "64", "--k", "4", "--steps", "600",
+            "--batch-size", "128", "--no-progress", "--data", str(store)]
+    reference = tmp_path / "reference"
+    assert _single([*args, "--out", str(reference)]).returncode == 0
+    out = tmp_path / "run"
+    launch = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               "-m", "saefast", *args, "--out", str(out), "--parallel", "members",
+                               "--checkpoint-every", "5"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=_env())
+    manifest = out / "shards" / sharded.MANIFEST
+    deadline = time.monotonic() + 120
+    while not manifest.exists() and launch.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    ranks = subprocess.run(["pgrep", "-f", f"saefast train .*--out {out} "], capture_output=True, text=True)
+    workers = sorted(int(pid) for pid in ranks.stdout.split() if int(pid) != launch.pid)
+    assert len(workers) == 2, ranks.stdout
+    os.kill(workers[-1], signal.SIGTERM)  # one rank only (the launcher is left alone)
+    _, stderr = launch.communicate(timeout=120)
+    stops = [line for line in stderr.splitlines() if line.startswith("saefast train: stopped by SIGTERM")]
+    assert len(stops) == 1, stderr
+    assert "resume with: torchrun --standalone --nproc_per_node=2 -m saefast train" in stops[0]
+    state = sharded.read_manifest(out)["train_state"]
+    assert 5 <= state["step"] < 600
+    assert len(list((out / "shards" / sharded.generation_tag(0, state["step"])).iterdir())) == 2
+    done = _single([*args, "--out", str(out), "--resume"])
+    assert done.returncode == 0, done.stderr
+    assert _max_difference(reference, out) == 0.0
