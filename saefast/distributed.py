@@ -65,25 +65,34 @@ def is_main() -> bool:
 
 
 def local_device(device: str | torch.device) -> torch.device:
-    """The device of this rank: ``cuda`` becomes ``cuda:LOCAL_RANK`` under a launcher, anything else stays."""
+    """The device of this rank: ``cuda`` becomes ``cuda:LOCAL_RANK`` under a launcher (modulo the GPUs there are,
+    so that several ranks can share one GPU for a test), anything else stays."""
     device = torch.device(device)
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
-        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]) % max(1, torch.cuda.device_count()))
     return device
+
+
+def _backend(device: torch.device) -> str:
+    """NCCL for one rank per GPU; gloo on the CPU, and where ranks share a GPU (NCCL refuses that)."""
+    if device.type != "cuda":
+        return "gloo"
+    return "gloo" if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > torch.cuda.device_count() else "nccl"
 
 
 def init_from_env(device: str | torch.device = "cpu") -> bool:
     """Join the process group ``torchrun`` set up in the environment (NCCL for a CUDA ``device``, else gloo), once.
+    Ranks that outnumber the node's GPUs share them (``cuda:LOCAL_RANK mod GPUs``) over gloo: a test set-up.
     Returns whether a multi-process group is active. A single process without a launcher gets no group."""
     if active():
         return world_size() > 1
     if not launched_by_torchrun():
         return False
     device = local_device(device)
+    backend = _backend(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                            device_id=device if device.type == "cuda" else None)
+    dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None)
     return world_size() > 1
 
 

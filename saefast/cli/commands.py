@@ -257,7 +257,8 @@ def run_train(args: argparse.Namespace) -> int:
     cfg = model.cfg
     members = run["members"] * run["chains"]
     what = "members' mean " if members > 1 else ""
-    where = f" on {run['parallel']['ranks']} ranks ({run['parallel']['layout']})" if parallel else ""
+    ranks = run["parallel"]["ranks"] if parallel else 1
+    where = f" on {ranks} rank{'s' * (ranks != 1)} ({run['parallel']['layout']})" if parallel else ""
     print(f"trained {options['kind']} ({members} × {cfg.n_latents} latents" + (f", k={cfg.k}" if cfg.activation in
           ("topk", "batchtopk") else "") + f") on {store.hook}{where}: {what}fvu {final.get('fvu', float('nan')):.4f}"
           f", {what}l0 {final.get('l0', float('nan')):.1f}, {tokens_per_s or 0:,.0f} tokens/s"

@@ -181,7 +181,7 @@ def _train_distributed(model: SparseDictionary, batches: Iterable, config: Train
     history = trainer.run(BatchStream(batches))
     gather_members(model, part, layout)
     model.eval()
-    if config.checkpoint_dir and trainer.finished:
+    if config.checkpoint_dir and trainer.finished and trainer.steps_taken:
         if distributed.is_main():  # the whole model, where sf.load and the single-process tools look for it
             save_checkpoint(config.checkpoint_dir, model, None, trainer.train_state(len(model.stages()), 0, 0))
         distributed.barrier()
@@ -199,6 +199,7 @@ class _Trainer:
         self.tokens: TokenShards = TokenShards(layout.data_group) if layout is not None else LOCAL
         self.main = distributed.is_main()
         self.finished = False
+        self.steps_taken = 0
         self.stream_consumed = 0
         self.config = config
         self.device = model.W_enc.device
@@ -346,6 +347,7 @@ class _Trainer:
                                      autocast_dtype=torch.bfloat16 if self.autocast else None,
                                      tokens=self.tokens, n_tokens=n_tokens)
             tokens += n_tokens
+            self.steps_taken += 1
             last = step == cfg.steps - 1
             if (step + 1) % cfg.log_every == 0 or last:
                 record = self._log(stage, step, tokens, optimizer, terms, members)
