@@ -21,6 +21,9 @@ UPGRADE_VENV ?= .venv-upgrade
 # when run as root on Debian/Ubuntu, else prints the command; it never fails for them.
 DEBIAN_PACKAGES ?= fortunes fortunes-min fortunes-de fortunes-es fortunes-it fortunes-br
 FORTUNES_DIR := /usr/share/games/fortunes
+# The feature browser's tests (tests/browse/) drive Debian's Chromium through playwright (no browser download);
+# installed the same way: when root on Debian/Ubuntu, else the command is printed; set-up never fails for it.
+BROWSER_PACKAGES ?= chromium
 # torch.utils.cpp_extension looks for the ninja binary on PATH (parallel, incremental builds of the extension).
 export PATH := $(abspath $(BIN)):$(PATH)
 
@@ -36,6 +39,12 @@ $(VENV)/.installed: pyproject.toml setup.py $(CONSTRAINTS)
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(DEBIAN_PACKAGES) >/dev/null 2>&1 \
 	    || echo "saefast: apt-get could not install the probing/SCR datasets' packages: apt-get install $(DEBIAN_PACKAGES)"; \
 	else echo "saefast: the probing/SCR datasets need: sudo apt-get install $(DEBIAN_PACKAGES)"; fi
+	@if command -v chromium >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  { apt-cache policy chromium 2>/dev/null | grep -q 'Candidate: [0-9]' || apt-get update -q >/dev/null 2>&1; } || true; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(BROWSER_PACKAGES) >/dev/null 2>&1 \
+	    || echo "saefast: apt-get could not install the browser tests' Chromium: apt-get install $(BROWSER_PACKAGES)"; \
+	else echo "saefast: the feature browser's tests need: sudo apt-get install $(BROWSER_PACKAGES)"; fi
 	$(PYTHON) -m venv $(VENV)
 	$(PIP_INSTALL) "$(TORCH_SPEC)" $(BUILD_TOOLS)
 	$(PIP_INSTALL) --no-build-isolation -e ".[dev]"

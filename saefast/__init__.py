@@ -13,6 +13,7 @@ Public API::
     store = harvest(model, "acts/", "model.layers.15", tokens=100_000, tokenizer=tokenizer, texts=pydoc_topics())
     train(bag, store.batches(1024, epochs=None), steps=1000)
 
+    browse(bag, store, "site/")                                 # the feature browser: open site/index.html
     stats = sharpen.class_stats(bag, labelled_batches)          # SAE-ception: (x, labels) batches
     t = sharpen.targets(bag, x, labels, sharpen.class_masks(stats, top_n=25))   # sharpened targets [N, d]
 
@@ -27,6 +28,7 @@ import importlib.util
 import sys
 
 from . import config, devices, files, ops, sharpen, training, validation  # noqa: F401  (saefast.config etc. as attributes)
+from .browse import browse
 from .config import ACTIVATIONS, SAEConfig, TrainConfig
 from .data import hf, store, text
 from .data.harvest import harvest
@@ -97,6 +99,7 @@ __all__ = [
     "StoreError",
     "StoreWriter",
     "TrainConfig",
+    "browse",
     "cpu",
     "evaluate",
     "harvest",

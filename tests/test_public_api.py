@@ -17,9 +17,9 @@ import pytest
 import saefast as sf
 
 TOP_LEVEL = ["ACTIVATIONS", "ActivationStore", "CheckpointError", "DataExhausted", "Ensemble", "SAE", "SAEConfig",
-             "SparseCodes", "StoreError", "StoreWriter", "TrainConfig", "cpu", "evaluate", "harvest", "layer_hook",
-             "load", "load_model", "metrics", "native", "ops", "pydoc_topics", "ref", "resolve_hooks", "save",
-             "sharpen", "text_source", "train", "use_backend", "write_store"]
+             "SparseCodes", "StoreError", "StoreWriter", "TrainConfig", "browse", "cpu", "evaluate", "harvest",
+             "layer_hook", "load", "load_model", "metrics", "native", "ops", "pydoc_topics", "ref", "resolve_hooks",
+             "save", "sharpen", "text_source", "train", "use_backend", "write_store"]
 
 PUBLIC = {
     # the module paths of earlier versions
@@ -42,6 +42,9 @@ PUBLIC = {
     "saefast.dictionary": ["SparseDictionary", "Stacked", "StepTerms", "cat_codes", "init_dictionary"],
     "saefast.ensemble": ["Combine", "Ensemble"],
     "saefast.evaluate": ["evaluate"],
+    "saefast.browse": ["browse", "collect", "contexts", "write_site"],
+    "saefast.distributed": ["DistributedError", "Layout", "TokenShards", "agree_on_errors", "init_from_env",
+                            "make_layout", "mesh_shape", "torchrun_group"],
     "saefast.formats": ["FORMATS", "FormatError", "WRITABLE", "available_formats", "detect_format", "load", "save"],
     "saefast.harvest": ["Capture", "FORMAT", "TOKEN_IDS", "VERSION", "abbreviate_names", "decoder_blocks", "harvest",
                         "layer_hook", "model_fingerprint", "model_label", "resolve_hooks", "special_token_ids"],

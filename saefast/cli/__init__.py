@@ -1,5 +1,5 @@
-"""The ``saefast`` command line: ``harvest``, ``train``, ``eval``, ``compare``, ``convert``, ``demo``, ``sharpen``,
-``bench``.
+"""The ``saefast`` command line: ``harvest``, ``train``, ``eval``, ``compare``, ``convert``, ``browse``, ``demo``,
+``sharpen``, ``bench``.
 
 Every subcommand has ``--help`` and sensible defaults; bad input exits with status 2 and a one-line error.
 """

@@ -381,6 +381,8 @@ def run_demo(args: argparse.Namespace) -> int:
           + data["store"])
     print(format_table(report["rows"]))
     print(f"wrote {args.out}/results.json and {args.out}/members.png")
+    print(f"feature browser of the bagging ensemble: open {report['browser']['index']} in a browser "
+          f"({report['browser']['latents']:,} latents, {report['browser']['seconds']:.0f} s)")
     return 0
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ..browse import browse
 from ..config import SAEConfig
 from ..data.store import ActivationStore, StoreError
 from ..eval import evaluate, metrics
@@ -252,6 +253,13 @@ def run_demo(config: DemoConfig, out_dir: str | Path, cache_dir: str | Path | No
             evaluation["spliced"] = {**spliced, "lm": config.model, "text": config.text, "context": config.context}
         record_evaluation(out / f"model_{kind}", evaluation)
 
+    # The feature browser of the bagging ensemble, over the held-out rows (contexts the models never trained on).
+    lm, tokenizer = language_model.get()
+    browser = browse(trained["bagging"][0], store.subset(config.train_tokens, config.train_tokens + config.eval_tokens),
+                     out / "browser", lm=lm, tokenizer=tokenizer, progress=progress,
+                     title=f"saefast demo: bagging, {config.members} × {config.n_latents} latents, {config.model} "
+                           f"layer {config.layer}")
+
     curves = {}
     for kind in ("bagging", "boosting"):
         curves[kind] = [
@@ -279,6 +287,7 @@ def run_demo(config: DemoConfig, out_dir: str | Path, cache_dir: str | Path | No
         "threads": torch.get_num_threads(),
         "rows": rows,
         "curves": curves,
+        "browser": browser,
     }
     atomic_write_bytes(out / "results.json", json.dumps(report, indent=2).encode())
     plot_members(report, out / "members.png")

@@ -6,6 +6,7 @@ import argparse
 from typing import NoReturn
 
 from ..version import __version__
+from .browse import run_browse
 from .commands import (
     DTYPES,
     KINDS,
@@ -114,6 +115,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start torchrun with this many processes on this machine for you (needs --parallel)")
     t.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     t.set_defaults(run=run_train)
+
+    b = commands.add_parser("browse", help="the feature browser: a static HTML site of what each latent means",
+                            description="One streaming pass over a store: per latent its top-activating contexts, "
+                            "examples across its activation range, histogram, firing frequency, the tokens its "
+                            "decoder row promotes (with the harvest's language model), and for ensembles its "
+                            "nearest latents in the other members. Writes OUT/index.html (opens from file://).")
+    b.add_argument("--model", required=True, help="run / checkpoint directory, or another library's SAE folder")
+    b.add_argument("--data", required=True, help="activation store (from `saefast harvest`: it has the token ids)")
+    b.add_argument("--out", required=True, help="directory for the site")
+    b.add_argument("--hook", help="which hook of a multi-hook store (default: the run's)")
+    b.add_argument("--top-n", type=int, default=10, help="top-activating contexts per latent (default: 10)")
+    b.add_argument("--per-band", type=int, default=3,
+                   help="examples from each quartile band of a latent's activations (default: 3)")
+    b.add_argument("--width", type=int, default=8, help="tokens shown either side of an example (default: 8)")
+    b.add_argument("--max-tokens", type=int, help="scan only the store's first N tokens")
+    b.add_argument("--lm", help="language model for token strings and logits (default: the store's, offline)")
+    b.add_argument("--no-lm", action="store_true", help="no language model: token ids, no logits")
+    b.add_argument("--title", help="the site's title")
+    b.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    b.add_argument("--backend", choices=("auto", "torch", "triton", "native"), help="op backend (default: auto)")
+    b.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    b.set_defaults(run=run_browse)
 
     e = commands.add_parser("eval", help="evaluate a trained run: reconstruction on a store, spliced LM cost, sparse "
                             "probing, spurious-correlation removal",

@@ -36,8 +36,12 @@ def test_quick_demo_on_real_smollm2_activations_then_reuses_the_cache(tmp_path, 
     assert [row["members"] for row in report["curves"]["boosting"]] == [1, 2]
     assert (out / "members.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "model_bagging" / "config.json").is_file()
+    browser = report["browser"]  # the bagging ensemble's feature browser, over the held-out rows
+    assert browser["latents"] == rows["bagging"]["latents"] and browser["tokens"] == 1024
+    assert (out / "browser" / "index.html").is_file() and (out / "browser" / "data" / "index.js").is_file()
     printed = capsys.readouterr().out
     assert "explained_variance" in printed and "harvested activations" in printed and "ce_loss_score" in printed
+    assert f"open {out / 'browser' / 'index.html'}" in printed
     assert main(["compare", *(str(out / f"model_{kind}") for kind in rows)]) == 0
     assert "expanded (J·k)" in capsys.readouterr().out
 
