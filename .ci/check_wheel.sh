@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # saefast as a library, not only as an editable checkout:
 #   1. build the wheel as a user would (pip wheel --no-build-isolation, against the build venv's torch);
-#   2. check what it carries: every module of saefast/, the compiled extension saefast/_C*.so, every Triton source
-#      of kernels/saefast_triton/ as saefast/kernels/, and no top-level module but saefast (a top-level `kernels`
-#      would shadow PyPI's);
+#   2. check what it carries: every module of saefast/ and the browser's pages (saefast/browse/assets/), the
+#      compiled extension saefast/_C*.so, every Triton source of kernels/saefast_triton/ as saefast/kernels/, and no
+#      top-level module but saefast (a top-level `kernels` would shadow PyPI's);
 #   3. install it into a clean venv (torch first, then the wheel with its core dependencies only, versions from the
 #      constraints file) and use it from a directory outside the repository: saefast imports from that venv, its
 #      native backend loads and agrees with the torch backend, saefast.kernels holds the Triton files, and the
@@ -49,6 +49,9 @@ assert "topk_encode.py" in kernels and not missing, f"the wheel lacks Triton sou
 modules = sorted(str(p) for p in pathlib.Path("saefast").rglob("*.py"))
 absent = [m for m in modules if m not in names]
 assert not absent, f"the wheel lacks these modules (a subpackage missing from pyproject's packages?): {absent}"
+assets = sorted(str(p) for p in pathlib.Path("saefast/browse/assets").iterdir())
+absent = [a for a in assets if a not in names]
+assert assets and not absent, f"the wheel lacks the feature browser's pages (pyproject's package-data?): {absent}"
 extension = [n for n in names if n.startswith("saefast/_C.") and n.endswith(".so")]
 assert len(extension) == 1, f"the wheel should carry one compiled saefast/_C*.so, found {extension}"
 top = sorted({n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")})

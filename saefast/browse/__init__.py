@@ -66,7 +66,8 @@ def _quantile_examples(sample: torch.Tensor, per_band: int) -> list[tuple[float,
 def browse(model: SparseDictionary, store: ActivationStore | str | os.PathLike, out: str | os.PathLike, *,
            top_n: int = 10, per_band: int = 3, width: int = 8, max_tokens: int | None = None, lm: Any = None,
            tokenizer: Any = None, threshold: float = 0.7, logits: int = 8, title: str | None = None,
-           backend: str | None = None, progress: bool = True, seed: int = 0) -> dict[str, Any]:
+           classes: dict[str, Any] | None = None, backend: str | None = None, progress: bool = True,
+           seed: int = 0) -> dict[str, Any]:
     """Write the feature browser of ``model`` over ``store`` to ``out/`` and return a summary (tokens scanned,
     latents, seconds in all, in the scan and in the contexts, tokens per second, bytes of the statistics).
 
@@ -74,7 +75,10 @@ def browse(model: SparseDictionary, store: ActivationStore | str | os.PathLike, 
     activations, each ``width`` tokens either side, shaded by the latent's activation; ``max_tokens`` limits the
     scan. ``tokenizer`` decodes the store's ``token_ids``; ``lm`` (the harvest's language model) adds the
     ``logits`` tokens each decoder row promotes and suppresses. ``threshold``: the decoder cosine above which two
-    members share a feature. A multi-chain boosting model is browsed one chain at a time (``model.chain(c)``).
+    members share a feature. ``classes`` (an SAE-ception run's sharpened latent sets: ``{class name: latents}``,
+    latents as flat indices ``j·M + m`` or a bool mask over them, e.g. a row of ``masks.safetensors``) is listed
+    on the index, each latent linking to its page. A multi-chain boosting model is browsed one chain at a time
+    (``model.chain(c)``).
     """
     if not isinstance(model, SparseDictionary):
         raise TypeError(f"model must be an SAE or Ensemble, got {type(model).__name__}")
@@ -94,6 +98,7 @@ def browse(model: SparseDictionary, store: ActivationStore | str | os.PathLike, 
             raise ValueError(f"{name} must be a whole number >= {0 if name == 'logits' else 1}, got {value!r}")
     if isinstance(width, bool) or not isinstance(width, int) or width < 0:
         raise ValueError(f"width must be a whole number >= 0, got {width!r}")
+    class_sets = _class_sets(classes, model)
     started = time.perf_counter()
     was_training = model.training
     model.eval()
@@ -108,7 +113,7 @@ def browse(model: SparseDictionary, store: ActivationStore | str | os.PathLike, 
         model.train(was_training)
     J, M = model.n_stacked, model.latents_per_stack
     ensemble: dict[str, Any] = {"shared_threshold": threshold, "shared_matrix": None, "stage_variance": None,
-                                "classes": None}
+                                "classes": class_sets}
     if isinstance(model, Ensemble):
         cosine, index = nearest_latents(model.W_dec)
         ensemble["shared_matrix"] = shared_matrix(cosine, threshold)
@@ -138,6 +143,29 @@ def browse(model: SparseDictionary, store: ActivationStore | str | os.PathLike, 
     return {"tokens": stats.tokens, "latents": J * M, "seconds": seconds, "scan_seconds": scanned - started,
             "context_seconds": examined - scanned, "tokens_per_s": stats.tokens / seconds if seconds > 0 else None,
             "statistics_bytes": state_bytes, "index": str(Path(out) / "index.html")}
+
+
+def _class_sets(classes: dict[str, Any] | None, model: SparseDictionary) -> dict[str, list[list[int]]] | None:
+    """``{name: [[member, latent], ...]}`` from flat latent indices or bool masks; ValueError naming a bad one."""
+    if classes is None:
+        return None
+    if not isinstance(classes, dict):
+        raise TypeError(f"classes must be a dict {{class name: latents}}, got {type(classes).__name__}")
+    J, M = model.n_stacked, model.latents_per_stack
+    single = not isinstance(model, Ensemble)
+    out = {}
+    for name, latents in classes.items():
+        latents = torch.as_tensor(latents)
+        if latents.dtype == torch.bool:
+            if latents.shape != (J * M,):
+                raise ValueError(f"class {name!r}: a mask must have one entry per latent ({J * M}), got "
+                                 f"{tuple(latents.shape)}")
+            latents = torch.nonzero(latents).flatten()
+        flat = [int(g) for g in latents.reshape(-1).tolist()]
+        if any(not 0 <= g < J * M for g in flat):
+            raise ValueError(f"class {name!r}: latent indices must be in [0, {J * M}), got {flat}")
+        out[str(name)] = [[0, g] if single else list(divmod(g, M)) for g in flat]
+    return out
 
 
 def _separated(rows: list[int], width: int, n: int) -> list[int]:

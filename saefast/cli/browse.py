@@ -26,6 +26,27 @@ def _language_model(args: argparse.Namespace, store: Any, device: Any) -> tuple[
         return None, None
 
 
+def _sharpened_classes(masks: Path) -> dict[str, Any]:
+    """An SAE-ception cycle's sharpened latent sets from its ``masks.safetensors`` (``[C, latents]`` bool), named
+    from the run's ``results.json`` (two folders up) when it lists the task's classes, else ``class c``."""
+    import json
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        mask = load_file(str(masks))["masks"]
+    except (OSError, SafetensorError, KeyError) as err:
+        raise CLIError(f"--classes {masks}: not an SAE-ception masks.safetensors ({err})") from None
+    names = [f"class {c}" for c in range(mask.shape[0])]
+    results = masks.parent.parent / "results.json"
+    if results.is_file():
+        recorded = json.loads(results.read_text()).get("info", {}).get("classes")
+        if isinstance(recorded, list) and len(recorded) == mask.shape[0]:
+            names = [str(name) for name in recorded]
+    return {name: row.bool() for name, row in zip(names, mask)}
+
+
 def run_browse(args: argparse.Namespace) -> int:
     """``saefast browse``."""
     from ..browse import browse
@@ -45,12 +66,13 @@ def run_browse(args: argparse.Namespace) -> int:
     store = ActivationStore(args.data, hook=hook)
     if store.d != model.cfg.d_in:
         raise CLIError(f"the model expects d_in={model.cfg.d_in} but {args.data} holds d={store.d} ({store.hook})")
+    classes = _sharpened_classes(Path(args.classes)) if args.classes else None
     lm, tokenizer = _language_model(args, store, device)
     if lm is not None:
         stderr_line(f"logits and tokens from {args.lm or store.metadata.get('model')}")
     summary = browse(model, store, args.out, top_n=args.top_n, per_band=args.per_band, width=args.width,
                      max_tokens=args.max_tokens, lm=lm, tokenizer=tokenizer, backend=args.backend,
-                     progress=not args.no_progress, title=args.title)
+                     progress=not args.no_progress, title=args.title, classes=classes)
     print(f"wrote the feature browser of {summary['latents']:,} latents over {summary['tokens']:,} tokens "
           f"({summary['tokens_per_s']:,.0f} tokens/s, {summary['seconds']:.1f} s) — open {summary['index']}")
     return 0

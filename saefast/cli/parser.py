@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--lm", help="language model for token strings and logits (default: the store's, offline)")
     b.add_argument("--no-lm", action="store_true", help="no language model: token ids, no logits")
     b.add_argument("--title", help="the site's title")
+    b.add_argument("--classes", help="an SAE-ception cycle's masks.safetensors (saefast sharpen's "
+                   "OUT/cycle_<c>/masks.safetensors, with --model OUT/cycle_<c>/sae): list each class's sharpened "
+                   "latents")
     b.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     b.add_argument("--backend", choices=("auto", "torch", "triton", "native"), help="op backend (default: auto)")
     b.add_argument("--no-progress", action="store_true", help="hide the progress bars")

@@ -122,3 +122,42 @@ def test_bad_input_is_named_before_any_compute(store, tmp_path):
         browse(sf.Ensemble.boosting(cfg, 2, chains=2), store, tmp_path / "s", progress=False)
     with pytest.raises(ValueError, match="top_n"):
         browse(sf.SAE(cfg), store, tmp_path / "s", top_n=0, progress=False)
+
+
+def test_sharpened_class_sets_are_listed(store, tmp_path):
+    cfg = sf.SAEConfig(d_in=16, n_latents=8, k=2)
+    sae = sf.SAE(cfg, seed=0)
+    mask = torch.zeros(8, dtype=torch.bool)
+    mask[[1, 5]] = True
+    browse(sae, store, tmp_path / "site", top_n=2, per_band=1, width=1, progress=False,
+           classes={"animals": mask, "numbers": [7]})
+    text = (tmp_path / "site" / "data" / "index.js").read_text()
+    index = json.loads(text[text.index("=") + 1:text.rindex(";")])
+    assert index["ensemble"]["classes"] == {"animals": [[0, 1], [0, 5]], "numbers": [[0, 7]]}
+    with pytest.raises(ValueError, match="one entry per latent"):
+        browse(sae, store, tmp_path / "s", classes={"x": torch.ones(3, dtype=torch.bool)}, progress=False)
+    with pytest.raises(ValueError, match=r"in \[0, 8\)"):
+        browse(sae, store, tmp_path / "s", classes={"x": [8]}, progress=False)
+
+
+def test_saefast_browse_command_with_sharpened_classes(store, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from saefast.cli import main
+
+    model = sf.Ensemble.bagging(sf.SAEConfig(d_in=16, n_latents=6, k=2), 2)
+    model.save(tmp_path / "run")
+    cycle = tmp_path / "sharpen" / "cycle_1"
+    cycle.mkdir(parents=True)
+    masks = torch.zeros(2, 12, dtype=torch.bool)
+    masks[0, [0, 7]] = True
+    save_file({"masks": masks}, str(cycle / "masks.safetensors"))
+    (tmp_path / "sharpen" / "results.json").write_text(json.dumps({"info": {"classes": ["cats", "dogs"]}}))
+    assert main(["browse", "--model", str(tmp_path / "run"), "--data", str(store.path), "--out", str(tmp_path / "s"),
+                 "--classes", str(cycle / "masks.safetensors"), "--no-progress", "--top-n", "2"]) == 0
+    assert "open " in capsys.readouterr().out
+    text = (tmp_path / "s" / "data" / "index.js").read_text()
+    index = json.loads(text[text.index("=") + 1:text.rindex(";")])
+    assert index["ensemble"]["classes"] == {"cats": [[0, 0], [1, 1]], "dogs": []}
+    assert main(["browse", "--model", str(tmp_path / "run"), "--data", str(store.path), "--out", str(tmp_path / "s"),
+                 "--top-n", "0"]) == 2
