@@ -26,6 +26,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .validation import changed_fields
+
 PARALLEL_MODES = ("members", "data", "members,data")
 """What ``--parallel`` / ``sf.train(parallel=...)`` accept."""
 
@@ -166,27 +168,13 @@ def agree_on_errors(error: BaseException | None) -> None:
         raise DistributedError(text) from error
 
 
-def _flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in settings.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def settings_differences(settings: dict[str, Any]) -> list[str]:
     """Gather every rank's ``settings`` (nested dicts allowed) and list, for each rank whose settings differ from
     rank 0's, ``"rank r: a.b=<value> (rank 0: <value>)"``. Empty when all agree (or without a group)."""
-    everyone = [_flatten(s) for s in gather_objects(settings)]
-    first = everyone[0]
-    out = []
-    for r, theirs in enumerate(everyone[1:], start=1):
-        for key in sorted(set(first) | set(theirs)):
-            if first.get(key) != theirs.get(key):
-                out.append(f"rank {r}: {key}={theirs.get(key)!r} (rank 0: {first.get(key)!r})")
-    return out
+    everyone = gather_objects(settings)
+    return [f"rank {r}: {name}={theirs!r} (rank 0: {first!r})"
+            for r, other in enumerate(everyone[1:], start=1)
+            for name, first, theirs in changed_fields(everyone[0], other)]
 
 
 def parse_parallel(parallel: str | Sequence[str] | None) -> tuple[bool, bool]:

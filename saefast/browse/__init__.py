@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ..data.harvest import TOKEN_IDS
 from ..data.store import ActivationStore
 from ..models import Ensemble, SparseDictionary
 from ..version import __version__
@@ -90,8 +91,8 @@ def browse(model: SparseDictionary, store: ActivationStore | str | os.PathLike, 
     store = store if isinstance(store, ActivationStore) else ActivationStore(store)
     if store.d != model.cfg.d_in:
         raise ValueError(f"the store's rows are d={store.d} wide but the model reads d_in={model.cfg.d_in}")
-    if "token_ids" not in store.extras:
-        raise ValueError(f"the store {store.path} has no token_ids column (stores from saefast harvest do): the "
+    if TOKEN_IDS not in store.extras:
+        raise ValueError(f"the store {store.path} has no {TOKEN_IDS} column (stores from saefast harvest do): the "
                          f"browser needs the tokens to show contexts")
     for name, value in (("top_n", top_n), ("per_band", per_band), ("logits", logits)):
         if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "logits" else 1):
@@ -192,14 +193,14 @@ def _latents(model: SparseDictionary, store: ActivationStore, stats: Collected, 
             for g in range(G)]
     examples = sorted({(g, row) for g in range(G) for row in tops[g]}
                       | {(g, row) for g in range(G) for _, picks in bands[g] for row, _ in picks})
-    context = contexts(model, store, examples, width, _token_decoder(tokenizer), backend=backend, progress=progress)
+    decode = _token_decoder(tokenizer)  # one cache for the contexts and the logits
+    context = contexts(model, store, examples, width, decode, backend=backend, progress=progress)
     effects = None
     if lm is not None and tokenizer is not None and n_logits:
         unembed = lm.get_output_embeddings().weight
         norm = getattr(getattr(lm, "model", None), "norm", None)
         effects = logit_effects(model.W_dec.detach().reshape(G, -1), unembed,
                                 getattr(norm, "weight", None), n_logits)
-    decode = _token_decoder(tokenizer)
     edges = stats.edges.tolist()
     latents = {}
     single = not isinstance(model, Ensemble)  # an SAE's top-k groups are one dictionary: one member

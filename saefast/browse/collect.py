@@ -25,12 +25,11 @@ from typing import Any
 
 import torch
 
+from ..data.harvest import TOKEN_IDS
 from ..data.store import ActivationStore
 from ..models import Ensemble, SparseDictionary
 from ..ops.codes import SparseCodes
 from ..progress import progress_bar
-
-TOKEN_IDS = "token_ids"
 
 
 def group_top(keys: torch.Tensor, groups: torch.Tensor, payload: torch.Tensor, n_groups: int, n: int,

@@ -10,7 +10,7 @@ import os
 import shlex
 import sys
 
-from ..distributed import DistributedError, is_main, launched_by_torchrun
+from ..distributed import DistributedError, describe, is_main, launched_by_torchrun
 from ..interrupts import Interrupted
 from .commands import DTYPES, KINDS, TRAIN_DEFAULTS
 from .parser import build_parser
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         return stop.exit_status
     except (ValueError, TypeError, FileNotFoundError, KeyError, OSError, ImportError,
             DistributedError) as err:  # incl. CLIError
-        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        message = describe(err)
         if is_main():  # a DistributedError names every failing rank: rank 0 reports it for all
             print(f"saefast {args.command}: error: {message}", file=sys.stderr)
         return 2

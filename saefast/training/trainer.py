@@ -181,7 +181,7 @@ def _train_distributed(model: SparseDictionary, batches: Iterable, config: Train
     history = trainer.run(BatchStream(batches))
     gather_members(model, part, layout)
     model.eval()
-    if config.checkpoint_dir and trainer.finished and trainer.steps_taken:
+    if config.checkpoint_dir and trainer.finished:
         if distributed.is_main():  # the whole model, where sf.load and the single-process tools look for it
             save_checkpoint(config.checkpoint_dir, model, None, trainer.train_state(len(model.stages()), 0, 0))
         distributed.barrier()
@@ -198,8 +198,7 @@ class _Trainer:
         self.layout = layout
         self.tokens: TokenShards = TokenShards(layout.data_group) if layout is not None else LOCAL
         self.main = distributed.is_main()
-        self.finished = False
-        self.steps_taken = 0
+        self.finished = False  # set when this run took the last step (not when it resumed a finished one)
         self.stream_consumed = 0
         self.config = config
         self.device = model.W_enc.device
@@ -286,12 +285,10 @@ class _Trainer:
         stages = model.stages()
         if self.start_stage >= len(stages):  # a finished run: nothing to train, no batch to read
             model.eval()
-            self.finished = True
             return self.history
         for _ in range(self.skip_batches):
             stream.next()
         self.stream_consumed = stream.consumed
-        stages = model.stages()
         total = cfg.steps * len(stages)
         bar = progress_bar(total=total, initial=self.start_stage * cfg.steps + self.start_step,
                            enabled=cfg.progress and self.main,
@@ -347,7 +344,6 @@ class _Trainer:
                                      autocast_dtype=torch.bfloat16 if self.autocast else None,
                                      tokens=self.tokens, n_tokens=n_tokens)
             tokens += n_tokens
-            self.steps_taken += 1
             last = step == cfg.steps - 1
             if (step + 1) % cfg.log_every == 0 or last:
                 record = self._log(stage, step, tokens, optimizer, terms, members)
