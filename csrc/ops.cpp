@@ -23,6 +23,8 @@ TORCH_LIBRARY(saefast, m) {
   m.def("native_threshold_encode(Tensor x, Tensor W_enc, Tensor bias, Tensor lower, int capacity) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("native_remove_parallel_grad_(Tensor W, Tensor(a!) grad) -> ()");
+  m.def("native_sparse_sae_backward(Tensor x, Tensor b_dec, Tensor W_dec, Tensor values, Tensor indices, int split, "
+        "Tensor grad_out, Tensor? aux_grad_out) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 namespace {

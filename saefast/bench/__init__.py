@@ -1,9 +1,10 @@
 """Benchmark harness: every case on every available implementation, checked against eager before it is timed.
 
-``saefast bench --preset cpu-small --json out.json`` (or :func:`run_benchmarks`). The cases and implementations
-are in :mod:`.cases`, the sizes in :mod:`.shapes`, the timing and memory measurements in :mod:`.measure`; what each
-reported number means is in ``bench/README.md``. An implementation whose output differs from the eager reference's
-(or that fails) gets an error in the report, not a number.
+``saefast bench --preset cpu-small --json out.json`` (or :func:`run_benchmarks`). The cases and implementations are
+in :mod:`.cases`, the sizes in :mod:`.shapes`, the timing and memory measurements in :mod:`.measure`, the modelled
+memory traffic of a training step (no GPU has measured it) in :mod:`.traffic`; what each reported number means is in
+``bench/README.md``. An implementation whose output differs from the eager reference's (or that fails) gets an error
+in the report, not a number.
 """
 
 

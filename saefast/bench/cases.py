@@ -55,6 +55,10 @@ class Case:
     default: the largest difference relative to the reference's largest magnitude, against ``tol``."""
     floor: Callable[[Any], Any] | None = None
     """What every eager path of the case pays, timed alongside the backends (the dense encoder GEMM), or None."""
+    floor_flop: float | None = None
+    """FLOP of that floor (:func:`encoder_gemm_flop`, ``2·N·d·J·M``): divided by the measured peak FLOP/s it is the
+    peak-FLOP floor, what one call would cost if everything but the encoder GEMM were free and the GEMM ran at the
+    peak; None when the case has no floor."""
     tokens: bool = True
     """False: the case reads no tokens (``metrics``), so it has no tokens/s."""
 
@@ -91,6 +95,11 @@ def _encoder_gemm(model: Ensemble) -> Callable[[torch.Tensor], torch.Tensor]:
     """The floor of every eager TopK path: the dense pre-activation GEMM ``x·W_encᵀ`` over all ``J·M`` latents."""
     W = model.W_enc.detach().reshape(-1, model.cfg.d_in)
     return lambda x: x @ W.T
+
+
+def encoder_gemm_flop(shape: Shape) -> float:
+    """FLOP of the dense encoder GEMM over every member's latents: ``2·N·d·J·M`` (a multiply and an add per term)."""
+    return 2.0 * shape.tokens * shape.d_in * shape.members * shape.latents
 
 
 def check_codes(got: tuple[torch.Tensor, torch.Tensor], want: tuple[torch.Tensor, torch.Tensor],
@@ -133,7 +142,7 @@ def _encode_case(shape: Shape, device: torch.device, dtype: torch.dtype) -> Case
     element = torch.finfo(dtype).bits // 8
     return Case(fns, flop=2 * N * D * L, bytes=element * (L * D + N * D) + 2 * N * K * 8,
                  compare=lambda out: out if isinstance(out, tuple) else (out.values, out.indices),
-                 check=check_codes, floor=_encoder_gemm(model))
+                 check=check_codes, floor_flop=encoder_gemm_flop(shape), floor=_encoder_gemm(model))
 
 
 def _decode_case(shape: Shape, device: torch.device, dtype: torch.dtype) -> Case:
@@ -230,7 +239,7 @@ def _forward_case(shape: Shape, device: torch.device, dtype: torch.dtype) -> Cas
     N, D, L, K = shape.tokens, shape.d_in, shape.members * shape.latents, shape.members * shape.k
     element = torch.finfo(dtype).bits // 8
     return Case(fns, flop=2 * N * D * L + 2 * N * K * D, bytes=element * (2 * L * D + 2 * N * D),
-                 floor=_encoder_gemm(model))
+                 floor_flop=encoder_gemm_flop(shape), floor=_encoder_gemm(model))
 
 
 def _train_case(shape: Shape, device: torch.device, dtype: torch.dtype) -> Case:
@@ -269,7 +278,8 @@ def _train_case(shape: Shape, device: torch.device, dtype: torch.dtype) -> Case:
     # so a fused backend can exceed 100 % of the peak on this count
     return Case(fns, flop=6 * N * D * L, bytes=4 * (6 * L * D + 2 * N * D),
                  compare=lambda out: torch.cat([out[0].reshape(1), out[1].reshape(-1)]), reference=stacked("torch"),
-                 floor=_encoder_gemm(Ensemble.bagging(cfg, shape.members, seed=0).to(device=device, dtype=dtype)))
+                 floor=_encoder_gemm(Ensemble.bagging(cfg, shape.members, seed=0).to(device=device, dtype=dtype)),
+                 floor_flop=encoder_gemm_flop(shape))
 
 
 def _boosting_case(shape: Shape, device: torch.device, dtype: torch.dtype) -> Case:
@@ -287,7 +297,7 @@ def _boosting_case(shape: Shape, device: torch.device, dtype: torch.dtype) -> Ca
     N, D, L, K = shape.tokens, shape.d_in, shape.members * shape.latents, shape.members * shape.k
     element = torch.finfo(dtype).bits // 8
     return Case(fns, flop=2 * N * D * L + 2 * N * K * D, bytes=element * (2 * L * D + 2 * N * D * shape.members),
-                 floor=_encoder_gemm(model))
+                 floor_flop=encoder_gemm_flop(shape), floor=_encoder_gemm(model))
 
 
 def _sharpen_case(shape: Shape, device: torch.device, dtype: torch.dtype) -> Case:
@@ -317,7 +327,7 @@ def _sharpen_case(shape: Shape, device: torch.device, dtype: torch.dtype) -> Cas
     N, D, L, K = shape.tokens, shape.d_in, shape.members * shape.latents, shape.members * shape.k
     element = torch.finfo(dtype).bits // 8
     return Case(fns, flop=2 * N * D * L + 2 * N * K * D, bytes=element * (2 * L * D + 2 * N * D),
-                 floor=_encoder_gemm(model))
+                 floor_flop=encoder_gemm_flop(shape), floor=_encoder_gemm(model))
 
 
 BUILDERS: dict[str, Callable[[Shape, torch.device, torch.dtype], Case]] = {

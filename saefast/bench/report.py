@@ -5,23 +5,37 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+COLUMNS = ("× encoder GEMM: ms over the dense encoder GEMM x·W_encᵀ (writing the N × J·M pre-activations) "
+           "measured in the same rounds; × peak-FLOP floor: ms over 2·N·d·J·M / measured peak FLOP/s, what the call "
+           "would cost if everything but the encoder GEMM were free and the GEMM ran at the measured peak "
+           "(– : the case has no encoder GEMM, or the report predates the column)")
+"""The legend under the table's header line: what the two floor columns divide by."""
+
+
+def _ratio(value: float | None) -> str:
+    return f"{value:,.2f}" if value else "–"
+
 
 def format_markdown(report: dict[str, Any]) -> str:
-    """The report as a markdown table, one row per (shape, case, backend); "× encoder GEMM" is ``ms / floor_ms``
-    (how far above the dense encoder GEMM alone the backend is)."""
+    """The report as a markdown table, one row per (shape, case, backend), under a header line (device, versions,
+    peaks) and the :data:`COLUMNS` legend. "× encoder GEMM" is ``ms / floor_ms`` (how far above the measured dense
+    encoder GEMM alone the backend is); "× peak-FLOP floor" is the row's ``ratio_to_flop_floor``, ``ms /
+    floor_flop_ms`` with ``floor_flop_ms = 2·N·d·J·M / peak_flops``. A report written before a column existed (a
+    re-read old JSON) shows "–" in it."""
     lines = [f"{report['device']}, torch {report['torch']}, commit {report['commit']}, preset {report['preset']}; "
              f"measured peaks {report['peak_flops'] / 1e9:.0f} GFLOP/s, {report['peak_bytes_per_s'] / 1e9:.1f} GB/s",
-             "", "| shape | case | backend | ms | tokens/s | × eager loop | × encoder GEMM | nominal % of peak FLOP/s "
-             "| peak mem (MB) |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+             "", COLUMNS + ".",
+             "", "| shape | case | backend | ms | tokens/s | × eager loop | × encoder GEMM | × peak-FLOP floor "
+             "| nominal % of peak FLOP/s | peak mem (MB) |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in report["results"]:
-        mem = f"{row['peak_mem_bytes'] / 2**20:,.0f}" if row["peak_mem_bytes"] else "–"
+        mem = f"{row['peak_mem_bytes'] / 2**20:,.0f}" if row.get("peak_mem_bytes") else "–"
         if row["ok"]:
-            speed = f"{row['speedup_vs_eager_loop']:.2f}" if row["speedup_vs_eager_loop"] else "–"
-            tokens = f"{row['tokens_per_s']:,.0f}" if row["tokens_per_s"] else "–"
-            floor = f"{row['ms'] / row['floor_ms']:.2f}" if row.get("floor_ms") else "–"
-            cells = [f"{row['ms']:,.1f}", tokens, speed, floor, f"{100 * row['fraction_of_peak_flops']:.0f}", mem]
+            tokens = f"{row['tokens_per_s']:,.0f}" if row.get("tokens_per_s") else "–"
+            floor = row["ms"] / row["floor_ms"] if row.get("floor_ms") else None
+            cells = [f"{row['ms']:,.1f}", tokens, _ratio(row.get("speedup_vs_eager_loop")), _ratio(floor),
+                     _ratio(row.get("ratio_to_flop_floor")), f"{100 * row['fraction_of_peak_flops']:.0f}", mem]
         else:
-            cells = ["error: " + row["error"].replace("|", "\\|"), "", "", "", "", ""]
+            cells = ["error: " + row["error"].replace("|", "\\|"), "", "", "", "", "", ""]
         lines.append(f"| {row['shape']['name']} | {row['case']} | {row['backend']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

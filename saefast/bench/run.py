@@ -106,19 +106,23 @@ def _run_case(name: str, case: Case, shape: Shape, backends: Sequence[str], batc
     samples = time_interleaved(timed, inputs, warmup, repeats, device)
     base = statistics.median(samples["eager_loop"]) if "eager_loop" in samples else None
     floor = statistics.median(samples[_FLOOR]) if _FLOOR in samples else None
+    # the peak-FLOP floor: the encoder GEMM's FLOP at the measured peak (everything else free)
+    flop_floor = case.floor_flop / peak_flops if case.floor_flop and peak_flops > 0 else None
     rows = []
     for backend in backends:
         row: dict[str, Any] = {"case": name, "backend": backend, "shape": shape.to_dict(), "ok": backend not in errors,
                                "ms": None, "tokens_per_s": None, "peak_mem_bytes": memory.get(backend),
                                "speedup_vs_eager_loop": None, "flop_per_s": None, "bytes_per_s": None,
                                "fraction_of_peak_flops": None, "floor_ms": floor * 1e3 if floor else None,
-                               "error": errors.get(backend)}
+                               "floor_flop_ms": flop_floor * 1e3 if flop_floor else None,
+                               "ratio_to_flop_floor": None, "error": errors.get(backend)}
         if backend not in errors:
             seconds = statistics.median(samples[backend])
             row.update(ms=seconds * 1e3, tokens_per_s=shape.tokens / seconds if case.tokens else None,
                        flop_per_s=case.flop / seconds, bytes_per_s=case.bytes / seconds,
                        fraction_of_peak_flops=case.flop / seconds / peak_flops,
-                       speedup_vs_eager_loop=base / seconds if base else None)
+                       speedup_vs_eager_loop=base / seconds if base else None,
+                       ratio_to_flop_floor=seconds / flop_floor if flop_floor else None)
         rows.append(row)
     return rows
 

@@ -170,11 +170,15 @@ class SparseDictionary(nn.Module):
         """View a parameter-shaped tensor (data or grad) as ``[J, M, ...]`` and select ``members``."""
         if self._single_output:  # single SAE: stored flat [J·M, ...]
             t = t.view(self._n_stacked, self._latents, *t.shape[1:])
+        if members.indices(self._n_stacked) == (0, self._n_stacked, 1):
+            # All members: no slice. A slice's backward builds a zero tensor of the whole parameter and copies the
+            # gradient into it, twice the parameter's size in memory traffic per step, for nothing.
+            return t
         return t[members]
 
     def stacked(self, members: slice = ALL_MEMBERS) -> Stacked:
         """Stacked views ``[J, ...]`` of the parameters of ``members`` (differentiable)."""
-        b_dec = self.b_dec.view(1, -1) if self._single_output else self.b_dec[members]
+        b_dec = self.b_dec.view(1, -1) if self._single_output else self._view(self.b_dec, members)
         log_threshold = None if self.log_threshold is None else self._view(self.log_threshold, members)
         return Stacked(
             self._view(self.W_enc, members),
@@ -377,8 +381,17 @@ class SparseDictionary(nn.Module):
         self._check_inputs(x_in, members)
         backend = self.resolve_backend(backend, x_in.device)
         P = self.stacked(members)
-        enc = self._encode(x_in, P, members, backend, training=True, aux=True, max_dead=max_dead)
-        y = self._member_outputs(enc.codes, P.W_dec, backend)
+        if self.cfg.activation in ("topk", "batchtopk") and ops.fused_backward_runs(backend, x_in.device):
+            # The codes without gradient, then one op whose backward is a single fused sparse pass (encoder, decoder
+            # and AuxK gradients together): the same gradients as the op-by-op chain below.
+            with torch.no_grad():
+                enc = self._encode(x_in, P, members, backend, training=True, aux=True, max_dead=max_dead)
+            y, aux_y = ops.sparse_sae_outputs(x_in, P.W_enc, P.b_enc, P.b_dec, P.W_dec, enc.codes, enc.aux_codes,
+                                              backend)
+        else:
+            enc = self._encode(x_in, P, members, backend, training=True, aux=True, max_dead=max_dead)
+            y = self._member_outputs(enc.codes, P.W_dec, backend)
+            aux_y = None if enc.aux_codes is None else self._member_outputs(enc.aux_codes, P.W_dec, backend)
         x_hat = (y.sum(1) + P.b_dec[0]).unsqueeze(1) if joint else ref.add_member_bias(y, P.b_dec)
         tgt = x_in.float() if x_in.dim() == 3 else x_in.float().unsqueeze(1)  # [N, J, D] or [N, 1, D]
         x_hat = x_hat.float()
@@ -386,7 +399,7 @@ class SparseDictionary(nn.Module):
         if enc.aux_codes is None:
             aux = torch.zeros_like(fvu)
         else:
-            aux_hat = self._member_outputs(enc.aux_codes, P.W_dec, backend).float()
+            aux_hat = aux_y.float()
             aux_hat = aux_hat.sum(1, keepdim=True) if joint else aux_hat
             residual = (tgt - x_hat).detach()
             aux = fvu_over(residual.expand_as(aux_hat), aux_hat, tokens)

@@ -6,6 +6,7 @@ fake shapes, autograd formula and backend table:
 * :mod:`.encode` — TopK / BatchTopK / JumpReLU / ReLU encoders (fused encode → top-k or → threshold);
 * :mod:`.decode` — the sparse decode of all members in one launch, and its sparse backward;
 * :mod:`.decoder_grad_projection` — the decoder-norm gradient projection;
+* :mod:`.sparse_sae_backward` — the training forward's outputs as one op whose backward is one fused sparse pass;
 * :mod:`.grouped_mm` — grouped matmul (native extension).
 
 :mod:`.backend` decides which backend runs (once, in one place); :mod:`.ref` is the eager oracle every kernel is
@@ -39,6 +40,7 @@ from .encode import (
     topk_encode,
 )
 from .grouped_mm import grouped_mm
+from .sparse_sae_backward import fused_backward_runs, sparse_sae_outputs
 from .topk_chunks import CHUNK_LATENTS, dead_latents, topk_over_latents
 
 __all__ = [
@@ -56,6 +58,7 @@ __all__ = [
     "decode",
     "decode_members_sparse",
     "folded_bias",
+    "fused_backward_runs",
     "grouped_mm",
     "jumprelu_capacity",
     "jumprelu_encode",
@@ -65,6 +68,7 @@ __all__ = [
     "relu_encode",
     "remove_parallel_grad_",
     "requested_backend",
+    "sparse_sae_outputs",
     "resolve_backend",
     "threshold_encode",
     "topk_encode",

@@ -255,13 +255,40 @@ def _register_native() -> None:
 def folded_bias(W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor) -> torch.Tensor:
     """``b_enc − W_enc·b_dec`` ``[J, M]``, so that ``pre = x·W_encᵀ + bias`` equals ``W_enc(x − b_dec) + b_enc``."""
     J, _, D = W_enc.shape
-    b_dec = b_dec.expand(J, D)
     if W_enc.device.type == "cpu":
-        # One GEMV per member: a batched one picks its kernel from J, so a member's bias gradient would change in
-        # the last bits with the number of members in the call, and member-parallel training would not give the
-        # single-process model bit for bit.
-        return b_enc - torch.stack([W_enc[j] @ b_dec[j] for j in range(J)])
-    return b_enc - torch.einsum("jd,jmd->jm", b_dec, W_enc)
+        return _FoldedBias.apply(W_enc, b_enc, b_dec)
+    return b_enc - torch.einsum("jd,jmd->jm", b_dec.expand(J, D), W_enc)
+
+
+class _FoldedBias(torch.autograd.Function):
+    """:func:`folded_bias` on the CPU: one GEMV per member, forward and backward.
+
+    Per member because a batched GEMV picks its kernel from ``J``, so a member's bias gradient would change in the
+    last bits with the number of members in the call, and member-parallel training would not give the
+    single-process model bit for bit. As a Function because autograd through ``W_enc[j]`` builds, per member, a
+    zero gradient of the whole ``W_enc`` and adds it in: ``J`` times the parameter's traffic. Backward:
+    ``dW_enc[j] = −g_j ⊗ b_dec[j]``, ``db_enc = g``, ``db_dec[j] = −W_enc[j]ᵀ g_j`` (summed over ``j`` when shared).
+    """
+
+    @staticmethod
+    def forward(ctx, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor) -> torch.Tensor:
+        J, _, D = W_enc.shape
+        shared = b_dec.expand(J, D)
+        ctx.save_for_backward(W_enc, b_dec)
+        return b_enc - torch.stack([torch.mv(W_enc[j], shared[j]) for j in range(J)])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        W_enc, b_dec = ctx.saved_tensors
+        J, _, D = W_enc.shape
+        grad_W = grad_b_dec = None
+        if ctx.needs_input_grad[0]:
+            grad_W = torch.neg(grad).unsqueeze(-1) * b_dec.expand(J, D).unsqueeze(1)
+        if ctx.needs_input_grad[2]:
+            grad_b_dec = torch.stack([torch.mv(W_enc[j].t(), grad[j]) for j in range(J)]).neg_()
+            if b_dec.shape[0] != J:
+                grad_b_dec = grad_b_dec.sum(0, keepdim=True)
+        return grad_W, grad if ctx.needs_input_grad[1] else None, grad_b_dec
 
 
 def topk_encode(

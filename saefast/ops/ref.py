@@ -200,6 +200,23 @@ class _MemberBias(torch.autograd.Function):
         return grad.to(y_dtype), bias_grad.to(bias_dtype)
 
 
+class _MemberSquaredError(torch.autograd.Function):
+    """``Σ_{n,d} (t − x̂)²`` per member ``[J]`` of ``[N, J, D]`` inputs, each member reduced on its own (the CPU form
+    of :func:`fvu_loss`'s numerator; ``t`` without gradient). One Function: autograd through ``x̂[:, j]`` would build,
+    per member, a zero gradient of the whole ``[N, J, D]`` output and add it in. Backward: ``dx̂ = −2(t − x̂)·g_j``."""
+
+    @staticmethod
+    def forward(ctx, target: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+        diff = target - x_hat
+        ctx.save_for_backward(diff)
+        return torch.cat([d.pow(2).sum(dim=(0, 2)) for d in diff.split(1, dim=1)])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[None, torch.Tensor]:
+        (diff,) = ctx.saved_tensors
+        return None, torch.neg(grad.view(1, -1, 1) * (2 * diff))
+
+
 def add_member_bias(y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """``y[n, j] + bias[j]`` for ``y [N, J, D]``, ``bias [J, D]``; differentiable.
 
@@ -216,10 +233,53 @@ def fvu_loss(target: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     On the CPU each member is reduced on its own, so its value does not depend on how many members share the call
     (see :func:`add_member_bias`)."""
     if target.device.type == "cpu" and target.shape[1] > 1:
-        return torch.cat([fvu_loss(target[:, j:j + 1], x_hat[:, j:j + 1]) for j in range(target.shape[1])])
+        if target.requires_grad:
+            return torch.cat([fvu_loss(target[:, j:j + 1], x_hat[:, j:j + 1]) for j in range(target.shape[1])])
+        err = _MemberSquaredError.apply(target, x_hat)
+        total = torch.cat([(t - t.mean(0, keepdim=True)).pow(2).sum(dim=(0, 2))
+                           for t in target.split(1, dim=1)])
+        return err / total.clamp_min(torch.finfo(total.dtype).tiny)
     err = (target - x_hat).pow(2).sum(dim=(0, 2))
     total = (target - target.mean(0, keepdim=True)).pow(2).sum(dim=(0, 2))
     return err / total.clamp_min(torch.finfo(total.dtype).tiny)
+
+
+def sparse_sae_backward(
+    x: torch.Tensor, b_dec: torch.Tensor, W_dec: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
+    split: int, grad_out: torch.Tensor, aux_grad_out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The whole sparse backward of a TopK/BatchTopK training forward (encode → ReLU'd codes → decode), given the
+    gradients of its per-member decoder outputs.
+
+    Slots ``s < split`` of ``values``/``indices`` ``[N, J, S]`` are the codes, read with ``G = grad_out [N, J, D]``;
+    slots ``s ≥ split`` are AuxK's, read with ``G = aux_grad_out``. ``X[n, j] = x[n]`` (``x [N, D]``) or ``x[n, j]``
+    (``[N, J, D]``); ``b_dec`` is ``[J, D]`` or ``[1, D]``. For every slot of latent ``m = indices[n, j, s]``::
+
+        dv = ⟨G[n, j], W_dec[j, m]⟩,   dpre = dv·[values > 0]           (the ReLU of the codes)
+        dW_dec[j, m] += values·G[n, j],   dW_enc[j, m] += dpre·(X[n, j] − b_dec[j]),   db_enc[j, m] += dpre
+
+    Returns ``(dW_enc [J, M, D], db_enc [J, M], dW_dec [J, M, D], dpre [N, J, S])``, fp32. A slot whose value is 0
+    adds nothing (its ``dpre`` is 0). The rest of the backward follows from ``dpre``:
+    ``db_dec[j] = −Σ_m db_enc[j, m]·W_enc[j, m]`` and ``dx[n(, j)] = Σ_{(j,) s} dpre·W_enc[j, indices]``.
+    """
+    N, J, S = indices.shape
+    M, D = W_dec.shape[1], W_dec.shape[2]
+    first = torch.arange(S, device=indices.device) < split
+    G = grad_out.float().unsqueeze(2).expand(N, J, S, D)
+    if aux_grad_out is not None and S > split:
+        G = torch.where(first.view(1, 1, S, 1), G, aux_grad_out.float().unsqueeze(2).expand(N, J, S, D))
+    member = torch.arange(J, device=indices.device).view(1, J, 1)
+    rows = W_dec.float()[member.expand(N, J, S), indices]  # [N, J, S, D]
+    v = values.float()
+    dpre = (G * rows).sum(-1) * (v > 0)
+    X = x.float().unsqueeze(1).expand(N, J, D) if x.dim() == 2 else x.float()
+    Xc = X - b_dec.float().expand(J, D).unsqueeze(0)
+    flat = (indices + member * M).reshape(-1)
+    dW_dec = torch.zeros(J * M, D, device=W_dec.device).index_add_(0, flat, (v.unsqueeze(-1) * G).reshape(-1, D))
+    dW_enc = torch.zeros(J * M, D, device=W_dec.device).index_add_(
+        0, flat, (dpre.unsqueeze(-1) * Xc.unsqueeze(2)).reshape(-1, D))
+    db_enc = torch.zeros(J * M, device=W_dec.device).index_add_(0, flat, dpre.reshape(-1))
+    return dW_enc.view(J, M, D), db_enc.view(J, M), dW_dec.view(J, M, D), dpre
 
 
 def auxk_reconstruction(pre: torch.Tensor, dead: torch.Tensor, W_dec: torch.Tensor, aux_k: int) -> torch.Tensor | None:
