@@ -23,6 +23,9 @@ TORCH_LIBRARY(saefast, m) {
   m.def("native_threshold_encode(Tensor x, Tensor W_enc, Tensor bias, Tensor lower, int capacity) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("native_remove_parallel_grad_(Tensor W, Tensor(a!) grad) -> ()");
+  m.def("native_adam_step_(Tensor(a!) param, Tensor(b!) grad, Tensor(c!) exp_avg, Tensor(d!) exp_avg_sq, "
+        "float lr, float beta1, float beta2, float eps, float bias_correction1, float bias_correction2, "
+        "bool unit_rows) -> ()");
 }
 
 namespace {

@@ -6,6 +6,7 @@ fake shapes, autograd formula and backend table:
 * :mod:`.encode` — TopK / BatchTopK / JumpReLU / ReLU encoders (fused encode → top-k or → threshold);
 * :mod:`.decode` — the sparse decode of all members in one launch, and its sparse backward;
 * :mod:`.decoder_grad_projection` — the decoder-norm gradient projection;
+* :mod:`.adam_step` — one fused Adam step (with the projection and renormalisation of decoder rows);
 * :mod:`.grouped_mm` — grouped matmul (native extension).
 
 :mod:`.backend` decides which backend runs (once, in one place); :mod:`.ref` is the eager oracle every kernel is
@@ -13,6 +14,7 @@ tested against; :mod:`.native` loads the C++/CUDA extension on first use; :mod:`
 """
 
 from . import codes, native, ref
+from .adam_step import adam_step_
 from .backend import (
     BACKENDS,
     FUSED_ACTIVATIONS,
@@ -49,6 +51,7 @@ __all__ = [
     "JUMPRELU_CAPACITY_DIVISOR",
     "JUMPRELU_MIN_CAPACITY",
     "SparseCodes",
+    "adam_step_",
     "batchtopk_encode",
     "codes",
     "current_backend",
