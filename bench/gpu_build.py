@@ -4,9 +4,10 @@
                               [--json OUT.json] [--markdown OUT.md] [--check]
 
 For each shape, dtype and activation the script runs the ``triton`` backend's ops — encode (with AuxK), decode,
-the whole backward, the decoder-norm gradient projection, and the deterministic backward — on ``meta`` tensors
-inside :func:`saefast.kernels.compile_only.compile_for`: every launcher picks its GPU block sizes for the real
-shapes, and each kernel is compiled for ``sm_<arch>`` instead of run (see that module). Shapes:
+the whole backward (op by op, and the training step's fused sparse backward), the decoder-norm gradient projection,
+the deterministic backward, and the fused Adam step (fp32 whatever the dtype: master weights) — on ``meta``
+tensors inside :func:`saefast.kernels.compile_only.compile_for`: every launcher picks its GPU block sizes for the
+real shapes, and each kernel is compiled for ``sm_<arch>`` instead of run (see that module). Shapes:
 
 * ``llm``: the LLM-scale configuration of the issue: d = 2304, M = 16384 latents per member, J = 8, K = 64,
   N = 8192 tokens; BatchTopK's ``capacity·k`` candidates; JumpReLU's default capacity; AuxK and ``k`` at the
@@ -92,6 +93,18 @@ def _steps(N: int, D: int, J: int, M: int, K: int, dtype: torch.dtype):
             ops.remove_parallel_grad_(W_dec.detach(), W_dec.grad, "triton")
         return run
 
+    def fused_training_step(k: int):
+        # the training step's forward and backward (saefast.models.dictionary.training_terms): codes without
+        # gradient, then the decode as one node whose backward is the fused sparse pass (AuxK's slots included)
+        def run():
+            x, W_enc, b_enc, b_dec, W_dec = params()
+            with torch.no_grad():
+                codes, aux = ops.topk_encode(x, W_enc, b_enc, b_dec, k, _meta(J, M, dtype=torch.bool), aux_k,
+                                             backend="triton")
+            y, y_aux = ops.sparse_sae_outputs(x, W_enc, b_enc, b_dec, W_dec, codes, aux, backend="triton")
+            (y.float().sum() + y_aux.float().sum()).backward()
+        return run
+
     def inference_decode():
         x, W_enc, b_enc, b_dec, W_dec = params()
         codes, _ = ops.topk_encode(x, W_enc, b_enc, b_dec, K, backend="triton")
@@ -104,13 +117,21 @@ def _steps(N: int, D: int, J: int, M: int, K: int, dtype: torch.dtype):
         values, indices, _, _ = torch.ops.saefast.threshold_encode(x, W_enc, bias, _meta(J, M), capacity)
         ops.decode_members_sparse(ops.SparseCodes(values, indices, M), W_dec, "triton").float().sum().backward()
 
+    def adam():
+        # the optimizer step of a training step: SAEAdam's fused pass per parameter (saefast.training.optimizer)
+        for shape, unit_rows in (((J, M, D), True), ((J, M, D), False), ((J, M), False), ((J, D), False)):
+            tensors = [_meta(*shape) for _ in range(4)]  # fp32 master weights and moments, whatever the dtype
+            ops.adam_step_(*tensors, 1, 1e-4, 0.9, 0.999, 1e-8, unit_rows=unit_rows, backend="triton")
+
     yield f"topk k={K} + AuxK aux_k={aux_k}", topk(min(K, aux_k), True, False)
+    yield f"training step, fused sparse backward: topk k={K} + AuxK aux_k={aux_k}", fused_training_step(min(K, aux_k))
     yield f"topk k={K}, deterministic backward", topk(K, False, True)
     yield f"batchtopk candidates {candidates}", topk(candidates, False, False)
     largest = min(M, max_k(dtype, with_aux=False))
     yield f"largest fused k={largest}", topk(largest, False, False)
     yield f"inference decode (alpha=1/J, mask, bias) k={K}", inference_decode
     yield f"jumprelu capacity {capacity}", jumprelu
+    yield "Adam step (decoder rows: projection, Adam, renormalisation; elementwise)", adam
 
 
 def build_all(archs: list[int], shapes: list[str], dtypes: list[torch.dtype]) -> list[dict]:

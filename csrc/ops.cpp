@@ -25,6 +25,9 @@ TORCH_LIBRARY(saefast, m) {
   m.def("native_remove_parallel_grad_(Tensor W, Tensor(a!) grad) -> ()");
   m.def("native_sparse_sae_backward(Tensor x, Tensor b_dec, Tensor W_dec, Tensor values, Tensor indices, int split, "
         "Tensor grad_out, Tensor? aux_grad_out) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("native_adam_step_(Tensor(a!) param, Tensor(b!) grad, Tensor(c!) exp_avg, Tensor(d!) exp_avg_sq, "
+        "float lr, float beta1, float beta2, float eps, float bias_correction1, float bias_correction2, "
+        "bool unit_rows) -> ()");
 }
 
 namespace {

@@ -13,6 +13,10 @@ One file per kernel family, each launcher documenting its exact contract against
 * ``sparse_decode_backward.py`` — ``sparse_decode_grad_values`` (gather-dot) and ``sparse_decode_grad_weight``
   (transposed sparse–dense product; atomic or deterministic segment reduction). The encoder backward reuses
   both with ``W_enc`` in the decoder's place.
+* ``sparse_sae_backward.py`` — ``sparse_sae_backward``: the whole sparse backward of a TopK/BatchTopK training
+  step (decoder, encoder and bias gradients, AuxK's slots included) in one pass over the slots bucketed by latent.
+* ``adam_step.py`` — ``adam_step_``: one Adam step per parameter, for decoder rows with the gradient projection
+  and the renormalisation in the same pass.
 
 * ``compile_only.py`` — ``compile_for(arch)``: launches on ``meta`` tensors compile the kernel for ``sm_<arch>``
   instead of running it, recording ptxas's resource usage (``bench/gpu_build.py``: GPU builds without a GPU).

@@ -7,6 +7,7 @@ fake shapes, autograd formula and backend table:
 * :mod:`.decode` — the sparse decode of all members in one launch, and its sparse backward;
 * :mod:`.decoder_grad_projection` — the decoder-norm gradient projection;
 * :mod:`.sparse_sae_backward` — the training forward's outputs as one op whose backward is one fused sparse pass;
+* :mod:`.adam_step` — one fused Adam step (with the projection and renormalisation of decoder rows);
 * :mod:`.grouped_mm` — grouped matmul (native extension).
 
 :mod:`.backend` decides which backend runs (once, in one place); :mod:`.ref` is the eager oracle every kernel is
@@ -14,6 +15,7 @@ tested against; :mod:`.native` loads the C++/CUDA extension on first use; :mod:`
 """
 
 from . import codes, native, ref
+from .adam_step import adam_step_
 from .backend import (
     BACKENDS,
     FUSED_ACTIVATIONS,
@@ -51,6 +53,7 @@ __all__ = [
     "JUMPRELU_CAPACITY_DIVISOR",
     "JUMPRELU_MIN_CAPACITY",
     "SparseCodes",
+    "adam_step_",
     "batchtopk_encode",
     "codes",
     "current_backend",
@@ -68,8 +71,8 @@ __all__ = [
     "relu_encode",
     "remove_parallel_grad_",
     "requested_backend",
-    "sparse_sae_outputs",
     "resolve_backend",
+    "sparse_sae_outputs",
     "threshold_encode",
     "topk_encode",
     "topk_over_latents",

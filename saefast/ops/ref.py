@@ -335,3 +335,25 @@ def geometric_median(x: torch.Tensor, iters: int = 100, tol: float = 1e-6,
         if shift <= tol * median.norm().clamp_min(1.0):
             break
     return median.to(x.dtype)
+
+
+def adam_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: int,
+               lr: float, beta1: float, beta2: float, eps: float, unit_rows: bool = False) -> None:
+    """In place, one step of ``torch.optim.Adam`` (amsgrad, weight decay and maximize off) at step count ``step``
+    (≥ 1, after incrementing), with the op order of torch's single-tensor CPU path::
+
+        m ← lerp(m, g, 1 − β1);   v ← β2·v + (1 − β2)·g²
+        p ← p − (lr / bc1) · m / (√v / √bc2 + ε),   bc1 = 1 − β1^step, bc2 = 1 − β2^step (host doubles)
+
+    With ``unit_rows`` (decoder rows ``[..., D]``): first :func:`remove_parallel_grad_` (written back to ``grad``),
+    then the step, then :func:`normalize_rows_` — the training step's projection → Adam → renormalisation."""
+    if unit_rows:
+        remove_parallel_grad_(param, grad)
+    bias_correction1 = 1 - beta1 ** step
+    bias_correction2 = 1 - beta2 ** step
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    denom = (exp_avg_sq.sqrt() / bias_correction2 ** 0.5).add_(eps)
+    param.addcdiv_(exp_avg, denom, value=-(lr / bias_correction1))
+    if unit_rows:
+        normalize_rows_(param)

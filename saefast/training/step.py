@@ -1,4 +1,5 @@
-"""One training step: forward, backward, the decoder-gradient projection, clipping, Adam, renormalisation."""
+"""One training step: forward, backward, the decoder-gradient projection, clipping, Adam, renormalisation (the last
+three fused into one pass per parameter by :class:`~saefast.training.optimizer.SAEAdam` when nothing clips)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ from collections.abc import Callable
 
 import torch
 
+from .. import ops
 from ..distributed import LOCAL, TokenShards
 from ..models import ALL_MEMBERS, SparseDictionary, StepTerms
 from ..ops.codes import SparseCodes
+from .optimizer import SAEAdam
 
 
 def training_step(
@@ -32,6 +35,12 @@ def training_step(
     ``g_r ← g_r − (g_r·ŵ_r)ŵ_r`` on the decoder rows → per-member norm clipping at ``grad_clip`` →
     ``optimizer.step()`` at learning rate ``lr`` (unchanged when None) → decoder rows back to unit norm → the
     firing counters of the latents.
+
+    With an :class:`~saefast.training.optimizer.SAEAdam` and no ``grad_clip``, the projection, Adam and the
+    renormalisation are one fused pass over each parameter of ``members``
+    (``optimizer.step(members=members, normalize_decoder=True, backend=...)``, on ``backend`` resolved for the
+    parameters' device; the same update up to fp32 rounding). Clipping needs the projected gradient's norm before
+    Adam, so with ``grad_clip`` (or another optimizer) the three run as separate passes.
 
     Gradients are cleared at the start (set to None), so after the call they hold this step's. The forward runs
     under ``torch.autocast`` in ``autocast_dtype`` when given (master weights stay fp32). ``max_dead`` is a host-side
@@ -58,10 +67,17 @@ def training_step(
     step_terms.loss.backward()
     if tokens.split:
         tokens.sum_(model.member_gradients(members))
-    model.project_decoder_grad_(members, backend)
-    if grad_clip is not None:
-        model.clip_grad_norm_(grad_clip, members)
-    optimizer.step()
-    model.normalize_decoder_(members)
+    if isinstance(optimizer, SAEAdam) and grad_clip is None:
+        optimizer.step(members=members, normalize_decoder=True,
+                       backend=ops.resolve_backend(backend, model.W_dec.device))
+    else:
+        model.project_decoder_grad_(members, backend)
+        if grad_clip is not None:
+            model.clip_grad_norm_(grad_clip, members)
+        if isinstance(optimizer, SAEAdam):
+            optimizer.step(members=members, backend=ops.resolve_backend(backend, model.W_dec.device))
+        else:
+            optimizer.step()
+        model.normalize_decoder_(members)
     model.record_firing_(codes, members, tokens, n_tokens)
     return step_terms, codes

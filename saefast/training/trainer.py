@@ -38,6 +38,7 @@ from ..validation import changed_fields, check_activations
 from .bootstrap import resample
 from .dead_count import DeadCountAhead
 from .memory import reuse_freed_memory
+from .optimizer import SAEAdam
 from .parallel import gather_member_values, gather_members, member_indices, select_members, signature
 from .step import training_step
 
@@ -311,7 +312,9 @@ class _Trainer:
         cfg, model = self.config, self.model
         # A fresh Adam per stage: members outside the stage get exactly zero gradients and zero moments,
         # hence exactly zero updates.
-        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+        # SAEAdam: torch.optim.Adam's update and state dict, one fused pass per parameter (projection and
+        # renormalisation of the decoder rows included).
+        optimizer = SAEAdam(model, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, backend=self.backend)
         if self.resume_optimizer is not None and stage == self.start_stage and first > 0:
             optimizer.load_state_dict(self.resume_optimizer)
         tokens = self.start_tokens if stage == self.start_stage and first > 0 else 0

@@ -103,8 +103,9 @@ def test_bad_input_raises_value_error(backend):
 
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 def test_training_projects_with_its_backend(monkeypatch, backend):
-    """``sf.train`` projects the decoder gradient on the training backend (that training on a fused backend equals
-    the torch backend's, projection included, is
+    """``sf.train`` with clipping (which needs the projected gradient's norm, so the projection runs on its own
+    rather than inside the fused Adam step: ``tests/training/test_optimizer.py``) projects the decoder gradient on
+    the training backend (that training on a fused backend equals the torch backend's, projection included, is
     ``tests/training/test_trainer.py::test_training_on_a_fused_backend_...``)."""
     import saefast as sf
 
@@ -119,7 +120,7 @@ def test_training_projects_with_its_backend(monkeypatch, backend):
     device = device_of(backend)
     batches = [torch.randn(64, 12, generator=torch.Generator().manual_seed(i)).to(device) for i in range(2)]
     model = sf.Ensemble.boosting(sf.SAEConfig(d_in=12, n_latents=20, k=3), 2, seed=0).to(device)
-    sf.train(model, batches, steps=2, lr=1e-3, backend=backend, progress=False)
+    sf.train(model, batches, steps=2, lr=1e-3, backend=backend, progress=False, grad_clip=1e6)
     # boosting trains stage by stage: each projection sees one member's [1, M, D] slice
     assert calls == [(backend, (1, 20, 12))] * 4
 

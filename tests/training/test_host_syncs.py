@@ -4,9 +4,9 @@ On a GPU, every op whose result the host must read (``.item()``, ``bool(t)``, ``
 boolean-mask index, ``masked_select``, ``unique``) waits for all the work queued before it, and the device idles
 while the host queues what follows; so does ``tolist``/``numpy``/``cpu`` of a GPU tensor. The counter below sees
 those ops through a ``TorchDispatchMode`` (and the three methods through a ``TorchFunctionMode``), so the number
-of syncs a step would make on a GPU is checked here on CPU. Not counted: torch.optim's reads of its step counters
-(host tensors on every device), the finiteness check of a batch (batches arrive on the host), and the read of a
-pinned host copy made a step earlier (``saefast.training.dead_count.DeadCountAhead._read_host_copy``).
+of syncs a step would make on a GPU is checked here on CPU. Not counted: torch.optim's (and SAEAdam's) reads of
+their step counters (host tensors on every device), the finiteness check of a batch (batches arrive on the host), and
+the read of a pinned host copy made a step earlier (``saefast.training.dead_count.DeadCountAhead._read_host_copy``).
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ MASK_INDEX_OPS = {"index", "index_put", "index_put_", "_index_put_impl_"}
 NOT_DEVICE_SYNCS = ("torch/optim/",)  # Adam's step counters live on the host
 # The batch's finiteness check (on the host, where batches come from); the trainer's read of AuxK's dead count
 # from a pinned host buffer, copied a step earlier (on CUDA it waits on that copy's event, not on the queue).
-EXEMPT_FUNCTIONS = {"check_activations", "_read_host_copy"}
+EXEMPT_FUNCTIONS = {"check_activations", "_read_host_copy",
+                    "_step_count"}  # SAEAdam's read of Adam's step counter: a host tensor, as in torch.optim
 
 
 def _is_sync(func, args) -> bool:
