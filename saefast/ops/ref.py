@@ -214,7 +214,8 @@ class _MemberSquaredError(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[None, torch.Tensor]:
         (diff,) = ctx.saved_tensors
-        return None, torch.neg(grad.view(1, -1, 1) * (2 * diff))
+        # −2·g_j·diff in one pass (scaling by −2 is exact: the same numbers as −(g_j·(2·diff)))
+        return None, diff * (-2 * grad).view(1, -1, 1)
 
 
 def add_member_bias(y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -227,6 +228,11 @@ def add_member_bias(y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     return _MemberBias.apply(y, bias)
 
 
+def _total_variance(target: torch.Tensor) -> torch.Tensor:
+    """``Σ_n‖t − t̄‖²`` of one member's target ``[N, 1, D]`` → ``[1]``."""
+    return (target - target.mean(0, keepdim=True)).pow(2).sum(dim=(0, 2))
+
+
 def fvu_loss(target: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     """Per-member fraction of variance unexplained ``Σ_n‖t − x̂‖² / Σ_n‖t − t̄‖²`` for ``[N, J, D]`` inputs → ``[J]``.
 
@@ -236,8 +242,10 @@ def fvu_loss(target: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
         if target.requires_grad:
             return torch.cat([fvu_loss(target[:, j:j + 1], x_hat[:, j:j + 1]) for j in range(target.shape[1])])
         err = _MemberSquaredError.apply(target, x_hat)
-        total = torch.cat([(t - t.mean(0, keepdim=True)).pow(2).sum(dim=(0, 2))
-                           for t in target.split(1, dim=1)])
+        if target.stride(1) == 0:  # one target shared by the members (expanded): its variance once
+            total = _total_variance(target[:, :1]).expand(target.shape[1])
+        else:
+            total = torch.cat([_total_variance(t) for t in target.split(1, dim=1)])
         return err / total.clamp_min(torch.finfo(total.dtype).tiny)
     err = (target - x_hat).pow(2).sum(dim=(0, 2))
     total = (target - target.mean(0, keepdim=True)).pow(2).sum(dim=(0, 2))
