@@ -1,5 +1,6 @@
-"""Memory traffic of one bagging TopK training step: the bytes moved, per component, by today's kernels and by the
-fused plan — a model (no GPU has measured it), for the ``gpu`` preset's shapes in ``bench/README.md``.
+"""Memory traffic of one bagging TopK training step: the bytes moved, per component, by the op-by-op kernels
+(before the fused backward and optimizer; JumpReLU and ReLU models still train that way) and by the fused plan —
+a model (no GPU has measured it), for the ``gpu`` preset's shapes in ``bench/README.md``.
 
 Notation (a :class:`~saefast.bench.shapes.Shape`): ``N`` tokens, ``D`` = d_in, ``J`` members of ``M`` latents,
 ``K`` = top-k per member; ``P = J·M·D`` parameters per weight matrix (``W_enc`` and ``W_dec`` are both ``[J, M, D]``),
@@ -21,7 +22,7 @@ Assumptions (stated so the numbers can be checked):
   the loss's scalar reductions, the sort of the slots' keys a deterministic segmented backward needs.
 * Adam is counted at its minimum, one pass per parameter reading ``p, g, m, v`` and writing ``p, m, v``: 28 bytes
   per fp32 parameter. ``torch.optim.Adam``'s foreach implementation makes several passes (a lerp, a mul + addcmul,
-  a sqrt, a div, an addcdiv), so today's real optimizer traffic is larger than this model's.
+  a sqrt, a div, an addcdiv), so the op-by-op real optimizer traffic is larger than this model's.
 
 Today (the ``triton`` backend's kernels, autograd between them):
 
@@ -46,7 +47,7 @@ Today (the ``triton`` backend's kernels, autograd between them):
 
 Fused plan:
 
-* ``encoder_gemm``, ``codes_write``, ``decode_forward``, ``loss``: as today;
+* ``encoder_gemm``, ``codes_write``, ``decode_forward``, ``loss``: as op by op;
 * ``fused_backward``: one kernel for the decoder's and the encoder's backward: each touched decoder row read once
   (``R·D·a``), each slot reads its ``G`` row and its ``x`` row once (``S·D·(f + a)``) and its code
   (``S·(f + i)``), ``dW_dec`` and ``dW_enc`` written once each (``2·P·f``, segment-ordered: no zeroing), the folded
@@ -77,7 +78,7 @@ def _sizes(shape: Shape) -> dict[str, int]:
 
 def traffic_per_step(shape: Shape) -> dict[str, Any]:
     """Bytes moved by one bagging TopK training step at ``shape``, per component (see the module docstring for every
-    formula and assumption): ``{"today": {"parts": {component: bytes}, "total": bytes}, "fused": {...}, "sizes":
+    formula and assumption): ``{"op_by_op": {"parts": {component: bytes}, "total": bytes}, "fused": {...}, "sizes":
     {"N", "D", "J", "M", "K", "P", "S", "R", "a"}}``; ``total`` is the sum of ``parts``."""
     z = _sizes(shape)
     N, D, J, M, P, S, R, a = z["N"], z["D"], z["J"], z["M"], z["P"], z["S"], z["R"], z["a"]
@@ -89,8 +90,8 @@ def traffic_per_step(shape: Shape) -> dict[str, Any]:
         "decode_forward": S * code + S * D * a + N * D * a,
         "loss": 2 * N * D * a + N * D * f,
     }
-    today = dict(shared)
-    today.update({
+    op_by_op = dict(shared)
+    op_by_op.update({
         "decode_backward_values": S * D * a + N * D * f + S * code + S * f,
         "decode_backward_weight": S * D * f + S * code + 2 * P * f,
         "encoder_backward": N * D * (a + f) + S * D * f + S * code + 2 * P * f,
@@ -104,26 +105,26 @@ def traffic_per_step(shape: Shape) -> dict[str, Any]:
         "fused_backward": R * D * a + S * D * (f + a) + S * code + 2 * P * f,
         "fused_optimizer": 28 * P + 32 * P + 28 * biases,
     })
-    return {"today": {"parts": today, "total": sum(today.values())},
+    return {"op_by_op": {"parts": op_by_op, "total": sum(op_by_op.values())},
             "fused": {"parts": fused, "total": sum(fused.values())}, "sizes": z}
 
 
 def format_traffic(shapes: list[Shape]) -> str:
-    """A markdown table of :func:`traffic_per_step` in GB (10⁹ bytes) per step: one row per component, a today and a
-    fused column per shape, the totals and the fused/today ratio last."""
+    """A markdown table of :func:`traffic_per_step` in GB (10⁹ bytes) per step: one row per component, an op-by-op and a
+    fused column per shape, the totals and the fused/op-by-op ratio last."""
     reports = [traffic_per_step(shape) for shape in shapes]
-    names = list(dict.fromkeys(name for r in reports for plan in ("today", "fused") for name in r[plan]["parts"]))
-    head = "| component | " + " | ".join(f"{s.name} today | {s.name} fused" for s in shapes) + " |"
+    names = list(dict.fromkeys(name for r in reports for plan in ("op_by_op", "fused") for name in r[plan]["parts"]))
+    head = "| component | " + " | ".join(f"{s.name} op by op | {s.name} fused" for s in shapes) + " |"
     lines = [head, "|---|" + "---:|---:|" * len(shapes)]
 
     def gb(value: int | None) -> str:
         return "–" if value is None else f"{value / 1e9:,.2f}"
 
     for name in names:
-        cells = [f"{gb(r['today']['parts'].get(name))} | {gb(r['fused']['parts'].get(name))}" for r in reports]
+        cells = [f"{gb(r['op_by_op']['parts'].get(name))} | {gb(r['fused']['parts'].get(name))}" for r in reports]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines.append("| **total** | " + " | ".join(f"**{gb(r['today']['total'])}** | **{gb(r['fused']['total'])}**"
+    lines.append("| **total** | " + " | ".join(f"**{gb(r['op_by_op']['total'])}** | **{gb(r['fused']['total'])}**"
                                                for r in reports) + " |")
-    lines.append("| fused / today | " + " | ".join(f" | {r['fused']['total'] / r['today']['total']:.2f}"
+    lines.append("| fused / op by op | " + " | ".join(f" | {r['fused']['total'] / r['op_by_op']['total']:.2f}"
                                                    for r in reports) + " |")
     return "\n".join(lines)

@@ -143,18 +143,18 @@ def test_profile_step_at_the_tiny_preset(profile_step, tmp_path):
 @pytest.mark.parametrize("shape", [*bench.PRESETS["gpu"], *bench.PRESETS["cpu"]], ids=lambda s: s.name)
 def test_traffic_totals_are_the_sums_of_their_parts(shape):
     model = traffic.traffic_per_step(shape)
-    for plan in ("today", "fused"):
+    for plan in ("op_by_op", "fused"):
         assert model[plan]["total"] == sum(model[plan]["parts"].values())
         assert all(value > 0 for value in model[plan]["parts"].values())
     # the parts the two plans share are the same
     for part in ("encoder_gemm", "codes_write", "decode_forward", "loss"):
-        assert model["today"]["parts"][part] == model["fused"]["parts"][part]
+        assert model["op_by_op"]["parts"][part] == model["fused"]["parts"][part]
 
 
 def test_fused_moves_fewer_bytes_at_the_gpu_preset():
     for shape in bench.PRESETS["gpu"]:
         model = traffic.traffic_per_step(shape)
-        assert model["fused"]["total"] < model["today"]["total"]
+        assert model["fused"]["total"] < model["op_by_op"]["total"]
 
 
 def test_traffic_formulas_at_one_shape():
@@ -162,11 +162,11 @@ def test_traffic_formulas_at_one_shape():
     N, D, J, M, K = shape.tokens, shape.d_in, shape.members, shape.latents, shape.k
     P, S = J * M * D, N * J * K
     parts = traffic.traffic_per_step(shape)
-    today, fused = parts["today"]["parts"], parts["fused"]["parts"]
-    assert today["encoder_gemm"] == 2 * (N * D + P)
-    assert today["adam"] == 28 * (2 * P + J * M + J * D)
-    assert today["renormalise"] == 8 * P and today["decoder_projection"] == 12 * P
+    op_by_op, fused = parts["op_by_op"]["parts"], parts["fused"]["parts"]
+    assert op_by_op["encoder_gemm"] == 2 * (N * D + P)
+    assert op_by_op["adam"] == 28 * (2 * P + J * M + J * D)
+    assert op_by_op["renormalise"] == 8 * P and op_by_op["decoder_projection"] == 12 * P
     assert fused["fused_optimizer"] == 28 * P + 32 * P + 28 * (J * M + J * D)
     assert fused["fused_backward"] == min(J * M, S) * D * 2 + S * D * 6 + S * 12 + 8 * P
     table = traffic.format_traffic(bench.PRESETS["gpu"])
-    assert "| **total** |" in table and f"{parts['today']['total'] / 1e9:,.2f}" in table
+    assert "| **total** |" in table and f"{parts['op_by_op']['total'] / 1e9:,.2f}" in table
