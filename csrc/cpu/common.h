@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <limits>
 #include <string>
+#include <vector>
 
 namespace saefast {
 
@@ -91,6 +92,50 @@ inline at::Tensor new_output(at::IntArrayRef shape, const at::TensorOptions& opt
   if (!poison_outputs().load()) return at::empty(shape, options);
   if (at::isIntegralType(options.dtype().toScalarType(), /*includeBool=*/false)) return at::full(shape, -1, options);
   return at::full(shape, std::numeric_limits<float>::quiet_NaN(), options);
+}
+
+// The slots of each member bucketed by latent, for the latent-ordered backward passes: a stable counting sort, in
+// (n, k) order, of the slots (n, j, k) that live(slot) accepts (slot = (n·J + j)·K + k). Member j's bucket of latent
+// m is slots[member_ptr[j] + row_ptr[j·(M+1) + m] .. member_ptr[j] + row_ptr[j·(M+1) + m + 1]), as ids n·K + k.
+// live must accept only slots whose idx lies in [0, M), and give the same answer both times it is asked (it is asked
+// once per pass, counting then filling). Members are bucketed in parallel, each by one task: deterministic.
+struct LatentBuckets {
+  std::vector<int64_t> row_ptr;     // [J, M + 1]
+  std::vector<int64_t> member_ptr;  // [J + 1]
+  std::vector<int64_t> slots;
+  const int64_t* bucket(int64_t j) const { return slots.data() + member_ptr[j]; }
+  const int64_t* rows(int64_t j, int64_t M) const { return row_ptr.data() + j * (M + 1); }
+};
+
+template <typename Live>
+LatentBuckets bucket_by_latent(const int64_t* idx, int64_t N, int64_t J, int64_t K, int64_t M, Live live) {
+  LatentBuckets b{std::vector<int64_t>(J * (M + 1), 0), std::vector<int64_t>(J + 1, 0), {}};
+  at::parallel_for(0, J, 1, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      int64_t* rp = b.row_ptr.data() + j * (M + 1);
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t slot = (n * J + j) * K + k;
+          if (live(slot)) ++rp[idx[slot] + 1];
+        }
+      for (int64_t m = 0; m < M; ++m) rp[m + 1] += rp[m];
+    }
+  });
+  for (int64_t j = 0; j < J; ++j) b.member_ptr[j + 1] = b.member_ptr[j] + b.row_ptr[j * (M + 1) + M];
+  b.slots.resize(b.member_ptr[J]);
+  at::parallel_for(0, J, 1, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t* rp = b.row_ptr.data() + j * (M + 1);
+      std::vector<int64_t> fill(rp, rp + M);
+      int64_t* out = b.slots.data() + b.member_ptr[j];
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t slot = (n * J + j) * K + k;
+          if (live(slot)) out[fill[idx[slot]]++] = n * K + k;
+        }
+    }
+  });
+  return b;
 }
 
 // Fixed work partitions (never derived from the thread count), so that every result is bit-identical for any

@@ -213,38 +213,13 @@ template <typename w_t>
 void bucketed_backward(const float* gp, bool per_member, const float* vp, const int64_t* ip, const bool* mp,
                        const float* ap, const w_t* W, float* dv, float* dWp, int64_t N, int64_t J, int64_t K, int64_t M,
                        int64_t D) {
-  std::vector<int64_t> row_ptr(J * (M + 1), 0);
-  std::vector<int64_t> member_ptr(J + 1, 0);
-  at::parallel_for(0, J, 1, [&](int64_t j0, int64_t j1) {
-    for (int64_t j = j0; j < j1; ++j) {
-      int64_t* rp = row_ptr.data() + j * (M + 1);
-      for (int64_t n = 0; n < N; ++n)
-        for (int64_t k = 0; k < K; ++k) {
-          const int64_t slot = (n * J + j) * K + k;
-          if (mp == nullptr || mp[slot]) ++rp[ip[slot] + 1];
-        }
-      for (int64_t m = 0; m < M; ++m) rp[m + 1] += rp[m];
-    }
-  });
-  for (int64_t j = 0; j < J; ++j) member_ptr[j + 1] = member_ptr[j] + row_ptr[j * (M + 1) + M];
-  std::vector<int64_t> slots(member_ptr[J]);
-  at::parallel_for(0, J, 1, [&](int64_t j0, int64_t j1) {
-    for (int64_t j = j0; j < j1; ++j) {
-      const int64_t* rp = row_ptr.data() + j * (M + 1);
-      std::vector<int64_t> fill(rp, rp + M);
-      int64_t* out = slots.data() + member_ptr[j];
-      for (int64_t n = 0; n < N; ++n)
-        for (int64_t k = 0; k < K; ++k) {
-          const int64_t slot = (n * J + j) * K + k;
-          if (mp == nullptr || mp[slot]) out[fill[ip[slot]]++] = n * K + k;
-        }
-    }
-  });
+  const LatentBuckets buckets =
+      bucket_by_latent(ip, N, J, K, M, [&](int64_t slot) { return mp == nullptr || mp[slot]; });
   at::parallel_for(0, J * M, 64, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t j = r / M, m = r % M;
-      const int64_t* rp = row_ptr.data() + j * (M + 1);
-      const int64_t* bucket = slots.data() + member_ptr[j];
+      const int64_t* rp = buckets.rows(j, M);
+      const int64_t* bucket = buckets.bucket(j);
       const w_t* w_row = W == nullptr ? nullptr : W + r * D;
       float* acc = dWp + r * D;
       for (int64_t d = 0; d < D; ++d) acc[d] = 0.0f;

@@ -99,8 +99,7 @@ Sizes check_arguments(const at::Tensor& x, const at::Tensor& b_dec, const at::Te
 
 template <typename w_t>
 void fused_rows(const float* x, const float* b_dec, const w_t* W, const float* v, const int64_t* idx, int64_t split,
-                const float* g, const float* ga, const std::vector<int64_t>& row_ptr,
-                const std::vector<int64_t>& member_ptr, const std::vector<int64_t>& slots, float* dW_enc,
+                const float* g, const float* ga, const LatentBuckets& buckets, float* dW_enc,
                 float* db_enc, float* dW_dec, float* dpre, const Sizes& s) {
   const int64_t J = s.J, S = s.S, M = s.M, D = s.D;
   auto G_row = [&](int64_t n, int64_t j, int64_t k) { return (k < split ? g : ga) + (n * J + j) * D; };
@@ -108,8 +107,8 @@ void fused_rows(const float* x, const float* b_dec, const w_t* W, const float* v
   at::parallel_for(0, J * M, 64, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t j = r / M, m = r % M;
-      const int64_t* rp = row_ptr.data() + j * (M + 1);
-      const int64_t* bucket = slots.data() + member_ptr[j];
+      const int64_t* rp = buckets.rows(j, M);
+      const int64_t* bucket = buckets.bucket(j);
       const w_t* w_row = W + r * D;
       float* dec = dW_dec + r * D;
       float* enc = dW_enc + r * D;
@@ -161,52 +160,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_sae_backward_c
   const int64_t* ip = idx.data_ptr<int64_t>();
   float* dp = dpre.data_ptr<float>();
 
-  // Bucket the live slots (value != 0) of each member by latent: row_ptr [J, M + 1] into slot ids n·S + s, a stable
-  // counting sort in (n, s) order. Dead slots get dpre = 0 here; an out-of-range index of a live slot is an error.
-  std::vector<int64_t> row_ptr(J * (M + 1), 0), member_ptr(J + 1, 0);
-  std::vector<int64_t> bad(J, -1);  // per member: an out-of-range index found (first in slot order), or -1
+  // Bucket the live slots (value != 0) of each member by latent. Dead slots get dpre = 0 here; an out-of-range index
+  // of a live slot is an error, reported after the (parallel) counting pass for its member's first such slot.
+  std::vector<int64_t> bad(J, 0);
   std::vector<char> bad_found(J, 0);
-  at::parallel_for(0, J, 1, [&](int64_t j0, int64_t j1) {
-    for (int64_t j = j0; j < j1; ++j) {
-      int64_t* rp = row_ptr.data() + j * (M + 1);
-      for (int64_t n = 0; n < N; ++n)
-        for (int64_t k = 0; k < S; ++k) {
-          const int64_t slot = (n * J + j) * S + k;
-          if (vp[slot] == 0.0f) {
-            dp[slot] = 0.0f;
-            continue;
-          }
-          const int64_t latent = ip[slot];
-          if (latent < 0 || latent >= M) {
-            if (!bad_found[j]) bad[j] = latent, bad_found[j] = 1;
-            continue;
-          }
-          ++rp[latent + 1];
-        }
-      for (int64_t m = 0; m < M; ++m) rp[m + 1] += rp[m];
+  const LatentBuckets buckets = bucket_by_latent(ip, N, J, S, M, [&](int64_t slot) {
+    if (vp[slot] == 0.0f) {
+      dp[slot] = 0.0f;
+      return false;
     }
+    const int64_t latent = ip[slot], j = (slot / S) % J;
+    if (latent >= 0 && latent < M) return true;
+    if (!bad_found[j]) bad[j] = latent, bad_found[j] = 1;
+    return false;
   });
   for (int64_t j = 0; j < J; ++j)
     SAEFAST_CHECK(!bad_found[j], "native_sparse_sae_backward: indices of slots with a non-zero value must lie in "
                   "[0, M = ", M, "); member ", j, " has ", bad[j]);
-  for (int64_t j = 0; j < J; ++j) member_ptr[j + 1] = member_ptr[j] + row_ptr[j * (M + 1) + M];
-  std::vector<int64_t> slots(member_ptr[J]);
-  at::parallel_for(0, J, 1, [&](int64_t j0, int64_t j1) {
-    for (int64_t j = j0; j < j1; ++j) {
-      std::vector<int64_t> fill(row_ptr.begin() + j * (M + 1), row_ptr.begin() + j * (M + 1) + M);
-      int64_t* out = slots.data() + member_ptr[j];
-      for (int64_t n = 0; n < N; ++n)
-        for (int64_t k = 0; k < S; ++k) {
-          const int64_t slot = (n * J + j) * S + k;
-          if (vp[slot] != 0.0f) out[fill[ip[slot]]++] = n * S + k;
-        }
-    }
-  });
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, W_dec.scalar_type(), "native_sparse_sae_backward", [&] {
     const at::Tensor W = W_dec.contiguous();
     fused_rows<scalar_t>(xf.data_ptr<float>(), bf.data_ptr<float>(), W.data_ptr<scalar_t>(), vp, ip, split,
-                         g.data_ptr<float>(), ga.defined() ? ga.data_ptr<float>() : nullptr, row_ptr, member_ptr,
-                         slots, dW_enc.data_ptr<float>(), db_enc.data_ptr<float>(), dW_dec.data_ptr<float>(), dp, s);
+                         g.data_ptr<float>(), ga.defined() ? ga.data_ptr<float>() : nullptr, buckets,
+                         dW_enc.data_ptr<float>(), db_enc.data_ptr<float>(), dW_dec.data_ptr<float>(), dp, s);
   });
   return {dW_enc, db_enc, dW_dec, dpre};
 }
