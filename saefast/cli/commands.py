@@ -163,10 +163,14 @@ def parse_train_options(args: argparse.Namespace) -> tuple[dict[str, Any], dict[
     return options, sae_extra, train_extra
 
 
-def check_run_dir(out: Path, data: Path, resume: bool) -> dict[str, Any] | None:
+def check_run_dir(out: Path, data: Path, resume: bool, writer: bool = True) -> dict[str, Any] | None:
     """Check ``--out`` before training: it must be new, empty or a run of ours; ``--resume`` needs its checkpoint,
     and without ``--resume`` a checkpoint there is kept, not overwritten. Returns the checkpoint's train state
-    (``--resume``) or None."""
+    (``--resume``) or None.
+
+    ``writer=False`` (the other ranks of a distributed run) skips the "new, empty or ours" check: the writing rank
+    makes that check, and then writes ``run.json``, possibly while another rank is still looking (it would see the
+    half-written file, not yet a run of ours)."""
     from ..models import sharded
     from ..models.checkpoint import CONFIG_FILE
 
@@ -176,7 +180,7 @@ def check_run_dir(out: Path, data: Path, resume: bool) -> dict[str, Any] | None:
         raise CLIError(f"--out {out} is the activation store itself; give the run its own directory")
     has_checkpoint = out.is_dir() and sharded.newest(out) is not None  # a plain one, or a distributed run's shards
     ours = read_run(out) is not None or has_checkpoint
-    if out.is_dir() and any(out.iterdir()) and not ours:
+    if writer and out.is_dir() and any(out.iterdir()) and not ours:
         raise CLIError(f"--out {out} is not empty and holds no saefast run (no {RUN_FILE} or {CONFIG_FILE}); "
                        f"choose a new or empty directory")
     if not resume:
@@ -284,7 +288,7 @@ def _prepare_train(args: argparse.Namespace, options: dict[str, Any], sae_extra:
 
     device = distributed.local_device(check_device(options["device"]))
     out, data = Path(options["out"]), Path(options["data"])
-    state = check_run_dir(out, data, args.resume)
+    state = check_run_dir(out, data, args.resume, writer=distributed.is_main())
     store = ActivationStore(data, hook=options["hook"])
     previous = read_run(out) if args.resume else None
     if previous:  # the batches depend on these too, and the checkpoint does not record them
