@@ -7,6 +7,7 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 
 from ...files import sha256_file
-from .batches import StoreBatches
+from .batches import StoreBatches, default_workers
 from .format import (
     EXTRA_DTYPES,
     MANIFEST,
@@ -45,12 +46,21 @@ class ShardFiles:
         self.verified: set[str] = set()
         self.maps: OrderedDict[str, np.ndarray] = OrderedDict()
         self.lock = threading.Lock()
-        self.hash_lock = threading.Lock()
+        self.hash_locks: dict[str, threading.Lock] = {}  # one per file: readers hash different files in parallel
 
     def check(self, entry: dict[str, Any]) -> None:
-        """Hash the file of ``entry`` once; :class:`StoreError` naming it if it does not match."""
+        """Hash the file of ``entry`` once; :class:`StoreError` naming it if it does not match.
+
+        Safe from many threads: each file is hashed at most once (a second caller waits for the first), and
+        different files are hashed at once (``hashlib`` releases the GIL), so reader workers verify in parallel.
+        A file that failed is hashed again (and refused again) on every touch.
+        """
         file = entry["file"]
-        with self.hash_lock:
+        if file in self.verified:
+            return
+        with self.lock:
+            file_lock = self.hash_locks.setdefault(file, threading.Lock())
+        with file_lock:
             if file in self.verified:
                 return
             try:
@@ -62,11 +72,19 @@ class ShardFiles:
                                  f"(its SHA-256 does not match {MANIFEST})")
             self.verified.add(file)
 
-    def check_all(self) -> None:
-        """Hash every file of the store (each at most once)."""
-        for shard in self.manifest["shards"]:
-            for entry in shard["files"].values():
+    def check_all(self, workers: int | None = None) -> None:
+        """Hash every file of the store (each at most once), ``workers`` files at a time (default: the cores
+        available); the error of the first bad file in manifest order is raised."""
+        entries = [entry for shard in self.manifest["shards"] for entry in shard["files"].values()
+                   if entry["file"] not in self.verified]
+        workers = min(len(entries), default_workers() if workers is None else workers)
+        if workers <= 1:
+            for entry in entries:
                 self.check(entry)
+            return
+        with ThreadPoolExecutor(workers, thread_name_prefix="saefast-store-verify") as pool:
+            for future in [pool.submit(self.check, entry) for entry in entries]:
+                future.result()
 
     def array(self, shard: int, name: str) -> np.ndarray:
         """The memory-mapped ``.npy`` of column ``name`` in ``shard`` (hash-checked first when lazy)."""
@@ -287,15 +305,20 @@ class ActivationStore:
         extras: Sequence[str] = (),
         drop_last: bool = False,
         shard: tuple[int, int] | None = None,
+        workers: int | None = None,
     ) -> StoreBatches:
         """Batches of this view for training: a re-iterable :class:`StoreBatches`, one epoch per ``iter()``.
 
         Shuffling keeps memory bounded: each shard is cut into contiguous blocks of ``block_rows`` rows, the
         block order is shuffled, blocks are read into a buffer of at most ``shuffle_buffer`` rows and the rows
         of the buffer are shuffled; every row appears exactly once per epoch. Epoch ``e`` depends only on
-        ``(seed, e)``. ``extras`` names per-token columns to return alongside: batches are then tuples
-        ``(x, extra_1, ...)``, aligned row by row. Reading runs ``prefetch`` batches ahead in a background
-        thread; with a CUDA ``device`` batches arrive there (copied from pinned memory, converted on the GPU).
+        ``(seed, e)`` — not on ``workers``, bit for bit. ``extras`` names per-token columns to return alongside:
+        batches are then tuples ``(x, extra_1, ...)``, aligned row by row. Reading runs ``prefetch`` batches
+        ahead: ``workers`` reader threads (default: the cores available) fill the next shuffle buffer while
+        ``workers`` gather threads cut the current one into batches (each row gathered once, straight into the
+        batch, and converted once); an error in any of them (a corrupt shard, named) is raised here, in the
+        consumer. Memory stays below three shuffle buffers plus ``prefetch + workers`` batches. With a CUDA
+        ``device`` batches arrive there (copied from pinned memory in the stored dtype, converted on the GPU).
 
         ``shard=(index, count)`` reads this reader's share of every batch, for data-parallel training: each
         yielded batch is rows ``[size*index//count, size*(index+1)//count)`` of the global batch that
@@ -310,5 +333,6 @@ class ActivationStore:
         """
         return StoreBatches(self, batch_size, shuffle=shuffle, seed=seed, epochs=epochs,
                             shuffle_buffer=shuffle_buffer, block_rows=block_rows, prefetch=prefetch, device=device,
-                            dtype=dtype, extras=extras, drop_last=drop_last, shard=shard)
+                            dtype=dtype, extras=extras, drop_last=drop_last, shard=shard,
+                            workers=workers)
 
