@@ -2,14 +2,19 @@
 
     python bench/bench_reader.py --json bench/results/cpu_reader.json
 
-For each width ``d`` a bf16 store of ``--mib`` MiB of random rows is written to ``--dir``; one shuffled epoch of
-``store.batches(--batch)`` is timed per output dtype (bf16 = ``dtype=None``, fp32) and ``workers``, cold (the page
-cache dropped with ``/proc/sys/vm/drop_caches`` where this process may write it, else ``POSIX_FADV_DONTNEED`` on
-every shard file; the JSON says which; the lazy sha256 check runs, as in training) and warm (``verify="none"``, the
-files in the page cache). Rows/s and GB/s count the stored bytes read (``rows·d·2``). Beside them: ``memcpy``,
-one-thread ``torch`` copy bandwidth of a 256 MiB buffer, and ``disk``, a plain sequential read of the same files
-after the same cache drop (1 MiB ``readinto``). The gpu preset's need: one training step per ``N = 8,192`` rows at
-the measured step time (``--step-ms``).
+For each width ``d`` a bf16 store of ``--mib`` MiB of random rows (shards of ``--shard-rows``) is written to
+``--dir``; one shuffled epoch of ``store.batches(--batch, shuffle_buffer=--shuffle-buffer)`` is timed per output
+dtype (bf16 = ``dtype=None``, fp32) and ``workers``:
+
+* **cold**: the page cache dropped first (``/proc/sys/vm/drop_caches`` where this process may write it, else
+  ``POSIX_FADV_DONTNEED`` on every shard file; the JSON says which), the default lazy XXH3-128 check on, as in
+  training;
+* **warm**: ``verify="none"``, the files in the page cache, the third epoch of one ``StoreBatches`` (its shuffle
+  buffers recycled).
+
+Rows/s and GB/s count the stored bytes read (``rows·d·2``). Beside them: ``memcpy``, the one-thread ``torch``
+copy bandwidth of a 256 MiB buffer, and ``disk``, a plain sequential read of the same files after the same cache
+drop (1 MiB ``readinto``). The gpu preset's need: ``N = 8,192`` rows per training step of ``--step-ms``.
 """
 
 from __future__ import annotations
@@ -71,12 +76,17 @@ def copy_bandwidth() -> float:
         torch.set_num_threads(threads)
 
 
-def epoch_seconds(path: Path, batch: int, buffer: int, dtype, workers: int, verify: str) -> tuple[float, int]:
+def epoch_seconds(path: Path, batch: int, buffer: int, dtype, workers: int, verify: str,
+                  epochs: int = 1) -> tuple[float, int]:
+    """Seconds and rows of the last of ``epochs`` epochs of one :class:`StoreBatches`."""
     store = ActivationStore(path, verify=verify)
-    t0, rows = time.perf_counter(), 0
-    for x in store.batches(batch, shuffle_buffer=buffer, dtype=dtype, workers=workers, seed=0):
-        rows += x.shape[0]
-    return time.perf_counter() - t0, rows
+    batches = store.batches(batch, shuffle_buffer=buffer, dtype=dtype, workers=workers, seed=0, epochs=epochs)
+    for _ in range(epochs):
+        t0, rows = time.perf_counter(), 0
+        for x in batches:
+            rows += x.shape[0]
+        seconds = time.perf_counter() - t0
+    return seconds, rows
 
 
 def main() -> None:
@@ -84,6 +94,7 @@ def main() -> None:
     parser.add_argument("--dims", type=int, nargs="+", default=[576, 2304])
     parser.add_argument("--mib", type=int, default=384, help="size of each store (bf16)")
     parser.add_argument("--batch", type=int, default=8192)
+    parser.add_argument("--shard-rows", type=int, default=16384, help="rows per shard file, as a harvest writes")
     parser.add_argument("--shuffle-buffer", type=int, default=1 << 15,
                         help="rows per shuffle buffer (the default 2^18 would hold a whole small store)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
@@ -99,7 +110,8 @@ def main() -> None:
             n = (args.mib << 20) // (2 * d)
             path = root / f"d{d}"
             shutil.rmtree(path, ignore_errors=True)
-            sf.write_store(path, torch.randn(n, d), dtype=torch.bfloat16)
+            sf.write_store(path, torch.randn(n, d), shard_tokens=args.shard_rows,
+                           dtype=torch.bfloat16)
             files = sorted(path.glob("shard*.npy"))
             how = drop_cache(files)
             disk = sequential_read(files)
@@ -109,10 +121,9 @@ def main() -> None:
                     for phase in ("cold", "warm"):
                         if phase == "cold":
                             drop_cache(files)
-                        else:
-                            epoch_seconds(path, args.batch, args.shuffle_buffer, out, workers, "none")  # fill the cache
                         seconds, rows = epoch_seconds(path, args.batch, args.shuffle_buffer, out, workers,
-                                                      "lazy" if phase == "cold" else "none")
+                                                      "lazy" if phase == "cold" else "none",
+                                                      1 if phase == "cold" else 3)
                         assert rows == n
                         row = {"d": d, "out": "bf16" if out is None else "fp32", "workers": workers,
                                "phase": phase, "rows_per_s": rows / seconds,

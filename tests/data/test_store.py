@@ -593,6 +593,34 @@ def test_flipped_byte_is_named_eagerly_and_lazily(tmp_path):
     assert not torch.equal(trusting.read(0, 200), x)  # the flip is real and goes unnoticed without hashing
 
 
+@pytest.mark.parametrize("checksum", ["xxh3_128", "sha256"])
+@pytest.mark.parametrize("old_store", [False, True])
+def test_the_checksums_catch_a_flipped_byte_and_name_the_shard(tmp_path, checksum, old_store):
+    import xxhash
+
+    x = indexed(200)
+    ragged_store(tmp_path, x)
+    manifest = json.loads((tmp_path / st.MANIFEST).read_text())
+    for shard in manifest["shards"]:  # the writer records both hashes of every file
+        for entry in shard["files"].values():
+            data = (tmp_path / entry["file"]).read_bytes()
+            assert entry["xxh3_128"] == xxhash.xxh3_128(data).hexdigest()
+    if old_store:  # a store written before XXH3: every reader falls back to SHA-256
+        edit_manifest(tmp_path, lambda m: [entry.pop("xxh3_128") for shard in m["shards"]
+                                            for entry in shard["files"].values()])
+    bad = shard_file(tmp_path, 2)
+    flip_last_byte(bad)
+    what = "XXH3-128" if checksum == "xxh3_128" and not old_store else "SHA-256"
+    with pytest.raises(StoreError, match=f"{bad.name} is corrupt \\(its {what} does not match"):
+        ActivationStore(tmp_path, verify="eager", checksum=checksum)
+    store = ActivationStore(tmp_path, checksum=checksum)
+    assert torch.equal(store.read(0, 42), x[:42])
+    with pytest.raises(StoreError, match=f"{bad.name} is corrupt \\(its {what}"):
+        list(store.batches(10, workers=2))
+    with pytest.raises(ValueError, match="checksum must be one of"):
+        ActivationStore(tmp_path, checksum="md5")
+
+
 def test_corrupt_extra_column_is_named(tmp_path):
     ragged_store(tmp_path, indexed(200))
     bad = shard_file(tmp_path, 0, "labels")
@@ -646,6 +674,7 @@ def edit_manifest(path: Path, edit) -> None:
         (lambda m: m["shards"][2]["files"]["h"].update(file="../../etc/passwd"), r"shards\[2\].files\['h'\].file"),
         (lambda m: m["shards"][2]["files"].pop("labels"), r"shards\[2\].files must be an object"),
         (lambda m: m["shards"][3]["files"]["h"].update(sha256="xyz"), r"shards\[3\].files\['h'\].sha256"),
+        (lambda m: m["shards"][4]["files"]["h"].update(xxh3_128="ab" * 20), r"shards\[4\].files\['h'\].xxh3_128"),
     ],
 )
 def test_a_bad_manifest_field_is_named(tmp_path, edit, match):
