@@ -310,15 +310,15 @@ def test_prefetch_thread_propagates_errors_and_never_leaks(tmp_path, monkeypatch
     assert threading.active_count() == baseline
 
     calls = {"n": 0}
-    original = ShardFiles.array
+    original = ShardFiles.read_rows
 
-    def failing(self, shard, name):
+    def failing(self, shard, name, start, stop, out):
         calls["n"] += 1
         if calls["n"] > 3:
             raise RuntimeError("disk on fire")
-        return original(self, shard, name)
+        return original(self, shard, name, start, stop, out)
 
-    monkeypatch.setattr(ShardFiles, "array", failing)
+    monkeypatch.setattr(ShardFiles, "read_rows", failing)
     with pytest.raises(RuntimeError, match="disk on fire"):
         list(store.batches(4, shuffle_buffer=10, block_rows=5))
     assert threading.active_count() == baseline
@@ -389,15 +389,15 @@ def test_a_worker_that_dies_raises_in_the_consumer_instead_of_hanging(tmp_path, 
     baseline = threading.active_count()
     calls = {"n": 0}
     if where == "read":
-        original = ShardFiles.array
+        original = ShardFiles.read_rows
 
-        def failing(self, shard, name):
+        def failing(self, shard, name, start, stop, out):
             calls["n"] += 1
             if calls["n"] > 5:
                 raise OSError(f"worker {threading.current_thread().name} lost its disk")
-            return original(self, shard, name)
+            return original(self, shard, name, start, stop, out)
 
-        monkeypatch.setattr(ShardFiles, "array", failing)
+        monkeypatch.setattr(ShardFiles, "read_rows", failing)
     else:
         original = store_batches.gather_rows
 
@@ -619,6 +619,15 @@ def test_the_checksums_catch_a_flipped_byte_and_name_the_shard(tmp_path, checksu
         list(store.batches(10, workers=2))
     with pytest.raises(ValueError, match="checksum must be one of"):
         ActivationStore(tmp_path, checksum="md5")
+
+
+def test_a_shard_truncated_after_opening_is_named_by_the_readers(tmp_path):
+    ragged_store(tmp_path, indexed(200))
+    store = ActivationStore(tmp_path, verify="none")
+    bad = shard_file(tmp_path, 5)
+    bad.write_bytes(bad.read_bytes()[:-100])
+    with pytest.raises(StoreError, match=f"cannot read {bad.name} \\(it ended 100 bytes early"):
+        list(store.batches(16, workers=2))
 
 
 def test_corrupt_extra_column_is_named(tmp_path):

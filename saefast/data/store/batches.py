@@ -301,8 +301,9 @@ class StoreBatches:
     def _read_blocks(self, chosen: list[int], pos: int, columns: list[str], buffer: list[np.ndarray],
                      stop: threading.Event) -> None:
         """Copy the blocks ``chosen`` (consecutive in the buffer, from position ``pos``) into ``buffer``; runs in
-        a reader worker (numpy's copy releases the GIL, so workers read in parallel; a lazy store hashes each
-        file here on its first touch, before any of its rows is copied)."""
+        a reader worker. Each block is one plain read (:meth:`ShardFiles.read_rows`, which releases the GIL), so
+        workers read in parallel and a cold block streams at the disk's sequential speed; a lazy store hashes
+        each file here on its first touch, before any of its rows is copied."""
         shared = self.store.shard_files
         for block in chosen:
             if stop.is_set():
@@ -310,7 +311,7 @@ class StoreBatches:
             shard, start = int(self._block_shard[block]), int(self._block_start[block])
             length = int(self._block_len[block])
             for name, column in zip(columns, buffer):
-                column[pos : pos + length] = shared.array(shard, name)[start : start + length]
+                shared.read_rows(shard, name, start, start + length, column[pos : pos + length])
             pos += length
 
     def _assemble(self, pending: list[tuple[list[np.ndarray], Any]]) -> tuple[torch.Tensor, ...]:
