@@ -363,6 +363,46 @@ def test_worker_count_does_not_change_bf16_batches_or_shares(tmp_path, workers):
                        for a, b in zip(one, many))
 
 
+def test_batch_memory_is_reused_only_once_the_consumer_lets_go(tmp_path):
+    x = indexed(400, d=8)
+    store = ActivationStore(ragged_store(tmp_path, x, sizes=[100, 150, 150]))
+    batches = store.batches(16, extras=["labels"], shuffle_buffer=64, block_rows=8, workers=2, epochs=None)
+    held, views = [], []
+    for _epoch in range(3):
+        for i, (xb, labels) in enumerate(batches):
+            if i % 3 == 0:
+                held.append((xb.clone(), labels.clone(), xb, labels))  # what it held then, and the batch itself
+            elif i % 3 == 1:
+                views.append((xb[:, 0].clone(), xb[:, 0]))  # a view keeps the whole batch's memory
+    for want_x, want_labels, xb, labels in held:  # never overwritten by a later batch
+        assert torch.equal(xb, want_x) and torch.equal(labels, want_labels)
+        assert torch.equal(xb, x[xb[:, 0].long()]) and torch.equal(labels, 3 * xb[:, 0].long() + 1)
+    assert all(torch.equal(view, want) for want, view in views)
+
+    from saefast.data.store.batches import OutputArrays
+
+    pool = OutputArrays(keep=2)
+    first = pool.take((4, 3), np.dtype(np.float32))
+    view = torch.from_numpy(first)[:, 1]  # a user holds a view of it: not reusable
+    del first
+    second = pool.take((4, 3), np.dtype(np.float32))
+    assert second.ctypes.data != view.data_ptr() - 4
+    address = second.ctypes.data
+    del second  # let go: handed out again
+    assert pool.take((4, 3), np.dtype(np.float32)).ctypes.data == address
+    assert pool.take((5, 3), np.dtype(np.float32)).shape == (5, 3)  # another shape: a new array
+    assert len(pool.arrays) == 2
+
+
+def test_fp32_store_to_bf16_and_fp16_batches(tmp_path):
+    x = indexed(200)
+    store = ActivationStore(ragged_store(tmp_path, x))
+    for dtype in (torch.bfloat16, torch.float16):
+        out = list(store.batches(64, dtype=dtype, workers=2, shuffle=False))
+        assert all(b.dtype == dtype for b in out)
+        assert torch.equal(torch.cat(out), x.to(dtype))
+
+
 @pytest.mark.parametrize("workers", [1, 4])
 def test_a_flipped_byte_is_named_by_parallel_readers_before_its_rows_are_used(tmp_path, workers):
     x = indexed(200)

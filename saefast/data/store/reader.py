@@ -352,7 +352,8 @@ class ActivationStore:
         ahead: ``workers`` reader threads (default: the cores available) fill the next shuffle buffer while
         ``workers`` gather threads cut the current one into batches (each row gathered once, straight into the
         batch, and converted once); an error in any of them (a corrupt shard, named) is raised here, in the
-        consumer. Memory stays below three shuffle buffers plus ``prefetch + workers`` batches. With a CUDA
+        consumer. Memory stays below three shuffle buffers plus ``prefetch + workers + 2`` batches (batch memory the
+        consumer has let go of is reused). With a CUDA
         ``device`` batches arrive there (copied from pinned memory in the stored dtype, converted on the GPU).
 
         ``shard=(index, count)`` reads this reader's share of every batch, for data-parallel training: each
