@@ -6,8 +6,8 @@ output dtype (``bf16``: ``dtype=None``; ``fp32``) and per ``workers``:
 
 * **cold**: the store's files evicted from the page cache first (``POSIX_FADV_DONTNEED`` on every shard file) and a
   fresh reader with the default lazy XXH3-128 check, as in the first epoch after a harvest;
-* **warm**: ``verify="none"``, the files in the page cache, the third epoch of one ``StoreBatches`` (its shuffle
-  buffers recycled).
+* **warm**: ``verify="none"``, the files in the page cache, from the third epoch of one ``StoreBatches`` on (its
+  shuffle buffers and batch memory recycled).
 
 Rows/s and GB/s count the stored bytes delivered (``rows · d · 2``). Beside them: ``copy_gb_per_s``, a one-thread
 ``torch`` copy of 256 MiB (the machine's memory bandwidth for one core), and ``disk_gb_per_s``, a plain sequential
@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import platform
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ from typing import Any
 import torch
 
 from ..data.store import ActivationStore, write_store
+from .run import git_revision
 
 DATA_DIMS = (576, 2304)
 """Widths the data case measures: SmolLM2-135M's residual stream and Gemma-2-2B's (the gpu preset's ``d``)."""
@@ -71,29 +73,32 @@ def copy_bandwidth(nbytes: int = 1 << 28) -> float:
         torch.set_num_threads(threads)
 
 
-def _epoch(path: Path, batch: int, shuffle_buffer: int, dtype: torch.dtype | None, workers: int, verify: str,
-           epochs: int) -> tuple[float, int]:
-    """Seconds and rows of the last of ``epochs`` epochs of one :class:`StoreBatches`."""
+def _epochs(path: Path, batch: int, shuffle_buffer: int, dtype: torch.dtype | None, workers: int, verify: str,
+            skip: int, repeats: int) -> tuple[list[float], int]:
+    """Seconds of ``repeats`` epochs of one :class:`StoreBatches` after ``skip`` untimed ones, and rows per epoch."""
     batches = ActivationStore(path, verify=verify).batches(batch, shuffle_buffer=shuffle_buffer, dtype=dtype,
-                                                          workers=workers, seed=0, epochs=epochs)
-    seconds, rows = 0.0, 0
-    for _ in range(epochs):
+                                                          workers=workers, seed=0, epochs=skip + repeats)
+    times, rows = [], 0
+    for epoch in range(skip + repeats):
         t0, rows = time.perf_counter(), 0
         for x in batches:
             rows += x.shape[0]
-        seconds = time.perf_counter() - t0
-    return seconds, rows
+        if epoch >= skip:
+            times.append(time.perf_counter() - t0)
+    return times, rows
 
 
 def run_data_benchmark(dims: tuple[int, ...] = DATA_DIMS, mib: int = 384, batch: int = 8192,
                        workers: tuple[int, ...] = (1, 2), shuffle_buffer: int = 1 << 15, shard_rows: int = 16384,
                        directory: str | os.PathLike | None = None, step_ms: float = 12.0, n_step: int = 8192,
-                       progress=None) -> dict[str, Any]:
+                       repeats: int = 3, progress=None) -> dict[str, Any]:
     """Measure the reader (see the module docstring); the report: machine numbers and one row per
-    ``(d, out, workers, phase)``. ``step_ms`` is a training step's time at the gpu preset (``N = n_step``): the
-    issue's 0.6–0.8 M rows/s for an H100 is 10–14 ms; 12 ms is its middle, not a measurement."""
+    ``(d, out, workers, phase)``, the median of ``repeats`` epochs (cold: each of a fresh reader after its own
+    cache drop; warm: epochs 3, 4, ... of one reader). ``step_ms`` is a training step's time at the gpu preset
+    (``N = n_step``): the issue's 0.6–0.8 M rows/s for an H100 is 10–14 ms; 12 ms is its middle, not a
+    measurement."""
     for name, value in (("mib", mib), ("batch", batch), ("shuffle_buffer", shuffle_buffer),
-                        ("shard_rows", shard_rows)):
+                        ("shard_rows", shard_rows), ("repeats", repeats)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     if not dims or not workers or min(dims) < 1 or min(workers) < 1:
@@ -117,13 +122,19 @@ def run_data_benchmark(dims: tuple[int, ...] = DATA_DIMS, mib: int = 384, batch:
                         if progress is not None:
                             progress(f"data: d={d} {'bf16' if out is None else 'fp32'} workers={w} {phase}")
                         if phase == "cold":
-                            drop_cache(files)
-                        seconds, rows = _epoch(path, batch, shuffle_buffer, out, w,
-                                               "lazy" if phase == "cold" else "none", 1 if phase == "cold" else 3)
+                            times = []
+                            for _ in range(repeats):
+                                drop_cache(files)
+                                cold, rows = _epochs(path, batch, shuffle_buffer, out, w, "lazy", 0, 1)
+                                times += cold
+                        else:
+                            times, rows = _epochs(path, batch, shuffle_buffer, out, w, "none", 2, repeats)
+                        seconds = statistics.median(times)
                         if rows != n:
                             raise RuntimeError(f"the data case read {rows} rows of a store of {n}")
                         rows_out.append({"d": d, "out": "bf16" if out is None else "fp32", "workers": w,
-                                         "phase": phase, "rows": n, "seconds": seconds, "rows_per_s": n / seconds,
+                                         "phase": phase, "rows": n, "seconds": seconds, "all_seconds": times,
+                                         "rows_per_s": n / seconds,
                                          "gb_per_s": n * d * 2 / seconds / 1e9, "disk_gb_per_s": disks[d] / 1e9,
                                          "cache_drop": how})
             shutil.rmtree(path, ignore_errors=True)
@@ -133,15 +144,16 @@ def run_data_benchmark(dims: tuple[int, ...] = DATA_DIMS, mib: int = 384, batch:
     return {"case": "data", "machine": platform.processor() or platform.machine(),
             "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
             "torch": torch.__version__, "mib": mib, "batch": batch, "shuffle_buffer": shuffle_buffer,
-            "shard_rows": shard_rows, "copy_gb_per_s": copy_bw / 1e9, "step_ms": step_ms, "n_step": n_step,
-            "need_rows_per_s": need, "rows": rows_out}
+            "shard_rows": shard_rows, "repeats": repeats, "copy_gb_per_s": copy_bw / 1e9, "step_ms": step_ms,
+            "n_step": n_step, "need_rows_per_s": need, "commit": git_revision(), "rows": rows_out}
 
 
 def format_data_markdown(report: dict[str, Any]) -> str:
     """The data case as a markdown table, with the machine's copy and disk bandwidth and the step's need."""
     lines = [f"Store reader, `store.batches({report['batch']}, shuffle_buffer={report['shuffle_buffer']})` on "
              f"{report['cores']} cores; bf16 stores of {report['mib']} MiB in shards of {report['shard_rows']} rows; "
-             f"GB/s of stored bf16 delivered. One-thread copy: {report['copy_gb_per_s']:.1f} GB/s.",
+             f"GB/s of stored bf16 delivered (median of {report['repeats']} epochs). "
+             f"One-thread copy: {report['copy_gb_per_s']:.1f} GB/s.",
              "",
              "| d | out | workers | phase | M rows/s | GB/s | disk sequential GB/s | of disk | of copy |",
              "|---:|---|---:|---|---:|---:|---:|---:|---:|"]
