@@ -394,6 +394,38 @@ def test_batch_memory_is_reused_only_once_the_consumer_lets_go(tmp_path):
     assert len(pool.arrays) == 2
 
 
+def test_epochs_read_at_once_share_buffers_without_mixing(tmp_path, monkeypatch):
+    import time
+
+    import saefast.data.store.batches as store_batches
+
+    x = indexed(200)
+    store = ActivationStore(ragged_store(tmp_path, x))
+    kwargs = dict(shuffle_buffer=48, block_rows=8, workers=2, extras=["labels"])
+    want = [list(store.batches(30, **kwargs).iter_epoch(e)) for e in (0, 1)]
+    original = store_batches.StoreBatches._assemble
+
+    def slow_tail(self, pending):  # the last (short) batch of an epoch is gathered late
+        if sum(len(rows) for _, rows in pending) < 30:
+            time.sleep(0.3)
+        return original(self, pending)
+
+    monkeypatch.setattr(store_batches.StoreBatches, "_assemble", slow_tail)
+    batches = store.batches(30, **kwargs)
+    first = batches.iter_epoch(0)
+    got = [next(first) for _ in range(len(want[0]) - 1)]  # all but the last batch, still being gathered...
+    time.sleep(0.01)
+    second = batches.iter_epoch(1)  # ...while another epoch fills buffers
+    got_second = [next(second)]
+    got.append(next(first))
+    got_second += list(second)
+    for got_epoch, want_epoch in ((got, want[0]), (got_second, want[1])):
+        assert len(got_epoch) == len(want_epoch)
+        for (xa, la), (xw, lw) in zip(got_epoch, want_epoch):
+            assert torch.equal(xa, xw) and torch.equal(la, lw)
+    assert list(first) == []
+
+
 def test_fp32_store_to_bf16_and_fp16_batches(tmp_path):
     x = indexed(200)
     store = ActivationStore(ragged_store(tmp_path, x))

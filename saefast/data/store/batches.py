@@ -257,7 +257,10 @@ class StoreBatches:
                     lo, hi = self._share(batch)
             del buffer
         if pending_rows and not self.drop_last:
-            yield gatherers.submit(self._assemble, [(b, r) for _, b, r in pending])
+            future = gatherers.submit(self._assemble, [(b, r) for _, b, r in pending])
+            for fill in {fill for fill, _, _ in pending}:
+                users[fill].append(future)  # its buffers are kept for the next epoch only once it is gathered
+            yield future
         # Keep up to three buffers for the next epoch, once their batches are gathered.
         for fill in range(recycled, len(fills)):
             wait(users[fill])
