@@ -424,7 +424,15 @@ def run_sharpen(args: argparse.Namespace) -> int:
 
 def run_bench(args: argparse.Namespace) -> int:
     """``saefast bench``."""
-    from ..bench import CASES, IMPLEMENTATIONS, format_markdown, plot_report, run_benchmarks
+    from ..bench import (
+        CASES,
+        IMPLEMENTATIONS,
+        format_data_markdown,
+        format_markdown,
+        plot_report,
+        run_benchmarks,
+        run_data_benchmark,
+    )
     from ..devices import check_device
 
     if args.device is not None:
@@ -434,16 +442,24 @@ def run_bench(args: argparse.Namespace) -> int:
         if not args.no_progress:
             print(f"  {what}", file=sys.stderr, flush=True)
 
-    report = run_benchmarks(args.preset, cases=args.cases or CASES, backends=args.backends or IMPLEMENTATIONS,
-                            warmup=args.warmup, repeats=args.repeats, device=args.device, progress=progress,
-                            verbose=args.verbose)
-    table = format_markdown(report)
+    cases = [case for case in (args.cases or CASES) if case != "data"]
+    report: dict = {}
+    tables = []
+    if cases:
+        report = run_benchmarks(args.preset, cases=cases, backends=args.backends or IMPLEMENTATIONS,
+                                warmup=args.warmup, repeats=args.repeats, device=args.device, progress=progress,
+                                verbose=args.verbose)
+        tables.append(format_markdown(report))
+    if args.cases and "data" in args.cases:
+        report["data"] = run_data_benchmark(mib=args.data_mib, directory=args.data_dir, progress=progress)
+        tables.append(format_data_markdown(report["data"]))
+    table = "\n\n".join(tables)
     print(table)
     for path, data in ((args.json, json.dumps(report, indent=2).encode()), (args.markdown, (table + "\n").encode())):
         if path:
             atomic_write_bytes(path, data)
             print(f"wrote {path}")
-    if args.png:
+    if args.png and cases:
         plot_report(report, args.png)
         print(f"wrote {args.png}")
     return 0

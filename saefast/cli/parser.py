@@ -289,7 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", help="write the report (JSON) here")
     b.add_argument("--markdown", help="write the markdown table here")
     b.add_argument("--png", help="write the bar chart here")
-    b.add_argument("--cases", nargs="+", choices=CASES, help="default: all")
+    b.add_argument("--cases", nargs="+", choices=(*CASES, "data"),
+                   help="default: all but data; data times the activation-store reader (store.batches) at d = 576 "
+                        "and 2,304, cold and warm, bf16 and fp32 output, 1 and 2 workers")
+    b.add_argument("--data-mib", type=positive_int, default=384,
+                   help="data case: MiB of each temporary bf16 store (default: 384)")
+    b.add_argument("--data-dir", help="data case: where to write the temporary stores (default: the temp dir)")
     b.add_argument("--backends", nargs="+", choices=IMPLEMENTATIONS,
                    help="implementations to time (default: all; unavailable ones report why)")
     b.add_argument("--warmup", type=non_negative_int, default=1,

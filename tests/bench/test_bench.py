@@ -205,3 +205,21 @@ def test_bench_verbose_still_runs(monkeypatch, capsys):
     assert main(["bench", "--preset", "tiny", "--cases", "encode", "--backends", "eager_stacked", "native",
                  "--repeats", "1", "--no-progress", "--verbose"]) == 0
     assert "| tiny | encode | eager_stacked |" in capsys.readouterr().out
+
+
+def test_the_data_case_measures_the_reader_and_cleans_up(tmp_path):
+    report = bench.run_data_benchmark(dims=(8, 64), mib=1, batch=256, workers=(1, 2), shuffle_buffer=512,
+                                      shard_rows=300, directory=tmp_path, step_ms=10.0)
+    rows = report["rows"]
+    assert len(rows) == 2 * 2 * 2 * 2  # d × out × workers × phase
+    assert {(r["d"], r["out"], r["workers"], r["phase"]) for r in rows} == {
+        (d, out, w, phase) for d in (8, 64) for out in ("bf16", "fp32") for w in (1, 2) for phase in ("cold", "warm")}
+    assert all(r["rows_per_s"] > 0 and r["gb_per_s"] > 0 and r["disk_gb_per_s"] > 0 for r in rows)
+    assert all(r["rows"] == (1 << 20) // (2 * r["d"]) for r in rows)
+    assert report["copy_gb_per_s"] > 0 and report["need_rows_per_s"] == pytest.approx(8192 / 0.010)
+    assert list(tmp_path.iterdir()) == []  # the temporary stores are gone
+    table = bench.format_data_markdown(report)
+    assert "| d | out | workers | phase | M rows/s |" in table and "| 64 | fp32 | 2 | warm |" in table
+    assert "8,192 / 0.01 s = 0.82 M rows/s" in table
+    with pytest.raises(ValueError, match="mib must be >= 1"):
+        bench.run_data_benchmark(mib=0, directory=tmp_path)

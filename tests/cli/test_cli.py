@@ -171,6 +171,18 @@ def test_cli_bench_writes_json_markdown_and_png(tmp_path, capsys):
     assert "| shape | case | backend |" in capsys.readouterr().out
 
 
+def test_cli_bench_data_case_prints_the_reader_table(tmp_path, capsys):
+    out = tmp_path / "data.json"
+    rc = main(["bench", "--cases", "data", "--data-mib", "1", "--data-dir", str(tmp_path), "--no-progress",
+               "--json", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())["data"]
+    assert {row["d"] for row in report["rows"]} == {576, 2304} and len(report["rows"]) == 16
+    printed = capsys.readouterr().out
+    assert "| d | out | workers | phase | M rows/s |" in printed and "GB/s of bf16 at d = 2,304" in printed
+    assert [p.name for p in tmp_path.iterdir()] == ["data.json"]
+
+
 def test_cli_sharpen_runs_the_digits_cycle(tmp_path, capsys):
     pytest.importorskip("sklearn")
     out = tmp_path / "run"

@@ -263,16 +263,17 @@ class TestShard:
 
         x = indexed(200)
         store = ActivationStore(ragged_store(tmp_path, x))
-        converted = []
-        original = store_batches.to_torch
+        gathered = []
+        original = store_batches.gather_rows
 
-        def counting(array, dtype):
-            converted.append(len(array))
-            return original(array, dtype)
+        def counting(source, rows, out):
+            gathered.append(len(out))
+            return original(source, rows, out)
 
-        monkeypatch.setattr(store_batches, "to_torch", counting)
+        monkeypatch.setattr(store_batches, "gather_rows", counting)
         out = list(store.batches(60, shard=(1, 4), shuffle_buffer=64, block_rows=8))
-        assert converted == [b.shape[0] for b in out] == [15, 15, 15, 5]  # of batches 60, 60, 60, 20
+        assert sum(gathered) == sum(b.shape[0] for b in out) == 50  # shares of batches 60, 60, 60, 20
+        assert [b.shape[0] for b in out] == [15, 15, 15, 5]
 
     def test_bad_shards_are_refused(self, tmp_path):
         store = ActivationStore(ragged_store(tmp_path, indexed(200)))
@@ -296,30 +297,241 @@ def test_prefetch_thread_propagates_errors_and_never_leaks(tmp_path, monkeypatch
     x = indexed(200)
     store = ActivationStore(ragged_store(tmp_path, x))
     baseline = threading.active_count()
-    it = iter(store.batches(8, prefetch=2))
+    it = iter(store.batches(8, prefetch=2, workers=2))
     next(it)
-    assert threading.active_count() == baseline + 1  # the producer is running...
+    # The planner and its workers (2 readers, at most 2 gatherers; pools start threads as work arrives) run...
+    assert baseline + 2 <= threading.active_count() <= baseline + 5
     del it
     gc.collect()
-    assert threading.active_count() == baseline  # ...and stops when the generator is collected
+    assert threading.active_count() == baseline  # ...and stop when the generator is collected
     for _ in range(3):
         for _batch in store.batches(4, prefetch=1, shuffle_buffer=10, block_rows=3):
             break
     assert threading.active_count() == baseline
 
     calls = {"n": 0}
-    original = ShardFiles.array
+    original = ShardFiles.read_rows
 
-    def failing(self, shard, name):
+    def failing(self, shard, name, start, stop, out):
         calls["n"] += 1
         if calls["n"] > 3:
             raise RuntimeError("disk on fire")
-        return original(self, shard, name)
+        return original(self, shard, name, start, stop, out)
 
-    monkeypatch.setattr(ShardFiles, "array", failing)
+    monkeypatch.setattr(ShardFiles, "read_rows", failing)
     with pytest.raises(RuntimeError, match="disk on fire"):
         list(store.batches(4, shuffle_buffer=10, block_rows=5))
     assert threading.active_count() == baseline
+
+
+# ------------------------------------------------------------------------------------------------------
+# Parallel reading: workers
+# ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("workers", [1, 2, 4])
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_every_token_once_per_epoch_and_the_same_epoch_for_any_worker_count(tmp_path, workers, shuffle):
+    x = indexed(200)
+    store = ActivationStore(ragged_store(tmp_path, x))
+    kwargs = dict(shuffle=shuffle, shuffle_buffer=45, block_rows=6, extras=["labels"], seed=11, epochs=2)
+    reference = store.batches(17, workers=1, **kwargs)
+    batches = store.batches(17, workers=workers, **kwargs)
+    for _epoch in range(2):
+        want, out = list(reference), list(batches)
+        rows = torch.cat(rows_of(out))
+        assert torch.equal(rows.sort().values, torch.arange(200))  # every token exactly once
+        for xb, labels in out:
+            assert torch.equal(xb, x[xb[:, 0].long()]) and torch.equal(labels, 3 * xb[:, 0].long() + 1)
+        assert len(out) == len(want)  # ...and bit for bit the batches of one worker
+        for (xb, labels), (xw, lw) in zip(out, want):
+            assert torch.equal(xb, xw) and torch.equal(labels, lw)
+    assert list(batches) == []  # two epochs asked for
+
+
+@pytest.mark.parametrize("workers", [2, 4])
+def test_worker_count_does_not_change_bf16_batches_or_shares(tmp_path, workers):
+    x = indexed(200, d=10).to(torch.bfloat16)
+    store = ActivationStore(ragged_store(tmp_path, x.float(), dtype=torch.bfloat16))
+    for dtype in (None, torch.float32):
+        for shard in (None, (1, 3)):
+            one = list(store.batches(24, dtype=dtype, shard=shard, shuffle_buffer=70, block_rows=9, workers=1))
+            many = list(store.batches(24, dtype=dtype, shard=shard, shuffle_buffer=70, block_rows=9,
+                                      workers=workers))
+            assert len(one) == len(many)
+            assert all(a.dtype == b.dtype == (dtype or torch.bfloat16) and torch.equal(a, b)
+                       for a, b in zip(one, many))
+
+
+def test_batch_memory_is_reused_only_once_the_consumer_lets_go(tmp_path):
+    x = indexed(400, d=8)
+    store = ActivationStore(ragged_store(tmp_path, x, sizes=[100, 150, 150]))
+    batches = store.batches(16, extras=["labels"], shuffle_buffer=64, block_rows=8, workers=2, epochs=None)
+    held, views = [], []
+    for _epoch in range(3):
+        for i, (xb, labels) in enumerate(batches):
+            if i % 3 == 0:
+                held.append((xb.clone(), labels.clone(), xb, labels))  # what it held then, and the batch itself
+            elif i % 3 == 1:
+                views.append((xb[:, 0].clone(), xb[:, 0]))  # a view keeps the whole batch's memory
+    for want_x, want_labels, xb, labels in held:  # never overwritten by a later batch
+        assert torch.equal(xb, want_x) and torch.equal(labels, want_labels)
+        assert torch.equal(xb, x[xb[:, 0].long()]) and torch.equal(labels, 3 * xb[:, 0].long() + 1)
+    assert all(torch.equal(view, want) for want, view in views)
+
+    from saefast.data.store.batches import OutputArrays
+
+    pool = OutputArrays(keep=2)
+    first = pool.take((4, 3), np.dtype(np.float32))
+    view = torch.from_numpy(first)[:, 1]  # a user holds a view of it: not reusable
+    del first
+    second = pool.take((4, 3), np.dtype(np.float32))
+    assert second.ctypes.data != view.data_ptr() - 4
+    address = second.ctypes.data
+    del second  # let go: handed out again
+    assert pool.take((4, 3), np.dtype(np.float32)).ctypes.data == address
+    assert pool.take((5, 3), np.dtype(np.float32)).shape == (5, 3)  # another shape: a new array
+    assert len(pool.arrays) == 2
+
+
+def test_epochs_read_at_once_share_buffers_without_mixing(tmp_path, monkeypatch):
+    import time
+
+    import saefast.data.store.batches as store_batches
+
+    x = indexed(200)
+    store = ActivationStore(ragged_store(tmp_path, x))
+    kwargs = dict(shuffle_buffer=48, block_rows=8, workers=2, extras=["labels"])
+    want = [list(store.batches(30, **kwargs).iter_epoch(e)) for e in (0, 1)]
+    original = store_batches.StoreBatches._assemble
+
+    def slow_tail(self, pending):  # the last (short) batch of an epoch is gathered late
+        if sum(len(rows) for _, rows in pending) < 30:
+            time.sleep(0.3)
+        return original(self, pending)
+
+    monkeypatch.setattr(store_batches.StoreBatches, "_assemble", slow_tail)
+    batches = store.batches(30, **kwargs)
+    first = batches.iter_epoch(0)
+    got = [next(first) for _ in range(len(want[0]) - 1)]  # all but the last batch, still being gathered...
+    time.sleep(0.01)
+    second = batches.iter_epoch(1)  # ...while another epoch fills buffers
+    got_second = [next(second)]
+    got.append(next(first))
+    got_second += list(second)
+    for got_epoch, want_epoch in ((got, want[0]), (got_second, want[1])):
+        assert len(got_epoch) == len(want_epoch)
+        for (xa, la), (xw, lw) in zip(got_epoch, want_epoch):
+            assert torch.equal(xa, xw) and torch.equal(la, lw)
+    assert list(first) == []
+
+
+def test_fp32_store_to_bf16_and_fp16_batches(tmp_path):
+    x = indexed(200)
+    store = ActivationStore(ragged_store(tmp_path, x))
+    for dtype in (torch.bfloat16, torch.float16):
+        out = list(store.batches(64, dtype=dtype, workers=2, shuffle=False))
+        assert all(b.dtype == dtype for b in out)
+        assert torch.equal(torch.cat(out), x.to(dtype))
+
+
+@pytest.mark.parametrize("workers", [1, 4])
+def test_a_flipped_byte_is_named_by_parallel_readers_before_its_rows_are_used(tmp_path, workers):
+    x = indexed(200)
+    ragged_store(tmp_path, x)
+    bad = shard_file(tmp_path, 4)  # rows 107..129
+    flip_last_byte(bad)
+    store = ActivationStore(tmp_path)
+    seen = []
+    with pytest.raises(StoreError, match=f"{bad.name} is corrupt"):
+        for batch in store.batches(8, workers=workers, shuffle_buffer=32, block_rows=4):
+            seen.append(batch)
+    # No batch delivered before the error holds a row of the bad shard.
+    rows = torch.cat(rows_of(seen)) if seen else torch.empty(0, dtype=torch.long)
+    assert not ((rows >= 107) & (rows < 130)).any()
+    with pytest.raises(StoreError, match=f"{bad.name} is corrupt"):
+        store.verify()  # hashed in parallel; the bad file is named
+
+
+@pytest.mark.parametrize("where", ["read", "gather"])
+def test_a_worker_that_dies_raises_in_the_consumer_instead_of_hanging(tmp_path, monkeypatch, where):
+    import saefast.data.store.batches as store_batches
+
+    store = ActivationStore(ragged_store(tmp_path, indexed(200)))
+    baseline = threading.active_count()
+    calls = {"n": 0}
+    if where == "read":
+        original = ShardFiles.read_rows
+
+        def failing(self, shard, name, start, stop, out):
+            calls["n"] += 1
+            if calls["n"] > 5:
+                raise OSError(f"worker {threading.current_thread().name} lost its disk")
+            return original(self, shard, name, start, stop, out)
+
+        monkeypatch.setattr(ShardFiles, "read_rows", failing)
+    else:
+        original = store_batches.gather_rows
+
+        def failing(source, rows, out):
+            calls["n"] += 1
+            if calls["n"] > 3:
+                raise MemoryError("gather worker out of memory")
+            return original(source, rows, out)
+
+        monkeypatch.setattr(store_batches, "gather_rows", failing)
+    done = {}
+
+    def consume():
+        try:
+            list(store.batches(4, workers=4, prefetch=2, shuffle_buffer=20, block_rows=3))
+        except BaseException as err:
+            done["error"] = err
+
+    consumer = threading.Thread(target=consume)
+    consumer.start()
+    consumer.join(timeout=30)
+    assert not consumer.is_alive(), "the consumer hung on a dead worker"
+    error = done.get("error")
+    if where == "read":
+        assert isinstance(error, OSError) and "saefast-store-read" in str(error)
+    else:
+        assert isinstance(error, MemoryError) and "out of memory" in str(error)
+    assert threading.active_count() == baseline  # every worker is gone
+
+
+def _rss_anon_bytes() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no RssAnon in /proc/self/status")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+def test_memory_stays_bounded_while_reading_a_store_twice_the_limit(tmp_path):
+    # 128 MiB of activations (32 shards of 4 MiB); the stated bound is 64 MiB of anonymous memory above the
+    # start. The reader's own bound is three shuffle buffers (3 × 4 MiB) and prefetch + workers = 6 batches of
+    # 0.25 MiB; glibc's per-thread arenas and its sliding mmap threshold keep some freed buffers, which settles
+    # near 34 MiB here (19 MiB with MALLOC_MMAP_THRESHOLD_ fixed) and does not grow with the store. The store's
+    # file pages are page cache (RssFile), not RssAnon.
+    limit = 64 << 20
+    d, shard_rows, shards = 256, 4096, 32
+    writer = StoreWriter(tmp_path, {"h": d}, dtype=torch.float32)
+    rows = torch.randn(shard_rows, d, generator=torch.Generator().manual_seed(0))
+    for shard in range(shards):
+        writer.append({"h": rows + shard})
+    writer.finish()
+    assert d * 4 * shard_rows * shards == 2 * limit
+    store = ActivationStore(tmp_path)
+    gc.collect()
+    start, peak, rows = _rss_anon_bytes(), 0, 0
+    for batch in store.batches(256, shuffle_buffer=4096, block_rows=512, workers=2, prefetch=4):
+        rows += batch.shape[0]
+        peak = max(peak, _rss_anon_bytes() - start)
+        del batch
+    assert rows == shard_rows * shards
+    assert peak < limit, f"RssAnon grew by {peak / 2**20:.1f} MiB reading a {2 * limit >> 20} MiB store"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -453,6 +665,43 @@ def test_flipped_byte_is_named_eagerly_and_lazily(tmp_path):
     assert not torch.equal(trusting.read(0, 200), x)  # the flip is real and goes unnoticed without hashing
 
 
+@pytest.mark.parametrize("checksum", ["xxh3_128", "sha256"])
+@pytest.mark.parametrize("old_store", [False, True])
+def test_the_checksums_catch_a_flipped_byte_and_name_the_shard(tmp_path, checksum, old_store):
+    import xxhash
+
+    x = indexed(200)
+    ragged_store(tmp_path, x)
+    manifest = json.loads((tmp_path / st.MANIFEST).read_text())
+    for shard in manifest["shards"]:  # the writer records both hashes of every file
+        for entry in shard["files"].values():
+            data = (tmp_path / entry["file"]).read_bytes()
+            assert entry["xxh3_128"] == xxhash.xxh3_128(data).hexdigest()
+    if old_store:  # a store written before XXH3: every reader falls back to SHA-256
+        edit_manifest(tmp_path, lambda m: [entry.pop("xxh3_128") for shard in m["shards"]
+                                            for entry in shard["files"].values()])
+    bad = shard_file(tmp_path, 2)
+    flip_last_byte(bad)
+    what = "XXH3-128" if checksum == "xxh3_128" and not old_store else "SHA-256"
+    with pytest.raises(StoreError, match=f"{bad.name} is corrupt \\(its {what} does not match"):
+        ActivationStore(tmp_path, verify="eager", checksum=checksum)
+    store = ActivationStore(tmp_path, checksum=checksum)
+    assert torch.equal(store.read(0, 42), x[:42])
+    with pytest.raises(StoreError, match=f"{bad.name} is corrupt \\(its {what}"):
+        list(store.batches(10, workers=2))
+    with pytest.raises(ValueError, match="checksum must be one of"):
+        ActivationStore(tmp_path, checksum="md5")
+
+
+def test_a_shard_truncated_after_opening_is_named_by_the_readers(tmp_path):
+    ragged_store(tmp_path, indexed(200))
+    store = ActivationStore(tmp_path, verify="none")
+    bad = shard_file(tmp_path, 5)
+    bad.write_bytes(bad.read_bytes()[:-100])
+    with pytest.raises(StoreError, match=f"cannot read {bad.name} \\(it ended 100 bytes early"):
+        list(store.batches(16, workers=2))
+
+
 def test_corrupt_extra_column_is_named(tmp_path):
     ragged_store(tmp_path, indexed(200))
     bad = shard_file(tmp_path, 0, "labels")
@@ -506,6 +755,7 @@ def edit_manifest(path: Path, edit) -> None:
         (lambda m: m["shards"][2]["files"]["h"].update(file="../../etc/passwd"), r"shards\[2\].files\['h'\].file"),
         (lambda m: m["shards"][2]["files"].pop("labels"), r"shards\[2\].files must be an object"),
         (lambda m: m["shards"][3]["files"]["h"].update(sha256="xyz"), r"shards\[3\].files\['h'\].sha256"),
+        (lambda m: m["shards"][4]["files"]["h"].update(xxh3_128="ab" * 20), r"shards\[4\].files\['h'\].xxh3_128"),
     ],
 )
 def test_a_bad_manifest_field_is_named(tmp_path, edit, match):

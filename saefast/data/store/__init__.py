@@ -7,6 +7,7 @@ streams shuffled batches with bounded memory (:class:`StoreBatches`). The format
 
 from .batches import StoreBatches
 from .format import (
+    CHECKSUMS,
     EXTRA_DTYPES,
     FORMAT,
     MANIFEST,
@@ -20,6 +21,7 @@ from .reader import ActivationStore
 from .writer import StoreWriter, write_store
 
 __all__ = [
+    "CHECKSUMS",
     "EXTRA_DTYPES",
     "FORMAT",
     "MANIFEST",

@@ -1,16 +1,27 @@
-"""Shuffled batches from an activation store with bounded memory, read ahead in a background thread."""
+"""Shuffled batches from an activation store with bounded memory, read ahead by parallel workers.
+
+A planner thread draws the epoch's plan from ``(seed, epoch)`` (block order, buffer fills, row permutations) and
+hands the copying to two pools of ``workers`` threads: reader workers fill the next shuffle buffer from the shard
+files while gather workers cut the current one into batches. Workers only copy what the plan names, so an epoch
+is the same bit for bit for any ``workers``. Memory is bounded by three shuffle buffers (the one being gathered,
+the one being read, and one more while the last batches of a buffer wait in the queue) plus ``prefetch + workers
++ 2`` batches (those in flight and the free ones kept for reuse: :class:`OutputArrays`).
+"""
 
 from __future__ import annotations
 
+import os
 import queue
+import sys
 import threading
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Executor, Future, ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from .format import as_index, check_out_dtype, positive_int, to_torch
+from .format import as_index, check_out_dtype, numpy_dtype, positive_int, to_torch
 
 if TYPE_CHECKING:
     from .reader import ActivationStore
@@ -19,6 +30,14 @@ PUT_POLL_SECONDS = 0.05
 """How often the reading thread checks, while the queue is full, whether the consumer has gone."""
 
 _END = object()
+
+
+def default_workers() -> int:
+    """The cores this process may run on (``os.sched_getaffinity``; ``os.cpu_count()`` where that is missing)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
 
 
 class _Failure:
@@ -64,11 +83,13 @@ class StoreBatches:
     def __init__(self, store: ActivationStore, batch_size: int, *, shuffle: bool = True, seed: int = 0,
                  epochs: int | None = 1, shuffle_buffer: int = 1 << 18, block_rows: int = 4096, prefetch: int = 4,
                  device: str | torch.device | None = None, dtype: torch.dtype | None = torch.float32,
-                 extras: Sequence[str] = (), drop_last: bool = False, shard: tuple[int, int] | None = None):
+                 extras: Sequence[str] = (), drop_last: bool = False, shard: tuple[int, int] | None = None,
+                 workers: int | None = None):
         self.batch_size = positive_int(batch_size, "batch_size")
         self.shuffle_buffer = positive_int(shuffle_buffer, "shuffle_buffer")
         self.block_rows = positive_int(block_rows, "block_rows")
         self.prefetch = positive_int(prefetch, "prefetch")
+        self.workers = default_workers() if workers is None else positive_int(workers, "workers")
         self.epochs = None if epochs is None else positive_int(epochs, "epochs")
         self.seed = as_index(seed, "seed")
         if self.seed < 0:
@@ -89,6 +110,9 @@ class StoreBatches:
             raise ValueError(f"drop_last with batch_size={self.batch_size} leaves no batch of the {len(store)} rows")
         self.shard = None if shard is None else _check_shard(shard, self.batch_size, self.drop_last)
         self._cuda = self.device is not None and self.device.type == "cuda"
+        self._spare: list[list[np.ndarray]] = []  # shuffle buffers kept for the next fill (at most three)
+        # Batch arrays reused once the consumer lets go (CUDA: pin_memory copies, nothing to reuse).
+        self._outputs = OutputArrays(0 if self._cuda else (self.prefetch + self.workers + 2) * (1 + len(extras)))
         # Blocks never cross a shard boundary (one contiguous memmap slice each) nor exceed the buffer.
         block = min(self.block_rows, self.shuffle_buffer)
         offsets = store.shard_files.offsets
@@ -125,7 +149,9 @@ class StoreBatches:
     def _consume(self, epoch: int) -> Iterator:
         out: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
-        thread = threading.Thread(target=self._produce, args=(epoch, out, stop), daemon=True,
+        readers = ThreadPoolExecutor(self.workers, thread_name_prefix=f"saefast-store-read-{epoch}")
+        gatherers = ThreadPoolExecutor(self.workers, thread_name_prefix=f"saefast-store-gather-{epoch}")
+        thread = threading.Thread(target=self._produce, args=(epoch, out, stop, readers, gatherers), daemon=True,
                                   name=f"saefast-store-prefetch-{epoch}")
         thread.start()
         try:
@@ -135,11 +161,14 @@ class StoreBatches:
                     return
                 if isinstance(item, _Failure):
                     raise item.error
-                yield self._deliver(item)
+                yield self._deliver(item.result())  # a worker's error is raised here
         finally:
-            # Runs on exhaustion, on an early break (generator close) and when the generator is collected.
+            # Runs on exhaustion, on an error, on an early break (generator close) and when the generator is
+            # collected: the planner stops, queued work is cancelled, running work finishes (one block or batch).
             stop.set()
             thread.join()
+            readers.shutdown(wait=True, cancel_futures=True)
+            gatherers.shutdown(wait=True, cancel_futures=True)
 
     def _deliver(self, item: tuple[torch.Tensor, ...]) -> torch.Tensor | tuple[torch.Tensor, ...]:
         if self.device is not None and self.device.type != "cpu":
@@ -148,37 +177,65 @@ class StoreBatches:
                 item = (item[0].to(self.dtype), *item[1:])  # on the GPU: half the bytes crossed PCIe for bf16
         return item[0] if not self.extras else item
 
-    # -- producer side (background thread) -------------------------------------------------------------
+    # -- planner (background thread) and workers ---------------------------------------------------------
 
-    def _produce(self, epoch: int, out: queue.Queue, stop: threading.Event) -> None:
+    def _produce(self, epoch: int, out: queue.Queue, stop: threading.Event, readers: Executor,
+                 gatherers: Executor) -> None:
         try:
-            for batch in self._epoch_batches(epoch, stop):
-                if not _put(out, batch, stop):
+            for future in self._epoch_batches(epoch, stop, readers, gatherers):
+                if not _put(out, future, stop):
                     return
             _put(out, _END, stop)
         except BaseException as err:  # re-raised in the consumer
             _put(out, _Failure(err), stop)
 
-    def _epoch_batches(self, epoch: int, stop: threading.Event) -> Iterator[tuple[torch.Tensor, ...]]:
+    def _epoch_batches(self, epoch: int, stop: threading.Event, readers: Executor,
+                       gatherers: Executor) -> Iterator[Future]:
+        """Futures of the epoch's batches, in order. The plan (block order, buffer fills, row permutations) is
+        drawn here from ``(seed, epoch)`` alone; workers only copy, so the batches do not depend on ``workers``.
+        Buffer ``k + 1`` is read while the batches of buffer ``k`` are gathered."""
         rng = np.random.default_rng([self.seed, epoch])
         n_blocks = len(self._block_len)
         order = rng.permutation(n_blocks) if self.shuffle else np.arange(n_blocks)
         columns = [self.store.hook, *self.extras]
-        pending: list[tuple[np.ndarray, ...]] = []
-        pending_rows, batch = 0, 0  # rows of the global batch ``batch`` seen so far (owned or not)
-        lo, hi = self._share(batch)
+        fills: list[list[int]] = []  # the blocks of each buffer fill, in order
         i = 0
         while i < n_blocks:
-            if stop.is_set():
-                return
             chosen, rows = [], 0
             while i < n_blocks and rows + int(self._block_len[order[i]]) <= self.shuffle_buffer:
-                chosen.append(order[i])
+                chosen.append(int(order[i]))
                 rows += int(self._block_len[order[i]])
                 i += 1
-            buffer = self._read_blocks(chosen, rows, columns, stop)
-            if buffer is None:
+            fills.append(chosen)
+        pending: list[tuple[list[np.ndarray], Any]] = []
+        pending_rows, batch = 0, 0  # rows of the global batch ``batch`` seen so far (owned or not)
+        lo, hi = self._share(batch)
+        # Buffers are recycled (fresh memory costs a page fault per 4 KiB): fill k + 1 reuses the buffer of fill
+        # k - 2 once every batch cut from it is gathered, so three are allocated (more only while one batch spans
+        # more fills, when batch_size > shuffle_buffer: then about batch_size rows more).
+        spare = self._spare  # shared by the epochs of this object: a steady state allocates nothing
+        users: list[list[Future]] = []  # per fill: the gathers that read its buffer
+        buffers: list[list[np.ndarray] | None] = []
+        recycled = 0  # fills before this one have given their buffer back
+        upcoming = self._start_fill(fills[0], columns, stop, readers, spare) if fills else None
+        for k in range(len(fills)):
+            if stop.is_set():
                 return
+            whole, buffer, rows, reads = upcoming
+            buffers.append(whole)
+            del whole
+            users.append([])
+            # Recycle the fills before k - 1 that the batch being cut (``pending``) does not reach back to.
+            oldest = min([fill for fill, _, _ in pending], default=k)
+            while recycled < min(k - 1, oldest):
+                wait(users[recycled])
+                spare.append(buffers[recycled])
+                buffers[recycled], users[recycled] = None, []
+                recycled += 1
+            upcoming = (self._start_fill(fills[k + 1], columns, stop, readers, spare) if k + 1 < len(fills)
+                        else None)
+            for read in reads:
+                read.result()  # a read error (a corrupt shard, named) stops the epoch before its rows are used
             perm = rng.permutation(rows) if self.shuffle else None
             pos = 0
             while pos < rows:
@@ -188,16 +245,27 @@ class StoreBatches:
                 a = pos + max(lo - pending_rows, 0)
                 z = pos + min(hi - pending_rows, end - pos)
                 if a < z:
-                    index = perm[a:z] if perm is not None else slice(a, z)
-                    pending.append(tuple(column[index] for column in buffer))
+                    pending.append((k, buffer, perm[a:z] if perm is not None else slice(a, z)))
                 pending_rows += end - pos
                 pos = end
                 if pending_rows == self.batch_size:
-                    yield self._assemble(pending)
+                    future = gatherers.submit(self._assemble, [(b, r) for _, b, r in pending])
+                    for fill in {fill for fill, _, _ in pending}:
+                        users[fill].append(future)
+                    yield future
                     pending, pending_rows, batch = [], 0, batch + 1
                     lo, hi = self._share(batch)
+            del buffer
         if pending_rows and not self.drop_last:
-            yield self._assemble(pending)
+            future = gatherers.submit(self._assemble, [(b, r) for _, b, r in pending])
+            for fill in {fill for fill, _, _ in pending}:
+                users[fill].append(future)  # its buffers are kept for the next epoch only once it is gathered
+            yield future
+        # Keep up to three buffers for the next epoch, once their batches are gathered.
+        for fill in range(recycled, len(fills)):
+            wait(users[fill])
+            if len(spare) < 3:
+                spare.append(buffers[fill])
 
     def _share(self, batch: int) -> tuple[int, int]:
         """Rows ``[lo, hi)`` of global batch ``batch`` that this reader yields (all of it without ``shard``)."""
@@ -209,35 +277,126 @@ class StoreBatches:
         index, count = self.shard
         return size * index // count, size * (index + 1) // count
 
-    def _read_blocks(self, chosen: list, rows: int, columns: list[str], stop: threading.Event):
+    def _start_fill(self, chosen: list[int], columns: list[str], stop: threading.Event, readers: Executor,
+                    spare: list[list[np.ndarray]]):
+        """Take a buffer (a spare one, else a new one of ``min(shuffle_buffer, rows of the view)`` rows) for the
+        blocks ``chosen`` and hand their reading to the reader workers, cut into ``workers`` runs of consecutive
+        blocks of about equal rows; ``(whole buffer, buffer cut to rows, rows, futures)``."""
+        lengths = self._block_len[chosen]
+        rows = int(lengths.sum())
+        if spare:
+            whole = spare.pop()
+        else:
+            capacity = min(self.shuffle_buffer, len(self.store))
+            whole = []
+            for name in columns:
+                shape, np_dtype, _ = self.store.column(name)
+                whole.append(np.empty((capacity, *shape), dtype=np_dtype))
+        buffer = [column[:rows] for column in whole]
+        ends = np.cumsum(lengths)
+        starts = ends - lengths
+        # Part p holds the blocks whose first row falls in [p·rows/parts, (p+1)·rows/parts).
+        parts = min(self.workers, len(chosen))
+        cuts = np.searchsorted(starts, [rows * p // parts for p in range(parts + 1)])
+        cuts[-1] = len(chosen)
+        futures = [readers.submit(self._read_blocks, chosen[cuts[p]:cuts[p + 1]], int(starts[cuts[p]]) if
+                                  cuts[p] < len(chosen) else rows, columns, buffer, stop)
+                   for p in range(parts) if cuts[p] < cuts[p + 1]]
+        return whole, buffer, rows, futures
+
+    def _read_blocks(self, chosen: list[int], pos: int, columns: list[str], buffer: list[np.ndarray],
+                     stop: threading.Event) -> None:
+        """Copy the blocks ``chosen`` (consecutive in the buffer, from position ``pos``) into ``buffer``; runs in
+        a reader worker. Each block is one plain read (:meth:`ShardFiles.read_rows`, which releases the GIL), so
+        workers read in parallel and a cold block streams at the disk's sequential speed; a lazy store hashes
+        each file here on its first touch, before any of its rows is copied."""
         shared = self.store.shard_files
-        buffer = []
-        for name in columns:
-            shape, np_dtype, _ = self.store.column(name)
-            buffer.append(np.empty((rows, *shape), dtype=np_dtype))
-        pos = 0
         for block in chosen:
             if stop.is_set():
-                return None
+                return
             shard, start = int(self._block_shard[block]), int(self._block_start[block])
             length = int(self._block_len[block])
             for name, column in zip(columns, buffer):
-                column[pos : pos + length] = shared.array(shard, name)[start : start + length]
+                shared.read_rows(shard, name, start, start + length, column[pos : pos + length])
             pos += length
-        return buffer
 
-    def _assemble(self, pending: list[tuple[np.ndarray, ...]]) -> tuple[torch.Tensor, ...]:
+    def _assemble(self, pending: list[tuple[list[np.ndarray], Any]]) -> tuple[torch.Tensor, ...]:
+        """One batch from its pieces (a buffer and the positions in it); runs in a gather worker. Each column is
+        gathered once, straight into the batch (:func:`gather_rows`), converted on the way when asked."""
+        n = sum(rows.stop - rows.start if isinstance(rows, slice) else len(rows) for _, rows in pending)
         columns = []
         for k, name in enumerate([self.store.hook, *self.extras]):
-            pieces = [piece[k] for piece in pending]
-            if not pieces:  # an empty share (a batch with fewer rows than shards)
-                shape, np_dtype, _ = self.store.column(name)
-                pieces = [np.empty((0, *shape), dtype=np_dtype)]
-            # Shuffled pieces are fresh gathers; sequential ones are views of the buffer and must be copied
-            # so a batch never keeps the whole buffer alive.
-            array = pieces[0] if len(pieces) == 1 and self.shuffle else np.concatenate(pieces)
-            tensor = to_torch(array, self.store.column(name)[2])
-            if k == 0 and self.dtype is not None and not self._cuda:
-                tensor = tensor.to(self.dtype)
-            columns.append(tensor.pin_memory() if self._cuda else tensor)
+            shape, np_dtype, stored = self.store.column(name)
+            convert = k == 0 and self.dtype is not None and not self._cuda and self.dtype != stored
+            out_dtype = self.dtype if convert else stored
+            out = to_torch(self._outputs.take((n, *shape), numpy_dtype(out_dtype)), out_dtype)
+            pos = 0
+            for buffer, rows in pending:
+                size = rows.stop - rows.start if isinstance(rows, slice) else len(rows)
+                gather_rows(to_torch(buffer[k], stored), rows, out[pos : pos + size])
+                pos += size
+            columns.append(out.pin_memory() if self._cuda else out)
         return tuple(columns)
+
+
+class OutputArrays:
+    """Batch arrays handed out again once nobody holds them: fresh memory costs a page fault per 4 KiB, about as
+    much as the gather itself at d = 2,304.
+
+    An array is reused only when this pool holds the last reference to it: a batch tensor made by
+    ``torch.from_numpy`` keeps its array alive (so does every view of the tensor, through its storage), so a
+    batch, or any slice of it, that the consumer still holds is never written. At most ``keep`` arrays are kept.
+    """
+
+    def __init__(self, keep: int):
+        self.keep = keep
+        self.arrays: list[np.ndarray] = []
+        self.probe = [np.empty(0)]
+        self.lock = threading.Lock()
+
+    def take(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """A free array of ``shape`` and ``dtype`` from the pool, else a new one; kept for reuse after."""
+        with self.lock:
+            # A free array is referenced exactly as the probe is: by one list and one local. The probe's count
+            # is the baseline, whatever this interpreter counts for locals and arguments; any more is a user's.
+            probe = self.probe[0]
+            free = sys.getrefcount(probe)
+            found = None
+            for i in range(len(self.arrays)):
+                array = self.arrays[i]
+                if array.shape == shape and array.dtype == dtype and sys.getrefcount(array) <= free:
+                    found = i
+                    break
+            array = None if found is None else self.arrays.pop(found)
+        if array is None:
+            array = np.empty(shape, dtype=dtype)
+        with self.lock:
+            self.arrays.append(array)
+            if len(self.arrays) > self.keep:
+                del self.arrays[: len(self.arrays) - self.keep]
+        return array
+
+
+GATHER_CHUNK_BYTES = 1 << 20
+"""Rows gathered at a time when converting: a chunk this size stays in cache between the gather and the conversion."""
+
+
+def gather_rows(source: torch.Tensor, rows: slice | np.ndarray, out: torch.Tensor) -> None:
+    """``out = source[rows]`` converted to ``out.dtype``: each row read once from ``source`` and written once to
+    ``out``. Same dtype: one ``index_select`` (a slice: one copy). Another dtype: cache-sized chunks are gathered
+    into a scratch of ``source``'s dtype and converted from there, so the conversion's reads come from cache.
+    (Allocating through numpy and ``copy_`` is 2× faster here than ``Tensor.to`` on bf16 → fp32.)"""
+    if isinstance(rows, slice):
+        out.copy_(source[rows])
+        return
+    index = torch.from_numpy(rows)
+    if out.dtype == source.dtype:
+        torch.index_select(source, 0, index, out=out)
+        return
+    row_bytes = max(1, source[0].numel() * source.element_size()) if len(source) else 1
+    chunk = max(1, GATHER_CHUNK_BYTES // row_bytes)
+    scratch = torch.empty((min(chunk, len(index)), *source.shape[1:]), dtype=source.dtype)
+    for start in range(0, len(index), chunk):
+        part = index[start : start + chunk]
+        torch.index_select(source, 0, part, out=scratch[: len(part)])
+        out[start : start + len(part)].copy_(scratch[: len(part)])

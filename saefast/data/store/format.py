@@ -5,8 +5,9 @@ A store is a directory:
 * ``shardNNNNN.<name>.npy`` — one plain ``.npy`` file per shard and per hook point (``[n_i, d_hook]``) or per-token
   extra column (``[n_i]``), so every shard can be memory-mapped; bfloat16 is stored as its uint16 bits.
 * ``manifest.json`` — format, version, dtype, hooks, extras, the writer's metadata, the token count, the
-  ``complete`` flag, the writer's resume ``state`` and, per shard, its token count and the name, SHA-256 and size
-  of each of its files. It is rewritten atomically after every shard, and only once the shard's files are durable.
+  ``complete`` flag, the writer's resume ``state`` and, per shard, its token count and the name, SHA-256, size
+  and (written since the XXH3 checksums, optional for older stores) XXH3-128 of each of its files. It is
+  rewritten atomically after every shard, and only once the shard's files are durable.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ FORMAT = "saefast-activations"
 VERSION = 1
 MANIFEST = "manifest.json"
 VERIFY_MODES = ("eager", "lazy", "none")
+CHECKSUMS = ("xxh3_128", "sha256")
+"""What a reader checks files against: XXH3-128 (xxHash; the default, ~10× faster per core; SHA-256 for files
+whose manifest entry predates it) or always SHA-256."""
 STORE_DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 EXTRA_DTYPES: dict[str, torch.dtype] = {
     name: getattr(torch, name)
@@ -41,6 +45,7 @@ SHARD_FILE = re.compile(r"^shard\d+\..+\.npy$")
 """Names of the shard files a writer creates (others in the directory are never touched)."""
 _WRITE_CHUNK = 1 << 26
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_XXH3_128 = re.compile(r"^[0-9a-f]{32}$")
 
 
 class StoreError(ValueError):
@@ -114,22 +119,26 @@ def file_bases(names: Sequence[str]) -> dict[str, str]:
     }
 
 
-def write_npy(path: Path, array: np.ndarray) -> tuple[str, int]:
-    """Write ``array`` as ``.npy`` atomically (temp, fsync, rename); SHA-256 and size of the bytes written."""
+def write_npy(path: Path, array: np.ndarray) -> tuple[str, str, int]:
+    """Write ``array`` as ``.npy`` atomically (temp, fsync, rename); SHA-256, XXH3-128 and size of the bytes
+    written (both hashes in the same pass over the bytes)."""
+    import xxhash
+
     header = io.BytesIO()
     np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(array))
     data = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
-    digest = hashlib.sha256(header.getvalue())
+    digest, fast = hashlib.sha256(header.getvalue()), xxhash.xxh3_128(header.getvalue())
 
     def write(handle) -> None:
         handle.write(header.getvalue())
         for start in range(0, data.size, _WRITE_CHUNK):  # hash what is written, chunk by chunk
             chunk = memoryview(data[start : start + _WRITE_CHUNK])
             digest.update(chunk)
+            fast.update(chunk)
             handle.write(chunk)
 
     atomic_write(path, write)
-    return digest.hexdigest(), len(header.getvalue()) + data.size
+    return digest.hexdigest(), fast.hexdigest(), len(header.getvalue()) + data.size
 
 
 def npy_header(file: Path) -> tuple[tuple[int, ...], bool, np.dtype, int]:
@@ -192,6 +201,9 @@ def read_manifest(root: Path) -> dict[str, Any]:
             sha = entry.get("sha256")
             expect(isinstance(sha, str) and _SHA256.match(sha) is not None, f"{field}.sha256", "a SHA-256 hex", sha)
             expect(is_count(entry.get("bytes")), f"{field}.bytes", "a non-negative integer", entry.get("bytes"))
+            fast = entry.get("xxh3_128")
+            expect(fast is None or (isinstance(fast, str) and _XXH3_128.match(fast) is not None),
+                   f"{field}.xxh3_128", "an XXH3-128 hex (or absent)", fast)
         total += shard["tokens"]
     expect(manifest["tokens"] == total, "tokens", f"the sum of the shard tokens ({total})", manifest["tokens"])
     return manifest

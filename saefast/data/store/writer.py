@@ -194,8 +194,8 @@ class StoreWriter:
         try:
             for name, array in arrays.items():
                 file = f"shard{index:05d}.{self._bases[name]}.npy"
-                digest, size = write_npy(self.path / file, array)
-                files[name] = {"file": file, "sha256": digest, "bytes": size}
+                digest, fast, size = write_npy(self.path / file, array)
+                files[name] = {"file": file, "sha256": digest, "xxh3_128": fast, "bytes": size}
             fsync_dir(self.path)  # the shard files' renames are durable before the manifest lists them
         except BaseException:
             for entry in files.values():
