@@ -55,7 +55,7 @@ def test_training_on_torch_is_the_old_sequence_bit_for_bit():
 
 @pytest.mark.parametrize("backend, device", FUSED)
 def test_training_on_a_fused_backend_matches_the_old_sequence(backend, device):
-    xs = batches(30, device=device)
+    xs = batches(8 if backend == "triton" else 30, device=device)  # triton: its CPU interpreter, ~1 s a step
     old, new = ensemble(device=device), ensemble(device=device)
     old_losses = train_steps(old, torch.optim.Adam(old.parameters(), lr=1e-2), xs, backend)
     new_losses = train_steps(new, SAEAdam(new, lr=1e-2), xs, backend)
