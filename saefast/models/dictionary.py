@@ -478,6 +478,12 @@ class SparseDictionary(nn.Module):
             view = g[members]
             view.mul_(scale.view(-1, *([1] * (view.dim() - 1))).to(g.dtype))
 
+    def member_part(self, t: torch.Tensor, members: slice = ALL_MEMBERS) -> torch.Tensor:
+        """A parameter-shaped tensor (a parameter's data, its gradient, an optimizer moment) restricted to
+        ``members``: a view on the member axis for an ensemble; a single SAE's whole tensor (its groups are trained
+        together, and its ``b_dec`` is not stacked)."""
+        return t if self._single_output else self._view(t, members)
+
     def member_gradients(self, members: slice = ALL_MEMBERS) -> list[torch.Tensor]:
         """The gradients of ``members`` (views on the member axis; a missing gradient becomes zeros), in parameter
         order: what data-parallel training sums over its ranks."""
@@ -485,7 +491,7 @@ class SparseDictionary(nn.Module):
         for p in self.parameters():
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            grads.append(self._view(p.grad, members) if not self._single_output else p.grad)
+            grads.append(self.member_part(p.grad, members))
         return grads
 
     @torch.no_grad()

@@ -285,10 +285,20 @@ class _FoldedBias(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_W = torch.neg(grad).unsqueeze(-1) * b_dec.expand(J, D).unsqueeze(1)
         if ctx.needs_input_grad[2]:
-            grad_b_dec = torch.stack([torch.mv(W_enc[j].t(), grad[j]) for j in range(J)]).neg_()
-            if b_dec.shape[0] != J:
-                grad_b_dec = grad_b_dec.sum(0, keepdim=True)
+            grad_b_dec = folded_bias_grad_b_dec(W_enc, grad, b_dec.shape[0])
         return grad_W, grad if ctx.needs_input_grad[1] else None, grad_b_dec
+
+
+def folded_bias_grad_b_dec(W_enc: torch.Tensor, grad: torch.Tensor, b_dec_rows: int) -> torch.Tensor:
+    """The gradient of :func:`folded_bias` w.r.t. ``b_dec`` given its gradient ``grad [J, M]``:
+    ``db_dec[j] = −W_enc[j]ᵀ grad[j]`` ``[J, D]``, summed over ``j`` to ``[1, D]`` when ``b_dec`` is shared
+    (``b_dec_rows = 1``). One GEMV per member on the CPU (see :func:`folded_bias`), one batched product elsewhere."""
+    J = W_enc.shape[0]
+    if W_enc.device.type == "cpu":
+        grad_b_dec = torch.stack([torch.mv(W_enc[j].t(), grad[j]) for j in range(J)]).neg_()
+    else:
+        grad_b_dec = torch.einsum("jmd,jm->jd", W_enc, grad).neg_()
+    return grad_b_dec.sum(0, keepdim=True) if b_dec_rows != J else grad_b_dec
 
 
 def topk_encode(

@@ -20,6 +20,7 @@ from . import native
 from .backend import resolve_backend
 from .codes import SparseCodes
 from .decode import decode_kernels
+from .encode import folded_bias_grad_b_dec
 from .registration import triton_custom_op
 
 
@@ -60,14 +61,6 @@ def _kernel(backend: str):
     if backend == "native":
         return torch.ops.saefast.native_sparse_sae_backward
     return _triton_sparse_sae_backward
-
-
-def _member_gemv(W: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``[Wⱼᵀ vⱼ]ⱼ`` ``[J, D]`` for ``W [J, M, D]``, ``v [J, M]``: one GEMV per member on the CPU (a batched one
-    rounds differently for another ``J``, see :func:`saefast.ops.encode.folded_bias`), one batched product on GPUs."""
-    if W.device.type == "cpu":
-        return torch.stack([torch.mv(W[j].t(), v[j]) for j in range(W.shape[0])])
-    return torch.einsum("jmd,jm->jd", W, v)
 
 
 class _SparseSAE(torch.autograd.Function):
@@ -111,10 +104,7 @@ class _SparseSAE(torch.autograd.Function):
             grad_x = decode_kernels(ctx.backend).sparse_decode(dpre, indices, W_enc.contiguous(), ones, None, None,
                                                                x.dim() == 3).to(x_dtype)
         if need[3]:  # the folded bias b_enc − W_enc·b_dec
-            grad_b_dec = _member_gemv(W_enc.float(), db_enc).neg_()
-            if b_dec.shape[0] != J:
-                grad_b_dec = grad_b_dec.sum(0, keepdim=True)
-            grad_b_dec = grad_b_dec.to(b_dec_dtype)
+            grad_b_dec = folded_bias_grad_b_dec(W_enc.float(), db_enc, b_dec.shape[0]).to(b_dec_dtype)
         return (grad_x, dW_enc.to(W_enc_dtype) if need[1] else None, db_enc.to(b_enc_dtype) if need[2] else None,
                 grad_b_dec, dW_dec.to(W_dec_dtype) if need[4] else None, None, None, None, None, None)
 

@@ -59,13 +59,6 @@ class SAEAdam(torch.optim.Adam):
         self.model = model
         self.backend = backend
 
-    def _member_view(self, t: torch.Tensor, members: slice) -> torch.Tensor:
-        """``t`` (a parameter-shaped tensor) restricted to ``members``; a single SAE's tensors whole (its groups
-        are never trained apart)."""
-        if self.model.single_output:
-            return t
-        return self.model._view(t, members)
-
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None, *, members: slice = ALL_MEMBERS,
              normalize_decoder: bool = False, backend: str | None = None) -> float | None:
@@ -96,7 +89,7 @@ class SAEAdam(torch.optim.Adam):
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
-                views = [self._member_view(t, members) for t in (p.data, p.grad, state["exp_avg"],
+                views = [model.member_part(t, members) for t in (p.data, p.grad, state["exp_avg"],
                                                                   state["exp_avg_sq"])]
                 resolved = ops.resolve_backend(backend, p.device)
                 if resolved != "torch" and not all(v.dtype == torch.float32 and v.is_contiguous() for v in views):
