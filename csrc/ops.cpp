@@ -28,6 +28,7 @@ TORCH_LIBRARY(saefast, m) {
   m.def("native_adam_step_(Tensor(a!) param, Tensor(b!) grad, Tensor(c!) exp_avg, Tensor(d!) exp_avg_sq, "
         "float lr, float beta1, float beta2, float eps, float bias_correction1, float bias_correction2, "
         "bool unit_rows) -> ()");
+  m.def("native_gather_rows_(Tensor[] sources, Tensor source_index, Tensor row_index, Tensor(a!) out) -> ()");
 }
 
 namespace {

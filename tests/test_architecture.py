@@ -78,6 +78,8 @@ def test_harvest_help_does_not_load_the_native_extension():
 
 
 def test_opening_and_reading_a_store_does_not_load_the_native_extension(tmp_path):
+    """Opening a store and reading rows leave saefast._C unloaded; the first batch of ``batches`` loads it (its
+    row gather is the fast path of the reader)."""
     import torch
 
     from saefast.data.store import write_store
@@ -87,10 +89,36 @@ def test_opening_and_reading_a_store_does_not_load_the_native_extension(tmp_path
         import json, sys
         from saefast.data.store import ActivationStore
         store = ActivationStore({str(tmp_path / "store")!r}, verify="eager")
+        first = store.read(0, 2).shape[0]
+        after_read = "saefast._C" in sys.modules
         rows = sum(batch.shape[0] for batch in store.batches(16, seed=0))
-        print(json.dumps({{"rows": rows, "first": store.read(0, 2).shape[0], "native": "saefast._C" in sys.modules}}))
+        print(json.dumps({{"rows": rows, "first": first, "after_read": after_read}}))
     """)
-    assert seen == {"rows": 40, "first": 2, "native": False}
+    assert seen == {"rows": 40, "first": 2, "after_read": False}
+
+
+def test_store_batches_are_the_same_without_the_native_extension(tmp_path):
+    """Without the extension (not built, or built for another torch) the reader gathers on the torch path, with
+    one warning, and yields the same batches bit for bit."""
+    import torch
+
+    from saefast.data.store import ActivationStore, write_store
+
+    write_store(tmp_path / "store", torch.randn(300, 8), shard_tokens=64, dtype=torch.bfloat16)
+    want = [batch.tolist() for batch in ActivationStore(tmp_path / "store").batches(32, seed=4, shuffle_buffer=100,
+                                                                                   block_rows=16)]
+    seen = _run(f"""
+        import json, sys, warnings
+        sys.modules["saefast._C"] = None  # an import of it now fails, as when it was not built
+        from saefast.data.store import ActivationStore
+        store = ActivationStore({str(tmp_path / "store")!r})
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            batches = [batch.tolist() for batch in store.batches(32, seed=4, shuffle_buffer=100, block_rows=16)]
+        print(json.dumps({{"batches": batches, "warned": [str(w.message)[:60] for w in caught]}}))
+    """)
+    assert seen["batches"] == want
+    assert seen["warned"] == ["saefast: the native extension saefast._C could not be loaded"]
 
 
 def test_the_extension_loads_when_a_native_op_first_needs_it():

@@ -8,7 +8,8 @@ fake shapes, autograd formula and backend table:
 * :mod:`.decoder_grad_projection` — the decoder-norm gradient projection;
 * :mod:`.sparse_sae_backward` — the training forward's outputs as one op whose backward is one fused sparse pass;
 * :mod:`.adam_step` — one fused Adam step (with the projection and renormalisation of decoder rows);
-* :mod:`.grouped_mm` — grouped matmul (native extension).
+* :mod:`.grouped_mm` — grouped matmul (native extension);
+* :mod:`.gather_rows` — rows gathered from many sources into one batch, converted on the way (the store's batches).
 
 :mod:`.backend` decides which backend runs (once, in one place); :mod:`.ref` is the eager oracle every kernel is
 tested against; :mod:`.native` loads the C++/CUDA extension on first use; :mod:`.codes` is the sparse code type.
@@ -41,6 +42,7 @@ from .encode import (
     threshold_encode,
     topk_encode,
 )
+from .gather_rows import gather_rows_
 from .grouped_mm import grouped_mm
 from .sparse_sae_backward import fused_backward_runs, sparse_sae_outputs
 from .topk_chunks import CHUNK_LATENTS, dead_latents, topk_over_latents
@@ -62,6 +64,7 @@ __all__ = [
     "decode_members_sparse",
     "folded_bias",
     "fused_backward_runs",
+    "gather_rows_",
     "grouped_mm",
     "jumprelu_capacity",
     "jumprelu_encode",

@@ -365,3 +365,13 @@ def adam_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, e
     param.addcdiv_(exp_avg, denom, value=-(lr / bias_correction1))
     if unit_rows:
         normalize_rows_(param)
+
+
+def gather_rows(sources: list[torch.Tensor], source_index: torch.Tensor, row_index: torch.Tensor,
+                dtype: torch.dtype) -> torch.Tensor:
+    """``out[n] = sources[source_index[n]][row_index[n]]``, as ``dtype``: the oracle of
+    :func:`saefast.ops.gather_rows_`, one row at a time."""
+    rows = [sources[int(s)][int(r)].to(dtype) for s, r in zip(source_index.tolist(), row_index.tolist())]
+    if not rows:
+        return torch.empty((0, *sources[0].shape[1:]), dtype=dtype)
+    return torch.stack(rows)

@@ -264,13 +264,13 @@ class TestShard:
         x = indexed(200)
         store = ActivationStore(ragged_store(tmp_path, x))
         gathered = []
-        original = store_batches.gather_rows
+        original = store_batches.gather_rows_
 
-        def counting(source, rows, out):
+        def counting(sources, source_index, row_index, out):
             gathered.append(len(out))
-            return original(source, rows, out)
+            return original(sources, source_index, row_index, out)
 
-        monkeypatch.setattr(store_batches, "gather_rows", counting)
+        monkeypatch.setattr(store_batches, "gather_rows_", counting)
         out = list(store.batches(60, shard=(1, 4), shuffle_buffer=64, block_rows=8))
         assert sum(gathered) == sum(b.shape[0] for b in out) == 50  # shares of batches 60, 60, 60, 20
         assert [b.shape[0] for b in out] == [15, 15, 15, 5]
@@ -310,15 +310,15 @@ def test_prefetch_thread_propagates_errors_and_never_leaks(tmp_path, monkeypatch
     assert threading.active_count() == baseline
 
     calls = {"n": 0}
-    original = ShardFiles.read_rows
+    original = ShardFiles.load_rows
 
-    def failing(self, shard, name, start, stop, out):
+    def failing(self, shard, name, start, stop):
         calls["n"] += 1
         if calls["n"] > 3:
             raise RuntimeError("disk on fire")
-        return original(self, shard, name, start, stop, out)
+        return original(self, shard, name, start, stop)
 
-    monkeypatch.setattr(ShardFiles, "read_rows", failing)
+    monkeypatch.setattr(ShardFiles, "load_rows", failing)
     with pytest.raises(RuntimeError, match="disk on fire"):
         list(store.batches(4, shuffle_buffer=10, block_rows=5))
     assert threading.active_count() == baseline
@@ -461,25 +461,25 @@ def test_a_worker_that_dies_raises_in_the_consumer_instead_of_hanging(tmp_path, 
     baseline = threading.active_count()
     calls = {"n": 0}
     if where == "read":
-        original = ShardFiles.read_rows
+        original = ShardFiles.load_rows
 
-        def failing(self, shard, name, start, stop, out):
+        def failing(self, shard, name, start, stop):
             calls["n"] += 1
             if calls["n"] > 5:
                 raise OSError(f"worker {threading.current_thread().name} lost its disk")
-            return original(self, shard, name, start, stop, out)
+            return original(self, shard, name, start, stop)
 
-        monkeypatch.setattr(ShardFiles, "read_rows", failing)
+        monkeypatch.setattr(ShardFiles, "load_rows", failing)
     else:
-        original = store_batches.gather_rows
+        original = store_batches.gather_rows_
 
-        def failing(source, rows, out):
+        def failing(sources, source_index, row_index, out):
             calls["n"] += 1
             if calls["n"] > 3:
                 raise MemoryError("gather worker out of memory")
-            return original(source, rows, out)
+            return original(sources, source_index, row_index, out)
 
-        monkeypatch.setattr(store_batches, "gather_rows", failing)
+        monkeypatch.setattr(store_batches, "gather_rows_", failing)
     done = {}
 
     def consume():
@@ -537,11 +537,18 @@ def test_memory_stays_bounded_while_reading_a_store_twice_the_limit(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_batches_arrive_on_the_device(tmp_path):
     x = indexed(200)
-    store = ActivationStore(ragged_store(tmp_path, x, dtype=torch.float32))
+    store = ActivationStore(ragged_store(tmp_path / "fp32", x, dtype=torch.float32), verify="none")
     out = list(store.batches(64, device="cuda", extras=["labels"]))
     assert all(b[0].is_cuda and b[1].is_cuda and b[0].dtype == torch.float32 for b in out)
     rows = torch.cat([b[0][:, 0].long().cpu() for b in out])
     assert torch.equal(rows.sort().values, torch.arange(200))
+    # Many epochs through the pinned ring, bf16 converted on the GPU: the same batches as on the CPU, bit for bit.
+    bf16 = ActivationStore(ragged_store(tmp_path / "bf16", x, dtype=torch.bfloat16), verify="none")
+    on_cpu = bf16.batches(16, epochs=3, seed=5, extras=["labels"])
+    on_gpu = bf16.batches(16, epochs=3, seed=5, extras=["labels"], device="cuda")
+    for _ in range(3):
+        for (a, la), (b, lb) in zip(on_cpu, on_gpu, strict=True):
+            assert b.dtype == torch.float32 and torch.equal(a, b.cpu()) and torch.equal(la, lb.cpu())
 
 
 def test_training_an_sae_on_store_batches_lowers_the_loss(tmp_path):
@@ -695,11 +702,16 @@ def test_the_checksums_catch_a_flipped_byte_and_name_the_shard(tmp_path, checksu
 
 def test_a_shard_truncated_after_opening_is_named_by_the_readers(tmp_path):
     ragged_store(tmp_path, indexed(200))
-    store = ActivationStore(tmp_path, verify="none")
+    unmapped = ActivationStore(tmp_path, verify="none")  # opened before, its files not mapped yet
+    batches = ActivationStore(tmp_path, verify="none").batches(16, workers=2, epochs=2)
+    assert sum(len(b) for b in batches) == 200  # the first epoch maps every file
     bad = shard_file(tmp_path, 5)
     bad.write_bytes(bad.read_bytes()[:-100])
-    with pytest.raises(StoreError, match=f"cannot read {bad.name} \\(it ended 100 bytes early"):
-        list(store.batches(16, workers=2))
+    with pytest.raises(StoreError, match=f"cannot map {bad.name} \\(it is {bad.stat().st_size} bytes"):
+        list(unmapped.batches(16, workers=2))
+    # Mapped already: the read-ahead of its last block fails (where a plain access would die of SIGBUS).
+    with pytest.raises(StoreError, match=f"cannot read {bad.name}"):
+        list(batches)
 
 
 def test_corrupt_extra_column_is_named(tmp_path):
@@ -842,3 +854,32 @@ def test_bad_arguments_are_refused(tmp_path):
         store.batches(4, dtype=torch.int64)
     with pytest.raises(ValueError, match="no tokens"):
         store.subset(10, 10).batches(4)
+
+
+def test_the_fallbacks_of_the_read_ahead_give_the_same_epoch(tmp_path, monkeypatch):
+    """Where ``sendfile`` cannot write to /dev/null (macOS) blocks are read through a scratch; where the kernel
+    lacks MADV_POPULATE_READ (before 5.14) the gather faults the pages in. The batches are the same."""
+    import errno
+    import mmap
+
+    import saefast.data.store.reader as store_reader
+
+    def epoch(store):
+        batches = list(store.batches(16, seed=3, extras=["labels"], shuffle_buffer=50, block_rows=7))
+        return torch.cat([x for x, _ in batches]), torch.cat([labels for _, labels in batches])
+
+    store = ActivationStore(ragged_store(tmp_path, indexed(200)))
+    want = epoch(store)
+    assert sorted(want[1].tolist()) == list(range(1, 600, 3))
+    store.shard_files.populate = store.shard_files.send_to_null = False
+    assert all(torch.equal(a, b) for a, b in zip(want, epoch(store)))
+
+    def refused(fd, lo, hi):
+        raise OSError(errno.ENOTSOCK, "Socket operation on non-socket")
+
+    monkeypatch.setattr(store_reader, "_send_to_null", refused)
+    monkeypatch.setattr(store_reader, "MADV_POPULATE_READ", 4321)  # advice this kernel refuses: EINVAL
+    fresh = ActivationStore(tmp_path)
+    assert fresh.shard_files.populate == hasattr(mmap.mmap, "madvise") and fresh.shard_files.send_to_null
+    assert all(torch.equal(a, b) for a, b in zip(want, epoch(fresh)))
+    assert not fresh.shard_files.populate and not fresh.shard_files.send_to_null  # switched for good

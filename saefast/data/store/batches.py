@@ -1,11 +1,13 @@
 """Shuffled batches from an activation store with bounded memory, read ahead by parallel workers.
 
-A planner thread draws the epoch's plan from ``(seed, epoch)`` (block order, buffer fills, row permutations) and
-hands the copying to two pools of ``workers`` threads: reader workers fill the next shuffle buffer from the shard
-files while gather workers cut the current one into batches. Workers only copy what the plan names, so an epoch
-is the same bit for bit for any ``workers``. Memory is bounded by three shuffle buffers (the one being gathered,
-the one being read, and one more while the last batches of a buffer wait in the queue) plus ``prefetch + workers
-+ 2`` batches (those in flight and the free ones kept for reuse: :class:`OutputArrays`).
+A planner thread draws the epoch's plan from ``(seed, epoch)`` (block order, fills of the shuffle window, row
+permutations) and hands the work to two pools of ``workers`` threads: reader workers bring the blocks of the next
+fill into memory (hash-checked on first touch, read ahead sequentially into the page cache, memory-mapped: no copy)
+while gather workers cut the current fill into batches, each row copied once from the mapped shard file into its
+batch and converted on the way (:func:`saefast.ops.gather_rows_`). Workers only do what the plan names, so an epoch
+is the same bit for bit for any ``workers``. Memory: ``prefetch + workers + 2`` batches (those in flight and the
+free ones kept for reuse: :class:`OutputArrays`); the shuffle window lives in the page cache, which the kernel
+reclaims as it needs (a store larger than RAM streams through it).
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ import queue
 import sys
 import threading
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Executor, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from ...ops.gather_rows import gather_rows_
 from .format import as_index, check_out_dtype, numpy_dtype, positive_int, to_torch
 
 if TYPE_CHECKING:
@@ -110,10 +113,9 @@ class StoreBatches:
             raise ValueError(f"drop_last with batch_size={self.batch_size} leaves no batch of the {len(store)} rows")
         self.shard = None if shard is None else _check_shard(shard, self.batch_size, self.drop_last)
         self._cuda = self.device is not None and self.device.type == "cuda"
-        self._spare: list[list[np.ndarray]] = []  # shuffle buffers kept for the next fill (at most three)
-        # Batch arrays reused once the consumer lets go (CUDA: pin_memory copies, nothing to reuse).
+        # Batch arrays reused once the consumer lets go (CUDA: torch's caching host allocator does that).
         self._outputs = OutputArrays(0 if self._cuda else (self.prefetch + self.workers + 2) * (1 + len(extras)))
-        # Blocks never cross a shard boundary (one contiguous memmap slice each) nor exceed the buffer.
+        # Blocks never cross a shard boundary (one contiguous memmap slice each) nor exceed the shuffle window.
         block = min(self.block_rows, self.shuffle_buffer)
         offsets = store.shard_files.offsets
         start, stop = store.rows
@@ -191,14 +193,14 @@ class StoreBatches:
 
     def _epoch_batches(self, epoch: int, stop: threading.Event, readers: Executor,
                        gatherers: Executor) -> Iterator[Future]:
-        """Futures of the epoch's batches, in order. The plan (block order, buffer fills, row permutations) is
-        drawn here from ``(seed, epoch)`` alone; workers only copy, so the batches do not depend on ``workers``.
-        Buffer ``k + 1`` is read while the batches of buffer ``k`` are gathered."""
+        """Futures of the epoch's batches, in order. The plan (block order, fills, row permutations) is
+        drawn here from ``(seed, epoch)`` alone; workers only load and copy, so the batches do not depend on
+        ``workers``. The blocks of fill ``k + 1`` are loaded while the batches of fill ``k`` are gathered."""
         rng = np.random.default_rng([self.seed, epoch])
         n_blocks = len(self._block_len)
         order = rng.permutation(n_blocks) if self.shuffle else np.arange(n_blocks)
         columns = [self.store.hook, *self.extras]
-        fills: list[list[int]] = []  # the blocks of each buffer fill, in order
+        fills: list[list[int]] = []  # the blocks of each fill, in order
         i = 0
         while i < n_blocks:
             chosen, rows = [], 0
@@ -207,65 +209,34 @@ class StoreBatches:
                 rows += int(self._block_len[order[i]])
                 i += 1
             fills.append(chosen)
-        pending: list[tuple[list[np.ndarray], Any]] = []
+        pending: list[tuple[_Fill, np.ndarray]] = []  # pieces of the batch being cut: (fill, positions in it)
         pending_rows, batch = 0, 0  # rows of the global batch ``batch`` seen so far (owned or not)
         lo, hi = self._share(batch)
-        # Buffers are recycled (fresh memory costs a page fault per 4 KiB): fill k + 1 reuses the buffer of fill
-        # k - 2 once every batch cut from it is gathered, so three are allocated (more only while one batch spans
-        # more fills, when batch_size > shuffle_buffer: then about batch_size rows more).
-        spare = self._spare  # shared by the epochs of this object: a steady state allocates nothing
-        users: list[list[Future]] = []  # per fill: the gathers that read its buffer
-        buffers: list[list[np.ndarray] | None] = []
-        recycled = 0  # fills before this one have given their buffer back
-        upcoming = self._start_fill(fills[0], columns, stop, readers, spare) if fills else None
+        upcoming = self._start_fill(fills[0], columns, stop, readers) if fills else None
         for k in range(len(fills)):
             if stop.is_set():
                 return
-            whole, buffer, rows, reads = upcoming
-            buffers.append(whole)
-            del whole
-            users.append([])
-            # Recycle the fills before k - 1 that the batch being cut (``pending``) does not reach back to.
-            oldest = min([fill for fill, _, _ in pending], default=k)
-            while recycled < min(k - 1, oldest):
-                wait(users[recycled])
-                spare.append(buffers[recycled])
-                buffers[recycled], users[recycled] = None, []
-                recycled += 1
-            upcoming = (self._start_fill(fills[k + 1], columns, stop, readers, spare) if k + 1 < len(fills)
-                        else None)
-            for read in reads:
-                read.result()  # a read error (a corrupt shard, named) stops the epoch before its rows are used
-            perm = rng.permutation(rows) if self.shuffle else None
+            fill = upcoming
+            upcoming = self._start_fill(fills[k + 1], columns, stop, readers) if k + 1 < len(fills) else None
+            fill.wait()  # a load error (a corrupt shard, named) stops the epoch before any of its rows is used
+            perm = rng.permutation(fill.rows) if self.shuffle else None
             pos = 0
-            while pos < rows:
-                end = min(rows, pos + self.batch_size - pending_rows)
-                # Positions [pos, end) of the buffer's order are rows [pending_rows, pending_rows + end - pos)
+            while pos < fill.rows:
+                end = min(fill.rows, pos + self.batch_size - pending_rows)
+                # Positions [pos, end) of the fill's order are rows [pending_rows, pending_rows + end - pos)
                 # of the global batch; gather only those in this reader's share [lo, hi) of it.
                 a = pos + max(lo - pending_rows, 0)
                 z = pos + min(hi - pending_rows, end - pos)
                 if a < z:
-                    pending.append((k, buffer, perm[a:z] if perm is not None else slice(a, z)))
+                    pending.append((fill, perm[a:z] if perm is not None else np.arange(a, z)))
                 pending_rows += end - pos
                 pos = end
                 if pending_rows == self.batch_size:
-                    future = gatherers.submit(self._assemble, [(b, r) for _, b, r in pending])
-                    for fill in {fill for fill, _, _ in pending}:
-                        users[fill].append(future)
-                    yield future
+                    yield gatherers.submit(self._assemble, pending)
                     pending, pending_rows, batch = [], 0, batch + 1
                     lo, hi = self._share(batch)
-            del buffer
         if pending_rows and not self.drop_last:
-            future = gatherers.submit(self._assemble, [(b, r) for _, b, r in pending])
-            for fill in {fill for fill, _, _ in pending}:
-                users[fill].append(future)  # its buffers are kept for the next epoch only once it is gathered
-            yield future
-        # Keep up to three buffers for the next epoch, once their batches are gathered.
-        for fill in range(recycled, len(fills)):
-            wait(users[fill])
-            if len(spare) < 3:
-                spare.append(buffers[fill])
+            yield gatherers.submit(self._assemble, pending)
 
     def _share(self, batch: int) -> tuple[int, int]:
         """Rows ``[lo, hi)`` of global batch ``batch`` that this reader yields (all of it without ``shard``)."""
@@ -277,66 +248,84 @@ class StoreBatches:
         index, count = self.shard
         return size * index // count, size * (index + 1) // count
 
-    def _start_fill(self, chosen: list[int], columns: list[str], stop: threading.Event, readers: Executor,
-                    spare: list[list[np.ndarray]]):
-        """Take a buffer (a spare one, else a new one of ``min(shuffle_buffer, rows of the view)`` rows) for the
-        blocks ``chosen`` and hand their reading to the reader workers, cut into ``workers`` runs of consecutive
-        blocks of about equal rows; ``(whole buffer, buffer cut to rows, rows, futures)``."""
-        lengths = self._block_len[chosen]
-        rows = int(lengths.sum())
-        if spare:
-            whole = spare.pop()
-        else:
-            capacity = min(self.shuffle_buffer, len(self.store))
-            whole = []
-            for name in columns:
-                shape, np_dtype, _ = self.store.column(name)
-                whole.append(np.empty((capacity, *shape), dtype=np_dtype))
-        buffer = [column[:rows] for column in whole]
-        ends = np.cumsum(lengths)
-        starts = ends - lengths
+    def _start_fill(self, chosen: list[int], columns: list[str], stop: threading.Event,
+                    readers: Executor) -> _Fill:
+        """The fill of blocks ``chosen``, its loading handed to the reader workers in ``workers`` runs of
+        consecutive blocks of about equal rows."""
+        fill = _Fill(self._block_len[chosen], len(columns))
+        starts = fill.starts
         # Part p holds the blocks whose first row falls in [p·rows/parts, (p+1)·rows/parts).
         parts = min(self.workers, len(chosen))
-        cuts = np.searchsorted(starts, [rows * p // parts for p in range(parts + 1)])
+        cuts = np.searchsorted(starts, [fill.rows * p // parts for p in range(parts + 1)])
         cuts[-1] = len(chosen)
-        futures = [readers.submit(self._read_blocks, chosen[cuts[p]:cuts[p + 1]], int(starts[cuts[p]]) if
-                                  cuts[p] < len(chosen) else rows, columns, buffer, stop)
-                   for p in range(parts) if cuts[p] < cuts[p + 1]]
-        return whole, buffer, rows, futures
+        fill.loads = [readers.submit(self._load_blocks, chosen[cuts[p]:cuts[p + 1]], int(cuts[p]), columns, fill,
+                                     stop) for p in range(parts) if cuts[p] < cuts[p + 1]]
+        return fill
 
-    def _read_blocks(self, chosen: list[int], pos: int, columns: list[str], buffer: list[np.ndarray],
+    def _load_blocks(self, chosen: list[int], first: int, columns: list[str], fill: _Fill,
                      stop: threading.Event) -> None:
-        """Copy the blocks ``chosen`` (consecutive in the buffer, from position ``pos``) into ``buffer``; runs in
-        a reader worker. Each block is one plain read (:meth:`ShardFiles.read_rows`, which releases the GIL), so
-        workers read in parallel and a cold block streams at the disk's sequential speed; a lazy store hashes
-        each file here on its first touch, before any of its rows is copied."""
+        """Load the blocks ``chosen`` (blocks ``first, first + 1, ...`` of ``fill``) into memory and record their
+        rows (views of the memory-mapped shard files) in ``fill``; runs in a reader worker.
+        :meth:`ShardFiles.load_rows` hashes a file on its first touch when lazy, then reads the block ahead into
+        the page cache in one sequential pass and maps it (no copy), so a cold block streams at the disk's speed
+        while the gather workers copy the previous fill."""
         shared = self.store.shard_files
-        for block in chosen:
+        for i, block in enumerate(chosen, start=first):
             if stop.is_set():
                 return
             shard, start = int(self._block_shard[block]), int(self._block_start[block])
-            length = int(self._block_len[block])
-            for name, column in zip(columns, buffer):
-                shared.read_rows(shard, name, start, start + length, column[pos : pos + length])
-            pos += length
+            stop_row = start + int(self._block_len[block])
+            for name, column in zip(columns, fill.sources):
+                column[i] = to_torch(shared.load_rows(shard, name, start, stop_row), self.store.column(name)[2])
 
-    def _assemble(self, pending: list[tuple[list[np.ndarray], Any]]) -> tuple[torch.Tensor, ...]:
-        """One batch from its pieces (a buffer and the positions in it); runs in a gather worker. Each column is
-        gathered once, straight into the batch (:func:`gather_rows`), converted on the way when asked."""
-        n = sum(rows.stop - rows.start if isinstance(rows, slice) else len(rows) for _, rows in pending)
+    def _assemble(self, pending: list[tuple[_Fill, np.ndarray]]) -> tuple[torch.Tensor, ...]:
+        """One batch from its pieces (a fill and positions in it); runs in a gather worker. Each column is one
+        :func:`saefast.ops.gather_rows_` from the pieces' blocks, straight into the batch: each row read once
+        from the page cache and written once, converted on the way when asked."""
+        names = [self.store.hook, *self.extras]
+        block_index, row_index, sources = [np.empty(0, np.int64)], [np.empty(0, np.int64)], [[] for _ in names]
+        for fill, positions in pending:
+            blocks = np.searchsorted(fill.ends, positions, side="right")
+            row_index.append(positions - fill.starts[blocks])
+            block_index.append(blocks + len(sources[0]))
+            for column, blocks_of in zip(sources, fill.sources):
+                column.extend(blocks_of)
+        source_index = torch.from_numpy(np.concatenate(block_index).astype(np.int64, copy=False))
+        rows = torch.from_numpy(np.concatenate(row_index).astype(np.int64, copy=False))
+        n = len(rows)
         columns = []
-        for k, name in enumerate([self.store.hook, *self.extras]):
-            shape, np_dtype, stored = self.store.column(name)
+        for k, name in enumerate(names):
+            shape, _, stored = self.store.column(name)
             convert = k == 0 and self.dtype is not None and not self._cuda and self.dtype != stored
             out_dtype = self.dtype if convert else stored
-            out = to_torch(self._outputs.take((n, *shape), numpy_dtype(out_dtype)), out_dtype)
-            pos = 0
-            for buffer, rows in pending:
-                size = rows.stop - rows.start if isinstance(rows, slice) else len(rows)
-                gather_rows(to_torch(buffer[k], stored), rows, out[pos : pos + size])
-                pos += size
-            columns.append(out.pin_memory() if self._cuda else out)
+            if self._cuda:
+                # Gathered straight into pinned memory from torch's caching host allocator: a ring of pinned
+                # blocks, each reused only once the copy to the GPU that read it has completed (the copy records
+                # an event on it), so no pinning copy and no page-locking per batch.
+                out = torch.empty((n, *shape), dtype=out_dtype, pin_memory=True)
+            else:
+                out = to_torch(self._outputs.take((n, *shape), numpy_dtype(out_dtype)), out_dtype)
+            if n:  # an empty share has no pieces
+                gather_rows_(sources[k], source_index, rows, out)
+            columns.append(out)
         return tuple(columns)
+
+
+class _Fill:
+    """One fill of the shuffle window: its blocks' rows per column (views of the shard files' memory maps, set by
+    the reader workers), the blocks' cumulative row counts, and the loads to wait for."""
+
+    def __init__(self, lengths: np.ndarray, n_columns: int):
+        self.sources: list[list[torch.Tensor | None]] = [[None] * len(lengths) for _ in range(n_columns)]
+        self.ends = np.cumsum(lengths)
+        self.starts = self.ends - lengths
+        self.rows = int(self.ends[-1]) if len(lengths) else 0
+        self.loads: list[Future] = []
+
+    def wait(self) -> None:
+        """Wait for every load; the first error (in block order) is raised."""
+        for load in self.loads:
+            load.result()
 
 
 class OutputArrays:
@@ -375,28 +364,3 @@ class OutputArrays:
             if len(self.arrays) > self.keep:
                 del self.arrays[: len(self.arrays) - self.keep]
         return array
-
-
-GATHER_CHUNK_BYTES = 1 << 20
-"""Rows gathered at a time when converting: a chunk this size stays in cache between the gather and the conversion."""
-
-
-def gather_rows(source: torch.Tensor, rows: slice | np.ndarray, out: torch.Tensor) -> None:
-    """``out = source[rows]`` converted to ``out.dtype``: each row read once from ``source`` and written once to
-    ``out``. Same dtype: one ``index_select`` (a slice: one copy). Another dtype: cache-sized chunks are gathered
-    into a scratch of ``source``'s dtype and converted from there, so the conversion's reads come from cache.
-    (Allocating through numpy and ``copy_`` is 2× faster here than ``Tensor.to`` on bf16 → fp32.)"""
-    if isinstance(rows, slice):
-        out.copy_(source[rows])
-        return
-    index = torch.from_numpy(rows)
-    if out.dtype == source.dtype:
-        torch.index_select(source, 0, index, out=out)
-        return
-    row_bytes = max(1, source[0].numel() * source.element_size()) if len(source) else 1
-    chunk = max(1, GATHER_CHUNK_BYTES // row_bytes)
-    scratch = torch.empty((min(chunk, len(index)), *source.shape[1:]), dtype=source.dtype)
-    for start in range(0, len(index), chunk):
-        part = index[start : start + chunk]
-        torch.index_select(source, 0, part, out=scratch[: len(part)])
-        out[start : start + len(part)].copy_(scratch[: len(part)])
