@@ -856,10 +856,9 @@ def test_bad_arguments_are_refused(tmp_path):
         store.subset(10, 10).batches(4)
 
 
-def test_the_fallbacks_of_the_read_ahead_give_the_same_epoch(tmp_path, monkeypatch):
-    """Where ``sendfile`` cannot write to /dev/null (macOS) blocks are read through a scratch; where the kernel
-    lacks MADV_POPULATE_READ (before 5.14) the gather faults the pages in. The batches are the same."""
-    import errno
+def test_without_madv_populate_read_the_gather_faults_the_pages_in(tmp_path, monkeypatch):
+    """Where the kernel lacks MADV_POPULATE_READ (before 5.14) blocks are read into the page cache and the gather
+    faults them into the mapping; the batches are the same."""
     import mmap
 
     import saefast.data.store.reader as store_reader
@@ -871,15 +870,38 @@ def test_the_fallbacks_of_the_read_ahead_give_the_same_epoch(tmp_path, monkeypat
     store = ActivationStore(ragged_store(tmp_path, indexed(200)))
     want = epoch(store)
     assert sorted(want[1].tolist()) == list(range(1, 600, 3))
-    store.shard_files.populate = store.shard_files.send_to_null = False
-    assert all(torch.equal(a, b) for a, b in zip(want, epoch(store)))
-
-    def refused(fd, lo, hi):
-        raise OSError(errno.ENOTSOCK, "Socket operation on non-socket")
-
-    monkeypatch.setattr(store_reader, "_send_to_null", refused)
+    monkeypatch.setattr(store_reader, "_resident", lambda address, lo, hi: False)  # as if evicted: read again
     monkeypatch.setattr(store_reader, "MADV_POPULATE_READ", 4321)  # advice this kernel refuses: EINVAL
     fresh = ActivationStore(tmp_path)
-    assert fresh.shard_files.populate == hasattr(mmap.mmap, "madvise") and fresh.shard_files.send_to_null
+    assert fresh.shard_files.populate == hasattr(mmap.mmap, "madvise")
     assert all(torch.equal(a, b) for a, b in zip(want, epoch(fresh)))
-    assert not fresh.shard_files.populate and not fresh.shard_files.send_to_null  # switched for good
+    assert not fresh.shard_files.populate  # switched off for good
+
+
+def test_blocks_in_memory_are_not_read_again_and_evicted_ones_are(tmp_path, monkeypatch):
+    import saefast.data.store.reader as store_reader
+    from saefast.bench.data import drop_cache
+
+    if store_reader._MINCORE is None:
+        pytest.skip("mincore is Linux's")
+    write_store(tmp_path, torch.randn(4096, 64), shard_tokens=1024)  # files of 256 KiB: pages the kernel can drop
+    reads = []
+    original = ShardFiles._read_into_cache
+
+    def counting(self, file, lo, hi):
+        reads.append(file)
+        return original(self, file, lo, hi)
+
+    monkeypatch.setattr(ShardFiles, "_read_into_cache", counting)
+    assert sum(len(x) for x in ActivationStore(tmp_path).batches(256, block_rows=128)) == 4096
+    assert reads == []  # just written: every block is in the page cache
+    files = sorted(tmp_path.glob("shard*.npy"))
+    drop_cache(files)
+    mapped, _, _, address, _ = ActivationStore(tmp_path).shard_files._mapping(0, "activations")  # untouched
+    if store_reader._resident(address, 0, len(mapped)):
+        pytest.skip("this file system keeps the files in memory (tmpfs): nothing can be evicted")
+    del mapped
+    # verify="none": a lazy check would read each file whole (into the page cache) before its first block
+    assert sum(len(x) for x in ActivationStore(tmp_path, verify="none").batches(256, block_rows=128)) == 4096
+    assert sorted(set(reads)) == sorted(f.name for f in files)  # evicted: read again, every file
+    assert len(reads) <= 4096 // 128  # at most once per block (the kernel's own read-ahead may bring in more)

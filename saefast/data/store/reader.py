@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import ctypes
+import ctypes.util
 import errno
 import math
 import mmap
@@ -43,39 +45,50 @@ MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform.star
 """``madvise`` advice that faults a range of a mapping in at once (Linux ≥ 5.14; Python ≤ 3.12 lacks the name)."""
 
 READ_THROUGH_BYTES = 4 << 20
-"""Scratch of the plain-read fallback of :meth:`ShardFiles.load_rows` (its reads bring pages into the page cache)."""
+"""Bytes per read when :meth:`ShardFiles.load_rows` brings a block into the page cache."""
 
-UNSUPPORTED = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSOCK)
-"""Errors that mean "this system cannot do that" (``madvise`` advice, ``sendfile`` to a file), not a bad file."""
-
-_NULL_FD: int | None = None
-_NULL_LOCK = threading.Lock()
+UNSUPPORTED = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
+"""Errors of ``madvise`` that mean "this kernel cannot do that", not a bad file."""
 
 
-def _null_fd() -> int:
-    """A descriptor of ``/dev/null`` open for writing, one per process."""
-    global _NULL_FD
-    with _NULL_LOCK:
-        if _NULL_FD is None:
-            _NULL_FD = os.open(os.devnull, os.O_WRONLY)
-        return _NULL_FD
+
+def _load_mincore() -> Any:
+    """libc's ``mincore`` through ctypes (Linux), or None where it cannot be had."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        mincore = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).mincore
+    except (OSError, AttributeError):
+        return None
+    mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    mincore.restype = ctypes.c_int
+    return mincore
 
 
-def _send_to_null(fd: int, lo: int, hi: int) -> None:
-    """``sendfile`` bytes ``[lo, hi)`` of ``fd`` to ``/dev/null``: the kernel reads them into the page cache."""
-    while lo < hi:
-        n = os.sendfile(_null_fd(), fd, lo, min(hi - lo, 1 << 30))
-        if not n:
-            raise OSError(f"it ended {hi - lo} bytes early (truncated after opening?)")
-        lo += n
+_MINCORE = _load_mincore()
+
+
+def _resident(base: int, lo: int, hi: int) -> bool:
+    """Whether every page of bytes ``[lo, hi)`` of the mapping at address ``base`` is in memory (``mincore``: the
+    page cache for a file this user owns or may write, else this process's page tables); False when unknown."""
+    if _MINCORE is None:
+        return False
+    aligned = lo - lo % mmap.PAGESIZE
+    pages = np.empty(-(-(hi - aligned) // mmap.PAGESIZE), dtype=np.uint8)
+    if _MINCORE(base + aligned, hi - aligned, pages.ctypes.data) != 0:
+        return False
+    return bool((pages & 1).all())
+
+
+_scratch = threading.local()
 
 
 def _read_through(handle: Any, lo: int, hi: int) -> None:
-    """Read bytes ``[lo, hi)`` of ``handle`` through a scratch of :data:`READ_THROUGH_BYTES` (into the page
-    cache)."""
-    if lo >= hi:
-        return
-    scratch = memoryview(bytearray(min(READ_THROUGH_BYTES, hi - lo)))
+    """Read bytes ``[lo, hi)`` of ``handle`` into the page cache: plain reads of :data:`READ_THROUGH_BYTES` into
+    one scratch per thread (it stays in cache, so the copy costs little beside the disk)."""
+    scratch = getattr(_scratch, "view", None)
+    if scratch is None:
+        scratch = _scratch.view = memoryview(bytearray(READ_THROUGH_BYTES))
     handle.seek(lo)
     while lo < hi:
         n = handle.readinto(scratch[: min(len(scratch), hi - lo)])
@@ -94,11 +107,10 @@ class ShardFiles:
         self.checksum = checksum
         self.offsets = np.cumsum([0] + [shard["tokens"] for shard in manifest["shards"]]).astype(np.int64)
         self.verified: set[str] = set()
-        self.maps: OrderedDict[str, tuple[mmap.mmap, np.ndarray, int]] = OrderedDict()
+        self.maps: OrderedDict[str, tuple[mmap.mmap, np.ndarray, int, int, set[int]]] = OrderedDict()
         self.lock = threading.Lock()
         self.hash_locks: dict[str, threading.Lock] = {}  # one per file: readers hash different files in parallel
         self.populate = MADV_POPULATE_READ is not None and hasattr(mmap.mmap, "madvise")
-        self.send_to_null = hasattr(os, "sendfile")
 
     def check(self, entry: dict[str, Any]) -> None:
         """Hash the file of ``entry`` once; :class:`StoreError` naming it if it does not match.
@@ -147,9 +159,10 @@ class ShardFiles:
             return numpy_dtype(STORE_DTYPES[self.manifest["dtype"]]), (hooks[name]["d"],)
         return numpy_dtype(EXTRA_DTYPES[self.manifest["extras"][name]]), ()
 
-    def _mapping(self, shard: int, name: str) -> tuple[mmap.mmap, np.ndarray, int]:
-        """``(map, rows, offset)``: column ``name`` of ``shard`` mapped copy-on-write (pages shared with the page
-        cache; nothing here writes them), its rows as an array, and the file offset of its first row."""
+    def _mapping(self, shard: int, name: str) -> tuple[mmap.mmap, np.ndarray, int, int, set[int]]:
+        """``(map, rows, offset, address, mapped ranges)``: column ``name`` of ``shard`` mapped copy-on-write (pages
+        shared with the page cache; nothing here writes them), its rows as an array, the file offset of its first
+        row, the map's address, and the first bytes of the ranges :meth:`_read_ahead` has mapped in it."""
         entry = self.manifest["shards"][shard]["files"][name]
         file = entry["file"]
         with self.lock:
@@ -167,7 +180,7 @@ class ShardFiles:
             raise StoreError(f"activation store {self.root}: cannot map {file} ({err})") from None
         self._check_size(file, mapped, entry["bytes"], "map")
         rows = np.frombuffer(mapped, dtype=dtype, count=tokens * math.prod(row_shape), offset=offset)
-        found = (mapped, rows.reshape(tokens, *row_shape), offset)
+        found = (mapped, rows.reshape(tokens, *row_shape), offset, rows.ctypes.data - offset, set())
         with self.lock:
             self.maps[file] = found
             while len(self.maps) > MAX_OPEN_MAPS:
@@ -197,44 +210,44 @@ class ShardFiles:
         so that gathering from them never waits for the disk. :class:`StoreError` names a file that cannot be
         read (changed or truncated after opening, an I/O error)."""
         self._check_lazy(shard, name)
-        mapped, rows, offset = self._mapping(shard, name)
+        mapped, rows, offset, address, populated = self._mapping(shard, name)
         if stop > start:
-            self._read_ahead(shard, name, mapped, offset + start * rows.strides[0], offset + stop * rows.strides[0])
+            lo, hi = offset + start * rows.strides[0], offset + stop * rows.strides[0]
+            self._read_ahead(shard, name, (mapped, address, populated), lo, hi)
         return rows[start:stop]
 
-    def _read_ahead(self, shard: int, name: str, mapped: mmap.mmap, lo: int, hi: int) -> None:
+    def _read_ahead(self, shard: int, name: str, mapping: tuple[mmap.mmap, int, set[int]], lo: int, hi: int) -> None:
         """Bring bytes ``[lo, hi)`` of the file into the page cache with large sequential reads, then into the
-        mapping. The reads go to ``/dev/null`` by ``sendfile`` (the kernel reads the pages, nothing is copied: a
-        resident range costs almost nothing); where ``sendfile`` cannot write there (macOS) they are plain reads
-        through a small scratch. Measured on a cold d = 2,304 store here: 1.6–1.8 GB/s, the disk's sequential
-        read, where faulting the range in (``MADV_POPULATE_READ`` alone) reached 1.0–1.4."""
+        mapping (``(map, address, ranges mapped already)``). A range already in memory (``mincore``) is not read
+        again, nor mapped again once mapped: a warm epoch costs the readers almost nothing. The reads are plain
+        4 MiB reads; ``bench/read_ahead.py`` compared them on cold d = 2,304 epochs with ``sendfile`` to
+        ``/dev/null``, ``POSIX_FADV_WILLNEED`` and faulting the range in (``MADV_POPULATE_READ`` alone): all within
+        10 % of one another, plain reads the fastest and steadiest (1.64 GB/s, the disk's sequential read 1.66)."""
+        mapped, address, populated = mapping
         entry = self.manifest["shards"][shard]["files"][name]
         file = entry["file"]
         self._check_size(file, mapped, entry["bytes"], "read")
-        try:
-            with open(self.root / file, "rb", buffering=0) as handle:
-                sent = False
-                if self.send_to_null:
-                    try:
-                        _send_to_null(handle.fileno(), lo, hi)
-                        sent = True
-                    except OSError as err:
-                        if err.errno not in UNSUPPORTED:
-                            raise
-                        self.send_to_null = False  # from now on, plain reads
-                if not sent:
-                    _read_through(handle, lo, hi)
-        except OSError as err:
-            raise StoreError(f"activation store {self.root}: cannot read {file} ({err})") from None
-        if self.populate:  # the pages are resident: map them now, not one fault per 64 KiB in the gather
+        if not _resident(address, lo, hi):
+            self._read_into_cache(file, lo, hi)
+            populated.discard(lo)  # evicted, so unmapped too
+        if self.populate and lo not in populated:  # map it now, not one fault per 64 KiB in the gather
             aligned = lo - lo % mmap.PAGESIZE
             try:
                 mapped.madvise(MADV_POPULATE_READ, aligned, hi - aligned)
+                populated.add(lo)
             except OSError as err:
                 if err.errno not in UNSUPPORTED:
                     raise StoreError(f"activation store {self.root}: cannot read {file} ({err})") from None
                 self.populate = False  # a kernel before 5.14: the gather faults the pages in
 
+    def _read_into_cache(self, file: str, lo: int, hi: int) -> None:
+        """Read bytes ``[lo, hi)`` of ``file`` into the page cache; :class:`StoreError` naming the file if it cannot
+        be read."""
+        try:
+            with open(self.root / file, "rb", buffering=0) as handle:
+                _read_through(handle, lo, hi)
+        except OSError as err:
+            raise StoreError(f"activation store {self.root}: cannot read {file} ({err})") from None
 
     def gather(self, name: str, start: int, stop: int, out: np.ndarray) -> None:
         """Copy absolute rows ``[start, stop)`` of column ``name`` (across shards) into ``out``."""
