@@ -8,8 +8,9 @@
 // even, as torch's copy_). The oracle is saefast.ops.ref.gather_rows.
 //
 // No software prefetch: rows are whole runs of cache lines that the hardware prefetcher follows, and prefetching the
-// next rows measured 1.7× slower (d = 2,304 bf16 from the page cache). It runs on the calling thread, on purpose: the store's gather workers call it from several threads at once,
-// beside a training step that has torch's own pool; a nested parallel_for would oversubscribe the cores.
+// next rows measured 1.7× slower (d = 2,304 bf16 from the page cache). It runs on the calling thread, on purpose:
+// the store's gather workers call it from several threads at once, beside a training step that has torch's own
+// pool; a nested parallel_for would oversubscribe the cores.
 #include <cstring>
 
 #include "common.h"
@@ -27,7 +28,8 @@ inline void copy_row(char* dst, const char* src, int64_t bytes) {
 #if defined(__SSE2__)
   if ((reinterpret_cast<uintptr_t>(dst) & 15) == 0 && (bytes & 15) == 0) {
     for (int64_t b = 0; b < bytes; b += 16) {
-      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + b), _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + b)));
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + b));
+      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + b), v);
     }
     return;
   }

@@ -51,7 +51,6 @@ UNSUPPORTED = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
 """Errors of ``madvise`` that mean "this kernel cannot do that", not a bad file."""
 
 
-
 def _load_mincore() -> Any:
     """libc's ``mincore`` through ctypes (Linux), or None where it cannot be had."""
     if not sys.platform.startswith("linux"):
@@ -221,8 +220,9 @@ class ShardFiles:
         mapping (``(map, address, ranges mapped already)``). A range already in memory (``mincore``) is not read
         again, nor mapped again once mapped: a warm epoch costs the readers almost nothing. The reads are plain
         4 MiB reads; ``bench/read_ahead.py`` compared them on cold d = 2,304 epochs with ``sendfile`` to
-        ``/dev/null``, ``POSIX_FADV_WILLNEED`` and faulting the range in (``MADV_POPULATE_READ`` alone): all within
-        10 % of one another, plain reads the fastest and steadiest (1.64 GB/s, the disk's sequential read 1.66)."""
+        ``/dev/null``, ``POSIX_FADV_WILLNEED`` and faulting the range in (``MADV_POPULATE_READ`` alone): plain reads
+        were the fastest and steadiest, at the disk's sequential read (1.57 GB/s median against 1.49, 1.47 and
+        1.31; ``bench/results/cpu_read_ahead.md``)."""
         mapped, address, populated = mapping
         entry = self.manifest["shards"][shard]["files"][name]
         file = entry["file"]
