@@ -897,10 +897,10 @@ def test_blocks_in_memory_are_not_read_again_and_evicted_ones_are(tmp_path, monk
     assert reads == []  # just written: every block is in the page cache
     files = sorted(tmp_path.glob("shard*.npy"))
     drop_cache(files)
-    mapped, _, _, address, _ = ActivationStore(tmp_path).shard_files._mapping(0, "activations")  # untouched
-    if store_reader._resident(address, 0, len(mapped)):
+    mapping = ActivationStore(tmp_path).shard_files._mapping(0, "activations")  # mapped, untouched
+    if store_reader._resident(mapping.address, 0, len(mapping.map)):
         pytest.skip("this file system keeps the files in memory (tmpfs): nothing can be evicted")
-    del mapped
+    del mapping
     # verify="none": a lazy check would read each file whole (into the page cache) before its first block
     assert sum(len(x) for x in ActivationStore(tmp_path, verify="none").batches(256, block_rows=128)) == 4096
     assert sorted(set(reads)) == sorted(f.name for f in files)  # evicted: read again, every file

@@ -209,12 +209,17 @@ def read_manifest(root: Path) -> dict[str, Any]:
     return manifest
 
 
+def column_spec(manifest: dict[str, Any], name: str) -> tuple[tuple[int, ...], torch.dtype]:
+    """Row shape and dtype of column ``name`` of a store: a hook's rows are ``[d]`` in the store's dtype, an
+    extra's one value of its own dtype."""
+    hooks = manifest["hooks"]
+    if name in hooks:
+        return (hooks[name]["d"],), STORE_DTYPES[manifest["dtype"]]
+    return (), EXTRA_DTYPES[manifest["extras"][name]]
+
+
 def check_files(root: Path, manifest: dict[str, Any]) -> None:
     """Every listed file exists, has its listed size and an ``.npy`` header of the listed shape and dtype."""
-    dims = {name: (spec["d"],) for name, spec in manifest["hooks"].items()}
-    dims.update({name: () for name in manifest["extras"]})
-    dtypes = {name: numpy_dtype(STORE_DTYPES[manifest["dtype"]]) for name in manifest["hooks"]}
-    dtypes.update({name: numpy_dtype(EXTRA_DTYPES[dt]) for name, dt in manifest["extras"].items()})
     for shard in manifest["shards"]:
         for name, entry in shard["files"].items():
             file = root / entry["file"]
@@ -228,10 +233,11 @@ def check_files(root: Path, manifest: dict[str, Any]) -> None:
                 shape, fortran, dtype, offset = npy_header(file)
             except (ValueError, OSError, SyntaxError) as err:
                 raise StoreError(f"activation store {root}: {entry['file']} has no valid .npy header ({err})") from None
-            want = (shard["tokens"], *dims[name])
-            if shape != want or dtype != dtypes[name] or fortran:
+            row_shape, column_dtype = column_spec(manifest, name)
+            want, want_dtype = (shard["tokens"], *row_shape), numpy_dtype(column_dtype)
+            if shape != want or dtype != want_dtype or fortran:
                 raise StoreError(f"activation store {root}: {entry['file']} holds a {shape} {dtype} array, "
-                                 f"{MANIFEST} says {want} {dtypes[name]}")
+                                 f"{MANIFEST} says {want} {want_dtype}")
             if offset + int(np.prod(shape)) * dtype.itemsize != size:
                 raise StoreError(f"activation store {root}: {entry['file']} has {size - offset} data bytes, "
                                  f"its header needs {int(np.prod(shape)) * dtype.itemsize}")

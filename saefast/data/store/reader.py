@@ -32,6 +32,7 @@ from .format import (
     as_index,
     check_files,
     check_out_dtype,
+    column_spec,
     dtype_name,
     numpy_dtype,
     read_manifest,
@@ -96,6 +97,17 @@ def _read_through(handle: Any, lo: int, hi: int) -> None:
         lo += n
 
 
+class _Mapping:
+    """One column file mapped copy-on-write (its pages shared with the page cache; nothing here writes them): the
+    map, its rows as an array, the file offset of the first row, the map's address, and the first bytes of the
+    ranges :meth:`ShardFiles.load_rows` has mapped in it."""
+
+    def __init__(self, mapped: mmap.mmap, rows: np.ndarray, offset: int):
+        self.map, self.rows, self.offset = mapped, rows, offset
+        self.address = rows.ctypes.data - offset
+        self.populated: set[int] = set()
+
+
 class ShardFiles:
     """The files of one opened store, shared by its subset views: memmaps (LRU-bounded) and hash checks."""
 
@@ -106,7 +118,7 @@ class ShardFiles:
         self.checksum = checksum
         self.offsets = np.cumsum([0] + [shard["tokens"] for shard in manifest["shards"]]).astype(np.int64)
         self.verified: set[str] = set()
-        self.maps: OrderedDict[str, tuple[mmap.mmap, np.ndarray, int, int, set[int]]] = OrderedDict()
+        self.maps: OrderedDict[str, _Mapping] = OrderedDict()
         self.lock = threading.Lock()
         self.hash_locks: dict[str, threading.Lock] = {}  # one per file: readers hash different files in parallel
         self.populate = MADV_POPULATE_READ is not None and hasattr(mmap.mmap, "madvise")
@@ -151,35 +163,27 @@ class ShardFiles:
             for future in [pool.submit(self.check, entry) for entry in entries]:
                 future.result()
 
-    def column_dtype(self, name: str) -> tuple[np.dtype, tuple[int, ...]]:
-        """On-disk numpy dtype and row shape of column ``name`` (a hook or an extra)."""
-        hooks = self.manifest["hooks"]
-        if name in hooks:
-            return numpy_dtype(STORE_DTYPES[self.manifest["dtype"]]), (hooks[name]["d"],)
-        return numpy_dtype(EXTRA_DTYPES[self.manifest["extras"][name]]), ()
-
-    def _mapping(self, shard: int, name: str) -> tuple[mmap.mmap, np.ndarray, int, int, set[int]]:
-        """``(map, rows, offset, address, mapped ranges)``: column ``name`` of ``shard`` mapped copy-on-write (pages
-        shared with the page cache; nothing here writes them), its rows as an array, the file offset of its first
-        row, the map's address, and the first bytes of the ranges :meth:`_read_ahead` has mapped in it."""
+    def _mapping(self, shard: int, name: str) -> _Mapping:
+        """Column ``name`` of ``shard``, mapped (once; least recently used maps dropped past
+        :data:`MAX_OPEN_MAPS`)."""
         entry = self.manifest["shards"][shard]["files"][name]
         file = entry["file"]
         with self.lock:
             if file in self.maps:
                 self.maps.move_to_end(file)
                 return self.maps[file]
-        dtype, row_shape = self.column_dtype(name)
+        row_shape, column_dtype = column_spec(self.manifest, name)
+        dtype = numpy_dtype(column_dtype)
         tokens = self.manifest["shards"][shard]["tokens"]
-        row_bytes = dtype.itemsize * math.prod(row_shape)
-        offset = entry["bytes"] - tokens * row_bytes  # check_files made sure the rows are the file's last bytes
+        offset = entry["bytes"] - tokens * dtype.itemsize * math.prod(row_shape)  # check_files: the rows come last
         try:
             with open(self.root / file, "rb") as handle:
                 mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
         except (OSError, ValueError) as err:
             raise StoreError(f"activation store {self.root}: cannot map {file} ({err})") from None
         self._check_size(file, mapped, entry["bytes"], "map")
-        rows = np.frombuffer(mapped, dtype=dtype, count=tokens * math.prod(row_shape), offset=offset)
-        found = (mapped, rows.reshape(tokens, *row_shape), offset, rows.ctypes.data - offset, set())
+        found = _Mapping(mapped, np.frombuffer(mapped, dtype=dtype, count=tokens * math.prod(row_shape),
+                                               offset=offset).reshape(tokens, *row_shape), offset)
         with self.lock:
             self.maps[file] = found
             while len(self.maps) > MAX_OPEN_MAPS:
@@ -196,7 +200,7 @@ class ShardFiles:
     def array(self, shard: int, name: str) -> np.ndarray:
         """The rows of column ``name`` in ``shard``, memory-mapped (hash-checked first when lazy)."""
         self._check_lazy(shard, name)
-        return self._mapping(shard, name)[1]
+        return self._mapping(shard, name).rows
 
     def _check_lazy(self, shard: int, name: str) -> None:
         entry = self.manifest["shards"][shard]["files"][name]
@@ -209,32 +213,31 @@ class ShardFiles:
         so that gathering from them never waits for the disk. :class:`StoreError` names a file that cannot be
         read (changed or truncated after opening, an I/O error)."""
         self._check_lazy(shard, name)
-        mapped, rows, offset, address, populated = self._mapping(shard, name)
+        mapping = self._mapping(shard, name)
         if stop > start:
-            lo, hi = offset + start * rows.strides[0], offset + stop * rows.strides[0]
-            self._read_ahead(shard, name, (mapped, address, populated), lo, hi)
-        return rows[start:stop]
+            first, row_bytes = mapping.offset, mapping.rows.strides[0]
+            self._read_ahead(shard, name, mapping, first + start * row_bytes, first + stop * row_bytes)
+        return mapping.rows[start:stop]
 
-    def _read_ahead(self, shard: int, name: str, mapping: tuple[mmap.mmap, int, set[int]], lo: int, hi: int) -> None:
-        """Bring bytes ``[lo, hi)`` of the file into the page cache with large sequential reads, then into the
-        mapping (``(map, address, ranges mapped already)``). A range already in memory (``mincore``) is not read
+    def _read_ahead(self, shard: int, name: str, mapping: _Mapping, lo: int, hi: int) -> None:
+        """Bring bytes ``[lo, hi)`` of the file into the page cache with large sequential reads, then into
+        ``mapping``. A range already in memory (``mincore``) is not read
         again, nor mapped again once mapped: a warm epoch costs the readers almost nothing. The reads are plain
         4 MiB reads; ``bench/read_ahead.py`` compared them on cold d = 2,304 epochs with ``sendfile`` to
         ``/dev/null``, ``POSIX_FADV_WILLNEED`` and faulting the range in (``MADV_POPULATE_READ`` alone): plain reads
         were the fastest and steadiest, at the disk's sequential read (1.57 GB/s median against 1.49, 1.47 and
         1.31; ``bench/results/cpu_read_ahead.md``)."""
-        mapped, address, populated = mapping
         entry = self.manifest["shards"][shard]["files"][name]
         file = entry["file"]
-        self._check_size(file, mapped, entry["bytes"], "read")
-        if not _resident(address, lo, hi):
+        self._check_size(file, mapping.map, entry["bytes"], "read")
+        if not _resident(mapping.address, lo, hi):
             self._read_into_cache(file, lo, hi)
-            populated.discard(lo)  # evicted, so unmapped too
-        if self.populate and lo not in populated:  # map it now, not one fault per 64 KiB in the gather
+            mapping.populated.discard(lo)  # evicted, so unmapped too
+        if self.populate and lo not in mapping.populated:  # map it now, not one fault per 64 KiB in the gather
             aligned = lo - lo % mmap.PAGESIZE
             try:
-                mapped.madvise(MADV_POPULATE_READ, aligned, hi - aligned)
-                populated.add(lo)
+                mapping.map.madvise(MADV_POPULATE_READ, aligned, hi - aligned)
+                mapping.populated.add(lo)
             except OSError as err:
                 if err.errno not in UNSUPPORTED:
                     raise StoreError(f"activation store {self.root}: cannot read {file} ({err})") from None
@@ -392,10 +395,8 @@ class ActivationStore:
 
     def column(self, name: str) -> tuple[tuple[int, ...], np.dtype, torch.dtype]:
         """Row shape, on-disk numpy dtype and torch dtype of column ``name`` (the hook or an extra)."""
-        if name == self._hook:
-            return (self.d,), numpy_dtype(self.dtype), self.dtype
-        dtype = self.extra_dtypes[name]
-        return (), numpy_dtype(dtype), dtype
+        shape, dtype = column_spec(self._shared.manifest, name)
+        return shape, numpy_dtype(dtype), dtype
 
     def check_extra(self, name: str) -> None:
         """StoreError unless the store has the extra column ``name``."""
