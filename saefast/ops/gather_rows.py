@@ -48,16 +48,20 @@ def _check(sources: Sequence[torch.Tensor], source_index: torch.Tensor, row_inde
         raise ValueError(f"gather_rows_: out must be {(n, *first.shape[1:])}; got {tuple(out.shape)}")
     if out.dtype != first.dtype and not (out.dtype.is_floating_point and first.dtype.is_floating_point):
         raise ValueError(f"gather_rows_: converts only between floating dtypes; got {first.dtype} into {out.dtype}")
-    if n:
-        lo, hi = int(source_index.min()), int(source_index.max())
-        if lo < 0 or hi >= len(sources):
-            raise ValueError(f"gather_rows_: source_index holds {lo if lo < 0 else hi}, outside [0, {len(sources)})")
-        rows = torch.tensor([len(t) for t in sources], dtype=torch.int64)[source_index]
-        bad = ((row_index < 0) | (row_index >= rows)).nonzero()
-        if len(bad):
-            i = int(bad[0])
-            raise ValueError(f"gather_rows_: row_index[{i}] = {int(row_index[i])} is outside [0, {int(rows[i])}) of "
-                             f"source {int(source_index[i])}")
+
+
+def _check_indices(sources: Sequence[torch.Tensor], source_index: torch.Tensor, row_index: torch.Tensor) -> None:
+    """ValueError naming an index out of range (the torch path's check; the native kernel checks its own, before
+    it writes a row, so the indices are scanned once); ``source_index`` is not empty."""
+    lo, hi = int(source_index.min()), int(source_index.max())
+    if lo < 0 or hi >= len(sources):
+        raise ValueError(f"gather_rows_: source_index holds {lo if lo < 0 else hi}, outside [0, {len(sources)})")
+    rows = torch.tensor([len(t) for t in sources], dtype=torch.int64)[source_index]
+    bad = ((row_index < 0) | (row_index >= rows)).nonzero()
+    if len(bad):
+        i = int(bad[0])
+        raise ValueError(f"gather_rows_: row_index[{i}] = {int(row_index[i])} is outside [0, {int(rows[i])}) of "
+                         f"source {int(source_index[i])}")
 
 
 def _native_runs(sources: Sequence[torch.Tensor], out: torch.Tensor) -> bool:
@@ -108,5 +112,6 @@ def gather_rows_(sources: Sequence[torch.Tensor], source_index: torch.Tensor, ro
     if backend != "torch" and runs:
         torch.ops.saefast.native_gather_rows_(list(sources), source_index, row_index, out)
     elif len(source_index):
+        _check_indices(sources, source_index, row_index)
         _gather_torch(sources, source_index, row_index, out)
     return out
