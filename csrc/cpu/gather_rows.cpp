@@ -74,17 +74,23 @@ void bf16_rows_to_float(const std::vector<const uint16_t*>& src, const int64_t* 
 #endif
 }
 
-template <typename S, typename O>
-void convert_dispatch(const std::vector<at::Tensor>& sources, const int64_t* source, const int64_t* row,
-                      const at::Tensor& out, int64_t N, int64_t C) {
-  std::vector<const S*> src;
+// The sources' first elements, as T (the element type of a pass; bytes for the same-dtype copy).
+template <typename T>
+std::vector<const T*> source_pointers(at::TensorList sources) {
+  std::vector<const T*> src;
   src.reserve(sources.size());
-  for (const auto& s : sources) src.push_back(reinterpret_cast<const S*>(s.data_ptr()));
-  convert_rows<S, O>(src, source, row, reinterpret_cast<O*>(out.data_ptr()), N, C);
+  for (const auto& s : sources) src.push_back(reinterpret_cast<const T*>(s.data_ptr()));
+  return src;
+}
+
+template <typename S, typename O>
+void convert_dispatch(at::TensorList sources, const int64_t* source, const int64_t* row, const at::Tensor& out,
+                      int64_t N, int64_t C) {
+  convert_rows<S, O>(source_pointers<S>(sources), source, row, reinterpret_cast<O*>(out.data_ptr()), N, C);
 }
 
 template <typename S>
-void convert_to(const std::vector<at::Tensor>& sources, const int64_t* source, const int64_t* row,
+void convert_to(at::TensorList sources, const int64_t* source, const int64_t* row,
                 const at::Tensor& out, int64_t N, int64_t C) {
   switch (out.scalar_type()) {
     case at::kFloat: return convert_dispatch<S, float>(sources, source, row, out, N, C);
@@ -140,11 +146,9 @@ void gather_rows_cpu(at::TensorList sources, const at::Tensor& source_index, con
   }
   if (N == 0) return;
   const int64_t C = out.numel() / N;
-  std::vector<at::Tensor> srcs(sources.begin(), sources.end());
   if (same) {
     const int64_t row_bytes = C * static_cast<int64_t>(out.element_size());
-    std::vector<const char*> src;
-    for (const auto& s : srcs) src.push_back(static_cast<const char*>(s.data_ptr()));
+    const std::vector<const char*> src = source_pointers<char>(sources);
     char* o = static_cast<char*>(out.data_ptr());
     for (int64_t n = 0; n < N; ++n) {
       copy_row(o + n * row_bytes, src[source[n]] + row[n] * row_bytes, row_bytes);
@@ -155,15 +159,13 @@ void gather_rows_cpu(at::TensorList sources, const at::Tensor& source_index, con
     return;
   }
   if (dtype == at::kBFloat16 && out.scalar_type() == at::kFloat) {
-    std::vector<const uint16_t*> src;
-    for (const auto& s : srcs) src.push_back(reinterpret_cast<const uint16_t*>(s.data_ptr()));
-    bf16_rows_to_float(src, source, row, out.data_ptr<float>(), N, C);
+    bf16_rows_to_float(source_pointers<uint16_t>(sources), source, row, out.data_ptr<float>(), N, C);
     return;
   }
   switch (dtype) {
-    case at::kFloat: return convert_to<float>(srcs, source, row, out, N, C);
-    case at::kBFloat16: return convert_to<c10::BFloat16>(srcs, source, row, out, N, C);
-    default: return convert_to<c10::Half>(srcs, source, row, out, N, C);
+    case at::kFloat: return convert_to<float>(sources, source, row, out, N, C);
+    case at::kBFloat16: return convert_to<c10::BFloat16>(sources, source, row, out, N, C);
+    default: return convert_to<c10::Half>(sources, source, row, out, N, C);
   }
 }
 
