@@ -89,8 +89,8 @@ class SAEAdam(torch.optim.Adam):
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
-                views = [model.member_part(t, members) for t in (p.data, p.grad, state["exp_avg"],
-                                                                  state["exp_avg_sq"])]
+                views = [model.member_part(t, members)
+                         for t in (p.data, p.grad, state["exp_avg"], state["exp_avg_sq"])]
                 resolved = ops.resolve_backend(backend, p.device)
                 if resolved != "torch" and not all(v.dtype == torch.float32 and v.is_contiguous() for v in views):
                     resolved = "torch"  # the fused passes take fp32 tensors laid out as a whole or a member slice
